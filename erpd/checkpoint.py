@@ -1,0 +1,225 @@
+"""Checkpoints that are either complete or absent.
+
+A model checkpoint is a directory that `AutoModelForCausalLM.from_pretrained` loads (merged
+safetensors + config + tokenizer) plus `manifest.json`, written last, that records what produced it
+and the sha256 of every file. Everything is written into a temporary sibling directory and moved
+into place with one `os.replace`, so a crash mid-write leaves the previous state intact. Resume
+state (optimizer, RNG, step) is safetensors + JSON too: nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from erpd.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+RESUME_DIR = "resume"
+_HASH_CHUNK = 1 << 20
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temp dir; on success it replaces `path` in one rename, on error it is removed.
+
+    An existing `path` is first renamed aside and deleted only after the new one is in place, so
+    at every instant `path` is either the old complete directory or the new complete one (a
+    crash between the two renames leaves `path` absent and the old copy under `.old-*`).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_sha256(files: Mapping[str, str]) -> str:
+    """One digest for a checkpoint: sha256 over its sorted 'name sha256' lines."""
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _hash_files(root: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(root)): file_sha256(f)
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
+
+
+def save_model_checkpoint(
+    path: str | Path, model: Any, tokenizer: Any, manifest: Mapping[str, Any]
+) -> str:
+    """Save model + tokenizer + manifest atomically; returns the checkpoint's sha256."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        files = _hash_files(tmp)
+        sha = tree_sha256(files)
+        body = {
+            "format": FORMAT_VERSION,
+            "created_at": time.time(),
+            **manifest,
+            "files": files,
+            "sha256": sha,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(body, indent=2, default=str))
+    return sha
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete or not an erpd checkpoint)")
+    try:
+        data: dict[str, Any] = json.loads(manifest.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{manifest}: unreadable manifest ({exc.msg})") from exc
+    return data
+
+
+def verify_checkpoint(path: str | Path, expected_sha256: str | None = None) -> dict[str, Any]:
+    """Check every file against the manifest (and the whole against a pinned digest)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    recorded: dict[str, str] = manifest.get("files", {})
+    actual = _hash_files(root)
+    if actual != recorded:
+        changed = sorted(set(actual.items()) ^ set(recorded.items()))
+        raise CheckpointError(f"{root}: files differ from the manifest ({changed[0][0]})")
+    sha = tree_sha256(actual)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise CheckpointError(
+            f"{root}: sha256 {sha[:12]} does not match pinned {expected_sha256[:12]}"
+        )
+    return manifest
+
+
+# --- resume state ---------------------------------------------------------------------------
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors and a JSON-able remainder."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: dict
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_resume(
+    run_dir: str | Path,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `run_dir/resume/step-XXXXXXXX` atomically and keep only the newest `keep`."""
+    root = Path(run_dir) / RESUME_DIR
+    target = root / f"step-{step:08d}"
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    model_tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    extra = {f"extra.{k}": v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["rng.cuda"] = torch.cuda.get_rng_state()
+    with atomic_dir(target) as tmp:
+        save_file(model_tensors, str(tmp / "model.safetensors"))
+        save_file({**opt_tensors, **extra, **rng}, str(tmp / "state.safetensors"))
+        body = {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **(meta or {})}
+        (tmp / "state.json").write_text(json.dumps(body, default=str))
+        files = _hash_files(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"files": files, "sha256": tree_sha256(files)}))
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_resume(run_dir: str | Path) -> Path | None:
+    """Newest complete resume checkpoint (one with a manifest), or None."""
+    root = Path(run_dir) / RESUME_DIR
+    done = sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
+    return done[-1] if done else None
+
+
+def load_resume(
+    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore model, optimizer and RNG in place; returns (step, extra tensors, meta)."""
+    root = Path(path)
+    verify_checkpoint(root)
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(root / "model.safetensors"), device=str(device)))
+    tensors = load_file(str(root / "state.safetensors"), device="cpu")
+    meta = json.loads((root / "state.json").read_text())
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    return int(meta["step"]), extra, meta

@@ -1,0 +1,446 @@
+"""`erpd`: the training core from the command line.
+
+Every command reads the same pipeline-shaped config (YAML or JSON, all sections optional) plus
+`--set section.field=value` overrides, validated by erpd.config. Input errors print one line naming
+the field and exit 2; Ctrl-C stops cooperatively (a resume checkpoint is written; run the same
+command again to continue), a second Ctrl-C aborts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from erpd.config import PipelineConfig
+from erpd.errors import ERPDError
+
+app = typer.Typer(
+    name="erpd",
+    help="Extreme Region Policy Distillation: base, sample, stage1, stage2, pipeline, eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML/JSON config (pipeline-shaped).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field: section.field=value (YAML value)."),
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda (runtime.device).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Local model directory (pi_k).")]
+BatchOpt = Annotated[Path, typer.Option("--batch", "-b", help="RolloutBatch directory.")]
+
+
+class UsageError(ERPDError):
+    exit_code = 2
+
+
+# --- config loading -------------------------------------------------------------------------
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"--config: {path}{where}: not valid YAML/JSON") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config: {path}: the top level must be a mapping")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Set data[a][b][0][c] = value for 'a.b.0.c=value' (the value is parsed as YAML)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--set {assignment!r}: expected section.field=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--set {key}: value is not valid YAML") from exc
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        nxt: Any = value if last else ([] if parts[i + 1].isdigit() else {})
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise UsageError(f"--set {key}: {part!r} must be a list index")
+            idx = int(part)
+            while len(node) <= idx:
+                node.append({})
+            if last:
+                node[idx] = value
+            node = node[idx]
+        elif isinstance(node, dict):
+            if last or part not in node or not isinstance(node[part], dict | list):
+                node[part] = nxt
+            node = node[part]
+        else:
+            raise UsageError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
+
+
+def _format_validation(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"config field '{field}': {msg}{more}"
+
+
+def load_config(config: Path | None, overrides: list[str] | None, **fixed: Any) -> PipelineConfig:
+    """File -> overrides -> explicit flags (non-None), validated as one PipelineConfig."""
+    data = _read_config_file(config) if config else {}
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    for key, value in fixed.items():
+        if value is not None:
+            apply_override(data, f"{key}={json.dumps(value)}")
+    return PipelineConfig.model_validate(data)
+
+
+# --- running a command ----------------------------------------------------------------------
+def _fail(message: str, code: int) -> NoReturn:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _graceful_stop() -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C/SIGTERM asks the loop to save and stop; a second one interrupts."""
+    requested = {"stop": False}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        if requested["stop"]:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        err_console.print("[yellow]stopping after this step (resume checkpoint) ...[/yellow]")
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _guard(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except ValidationError as exc:
+        _fail(_format_validation(exc), 2)
+    except ERPDError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug, not bad input: one line, traceback on request
+        if os.environ.get("ERPD_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set ERPD_DEBUG=1 for a traceback)", 1)
+
+
+def _env(cfg: PipelineConfig, out: Path | None, should_stop: Callable[[], bool] | None = None):
+    from erpd import metrics as M
+    from erpd.pipeline import make_env
+    from erpd.progress import RichProgress
+
+    sinks: list[M.MetricSink] = [M.ConsoleSink(err_console)]
+    if out is not None:
+        sinks.append(M.JsonlSink(out / "metrics.jsonl"))
+    env = make_env(cfg, M.TeeSink(*sinks), RichProgress())
+    env.should_stop = should_stop
+    return env
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+
+def print_rows(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title)
+    cols = ["round", "role", "name", "acc_eval", "acc_eval_sampled", "kl_exact", "entropy", "steps"]
+    heads = ["round", "role", "run", "acc greedy", "acc sampled", "KL exact", "entropy", "steps"]
+    for h in heads:
+        table.add_column(h, justify="left" if h in ("role", "run") else "right")
+    for row in rows:
+        shown = {**row, "name": str(row.get("name", "")).split("/")[-1]}
+        table.add_row(*(_fmt(shown.get(c)) for c in cols))
+    out_console.print(table)
+
+
+# --- commands -------------------------------------------------------------------------------
+@app.command()
+def pipeline(
+    out: OutOpt = Path("runs/demo"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    rounds: Annotated[int | None, typer.Option(help="ERPD rounds.")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Local base model dir (default: tiny).")
+    ] = None,
+) -> None:
+    """Run whole ERPD rounds (base -> sample -> teachers -> student) and print the summary."""
+
+    def go() -> None:
+        from dataclasses import asdict
+
+        from erpd.pipeline import run_pipeline
+        from erpd.progress import RichProgress
+
+        cfg = load_config(
+            config,
+            set_,
+            **{
+                "runtime.device": device,
+                "rounds": rounds,
+                "model.path": str(model) if model else None,
+            },
+        )
+        with _graceful_stop() as stop:
+            from erpd import metrics as M
+
+            res = run_pipeline(
+                cfg, out, sink=M.ConsoleSink(err_console), progress=RichProgress(), should_stop=stop
+            )
+        print_rows([asdict(r) for r in res.rows], f"ERPD pipeline ({res.status})")
+        out_console.print(f"student checkpoint: {res.student}")
+        out_console.print(f"metrics:            {res.metrics}")
+        out_console.print(f"summary:            {res.summary}")
+        out_console.print(f"wall time:          {res.wall_time:.1f} s")
+        if res.status == "stopped":
+            _fail("stopped; run the same command again to resume", 3)
+
+    _guard(go)
+
+
+@app.command()
+def base(
+    out: OutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Build the tiny model and pretrain it to a partial accuracy (base.target_acc)."""
+
+    def go() -> None:
+        from erpd.pretrain import pretrain_base
+
+        cfg = load_config(config, set_, **{"runtime.device": device})
+        env = _env(cfg, out)
+        res = pretrain_base(
+            shape=cfg.model.tiny, cfg=cfg.base, env=env, out_dir=out, seed=cfg.runtime.seed
+        )
+        env.sink.close()
+        out_console.print(f"base checkpoint: {res.checkpoint} (sha256 {res.sha256})")
+        _print_summary(res.summary)
+
+    _guard(go)
+
+
+@app.command()
+def sample(
+    model: ModelOpt,
+    out: OutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    round_: Annotated[int, typer.Option("--round", help="Round index (seeds the draw).")] = 0,
+) -> None:
+    """Sample the fixed RolloutBatch (N prompts x G responses) from pi_k."""
+
+    def go() -> None:
+        from erpd.models import load_policy
+        from erpd.rollout import sample_rollout
+
+        cfg = load_config(config, set_, **{"runtime.device": device})
+        env = _env(cfg, None)
+        policy, tokenizer = load_policy(model, env.device)
+        total = cfg.sample.num_prompts * cfg.sample.group_size
+        with env.progress("sample", total) as advance:
+            batch = sample_rollout(
+                policy,
+                tokenizer,
+                env.task,
+                cfg.sample,
+                max_new_tokens=env.max_new_tokens,
+                chat_template=cfg.model.chat_template,
+                round_index=round_,
+                bf16=env.bf16,
+                advance=advance,
+            )
+        batch.save(out)
+        out_console.print(
+            f"rollout batch: {out} ({len(batch)} responses, mean reward "
+            f"{batch.rewards.mean().item():.3f}, {batch.num_response_tokens} response tokens)"
+        )
+
+    _guard(go)
+
+
+@app.command()
+def stage1(
+    model: ModelOpt,
+    batch: BatchOpt,
+    out: OutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    initial: Annotated[Path | None, typer.Option(help="pi_0 (mse_reference=initial).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Ignore resume checkpoints.")] = False,
+) -> None:
+    """Train every configured teacher on the batch -> OUT/teacher-NAME/checkpoint."""
+
+    def go() -> None:
+        from erpd.rollout import RolloutBatch
+        from erpd.stage1 import run_stage1
+
+        cfg = load_config(config, set_, **{"runtime.device": device})
+        fixed = RolloutBatch.load(batch)
+        with _graceful_stop() as stop:
+            env = _env(cfg, out, stop)
+            for t in cfg.teachers:
+                res = run_stage1(
+                    base=model,
+                    batch=fixed,
+                    cfg=t,
+                    env=env,
+                    run_dir=out / f"teacher-{t.label}",
+                    run=f"teacher-{t.label}",
+                    initial=initial,
+                    resume=not fresh,
+                )
+                _report(res)
+        env.sink.close()
+
+    _guard(go)
+
+
+@app.command()
+def stage2(
+    model: ModelOpt,
+    batch: BatchOpt,
+    out: OutOpt,
+    teacher: Annotated[
+        list[Path] | None, typer.Option("--teacher", "-t", help="Teacher checkpoint (repeat).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    initial: Annotated[Path | None, typer.Option(help="pi_0 (signal=contrast).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Ignore resume checkpoints.")] = False,
+) -> None:
+    """Distil the teachers into pi_k under the trust region -> OUT/checkpoint."""
+
+    def go() -> None:
+        from erpd.rollout import RolloutBatch
+        from erpd.stage2 import run_stage2
+
+        cfg = load_config(config, set_, **{"runtime.device": device})
+        teachers = list(teacher or [])
+        if not teachers and cfg.stage2.signal != "advantage":
+            raise UsageError("--teacher: at least one is needed unless stage2.signal=advantage")
+        fixed = RolloutBatch.load(batch)
+        with _graceful_stop() as stop:
+            env = _env(cfg, out, stop)
+            res = run_stage2(
+                base=model,
+                teachers=teachers,
+                batch=fixed,
+                cfg=cfg.stage2,
+                env=env,
+                run_dir=out,
+                run="student",
+                initial=initial,
+                resume=not fresh,
+            )
+        env.sink.close()
+        _report(res)
+
+    _guard(go)
+
+
+@app.command("eval")
+def eval_(
+    model: ModelOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    batch: Annotated[Path | None, typer.Option(help="Also: KL/entropy on this batch.")] = None,
+    reference: Annotated[Path | None, typer.Option(help="pi_k for KL (default: none).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Greedy and sampled held-out accuracy (and KL/entropy on a batch against a reference)."""
+
+    def go() -> None:
+        from erpd.evaluate import batch_diagnostics
+        from erpd.models import load_model, load_policy
+        from erpd.rollout import RolloutBatch
+
+        cfg = load_config(config, set_, **{"runtime.device": device})
+        env = _env(cfg, None)
+        policy, tokenizer = load_policy(model, env.device)
+        ref = load_model(reference, env.device) if reference else None
+        fixed = RolloutBatch.load(batch) if batch else None
+        values = env.evaluator(tokenizer, cfg.runtime.seed)(
+            policy, step=0, ref_model=ref, batch=fixed
+        )
+        if fixed is not None:
+            values.update(batch_diagnostics(policy, ref, fixed, bf16=env.bf16))
+        if as_json:
+            out_console.print_json(json.dumps(values))
+        else:
+            _print_summary(values)
+
+    _guard(go)
+
+
+def _print_summary(values: dict[str, float]) -> None:
+    table = Table(show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in values.items():
+        table.add_row(k, f"{v:.4f}")
+    out_console.print(table)
+
+
+def _report(res: Any) -> None:
+    if res.status == "stopped":
+        _fail(f"{res.run}: stopped at step {res.steps}; run again to resume", 3)
+    out_console.print(
+        f"{res.run}: {res.status} after {res.steps}/{res.total_steps} steps -> {res.checkpoint}"
+    )
+    _print_summary(res.summary)
+
+
+def main() -> None:
+    app(prog_name="erpd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

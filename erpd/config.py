@@ -1,0 +1,258 @@
+"""Validated configuration for every erpd stage.
+
+This module imports only pydantic (and the standard library) so that the API server can reuse the
+models without importing torch. Every field documents its meaning; choices that are our
+reconstruction of the paper (see METHOD.md) say so. Invalid combinations fail here, not mid-run.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+Stage1Objective = Literal["sapo", "grpo", "ce", "ce_weighted", "mse"]
+Stage2Signal = Literal["logratio", "sign", "gated_advantage", "contrast", "advantage"]
+Region = Literal["top_frac", "threshold", "all"]
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+UnitInterval = Annotated[float, Field(gt=0, le=1)]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Strict):
+    """Shape of the built-in tiny Llama (calibrated in METHOD.md: 1.05M parameters)."""
+
+    hidden_size: int = Field(128, ge=8, le=4096, description="Model width.")
+    num_layers: int = Field(4, ge=1, le=64, description="Decoder layers.")
+    num_heads: int = Field(
+        4, ge=1, le=64, description="Attention heads (hidden_size % heads == 0)."
+    )
+    intermediate_size: int = Field(512, ge=8, description="MLP width.")
+    max_positions: int = Field(128, ge=16, le=4096, description="Longest prompt + response.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+
+class ModelSpec(_Strict):
+    """Where the policy comes from: a local Hugging Face directory, or the built-in tiny model."""
+
+    path: str | None = Field(
+        None,
+        description="Local directory of a Hugging Face causal LM (config.json, safetensors, "
+        "tokenizer). Never a hub id: nothing is downloaded. "
+        "None = build and pretrain the tiny model.",
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model shape.")
+    chat_template: bool = Field(
+        False, description="Wrap prompts with the tokenizer's chat template (instruct models)."
+    )
+
+
+class ArithmeticConfig(_Strict):
+    """The built-in synthetic arithmetic task (nothing downloaded, seeded)."""
+
+    digits: int = Field(2, ge=1, le=6, description="Digits per operand.")
+    terms: int = Field(2, ge=2, le=6, description="Operands per problem.")
+    operators: str = Field("+", pattern=r"^[+\-*]{1,3}$", description="Subset of '+-*'.")
+    style: Literal["final", "steps"] = Field(
+        "final",
+        description="'final': just the result (47+38=85); 'steps': intermediate results written "
+        "out (12+34+56=46+56=102), where token-level credit matters.",
+    )
+    eval_size: int = Field(500, ge=1, le=100_000, description="Held-out problems.")
+    seed: int = Field(0, description="Seed of the problem generator (eval split and batches).")
+
+
+class JsonlConfig(_Strict):
+    """A user dataset of {"prompt", "answer"} lines, rewarded with math-verify."""
+
+    train_path: str = Field(description="JSONL file of training prompts.")
+    eval_path: str | None = Field(None, description="JSONL eval file; None = hold out eval_size.")
+    eval_size: int = Field(200, ge=1, description="Rows held out when eval_path is None.")
+    seed: int = Field(0, description="Seed of the train/eval split and of batch sampling.")
+
+
+class TaskSpec(_Strict):
+    """Which task provides prompts, reference answers and the verifier reward."""
+
+    kind: Literal["arithmetic", "jsonl"] = "arithmetic"
+    arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+    jsonl: JsonlConfig | None = None
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=32_768, description="Response budget; None = the task's own default."
+    )
+
+    @model_validator(mode="after")
+    def _jsonl_needs_file(self) -> TaskSpec:
+        if self.kind == "jsonl" and self.jsonl is None:
+            raise ValueError("kind 'jsonl' needs a 'jsonl' section with train_path")
+        return self
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation: greedy and sampled (T=1) accuracy are both reported (METHOD.md)."""
+
+    size: int | None = Field(None, ge=1, description="Evaluate on the first N held-out problems.")
+    sampled: bool = Field(True, description="Also report acc/eval_sampled (temperature 1).")
+    pass_k: int = Field(0, ge=0, le=64, description="If > 1, also report acc/pass@k.")
+    batch_size: int = Field(512, ge=1, description="Prompts per generation batch.")
+
+
+class BaseTrainConfig(_Strict):
+    """Supervised pretraining of the tiny base to a *partial* accuracy, so RL has room to gain."""
+
+    target_acc: float = Field(
+        0.4, gt=0, le=1, description="Stop once greedy eval accuracy reaches this."
+    )
+    max_steps: int = Field(3000, ge=1, description="Give up (and keep the model) after this.")
+    min_steps: int = Field(100, ge=0, description="Never stop before this many steps.")
+    eval_every: int = Field(
+        10, ge=1, description="Steps between accuracy checks (accuracy jumps fast near the end)."
+    )
+    eval_size: int = Field(200, ge=10, description="Held-out problems used for the stop check.")
+    lr: PositiveFloat = Field(1e-3, description="Adam learning rate.")
+    batch_size: int = Field(64, ge=1, description="Problems per step.")
+    seed: int = 0
+
+
+class SampleConfig(_Strict):
+    """The fixed RolloutBatch of one round: N prompts x G responses, sampled once from pi_k."""
+
+    num_prompts: int = Field(128, ge=1, description="N prompts (the paper: 1,000).")
+    group_size: int = Field(8, ge=2, description="G responses per prompt (the paper: 16).")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
+    top_p: UnitInterval = Field(1.0, description="Nucleus sampling mass.")
+    batch_size: int = Field(256, ge=1, description="Sequences per generation/log-prob batch.")
+    seed: int = Field(0, description="Seed of the prompt draw and of sampling.")
+
+
+class _StageCommon(_Strict):
+    lr: PositiveFloat
+    epochs: int = Field(ge=1, le=10_000, description="Passes over the fixed batch.")
+    minibatch_size: int = Field(256, ge=1, description="Responses per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Global grad-norm clip (0 disables).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    eval_every_epochs: int = Field(1, ge=1, description="Evaluate after every k epochs.")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="Save a resume checkpoint every k steps (0: only when stopped)."
+    )
+    seed: int = Field(0, description="Seed of minibatch order and eval sampling.")
+
+
+class Stage1Config(_StageCommon):
+    """Stage 1: many weakly constrained off-policy epochs on the fixed batch -> a teacher."""
+
+    objective: Stage1Objective = Field("sapo", description="Teacher objective (METHOD.md).")
+    eval_every_epochs: int = Field(2, ge=1, description="Evaluate after every k epochs.")
+    lr: PositiveFloat = Field(1e-4, description="Calibrated: 1e-4 shows rise-then-collapse.")
+    epochs: int = Field(20, ge=1, le=10_000)
+    anchor: Literal["behaviour", "epoch"] = Field(
+        "behaviour",
+        description="pi_old of the ratio: pi_k (behaviour) or re-anchored each epoch (epoch: "
+        "unbounded drift, the 'extreme region'). Reconstruction.",
+    )
+    eps_low: float = Field(0.2, ge=0, lt=1, description="grpo: lower clip.")
+    eps_high: float = Field(0.28, ge=0, description="grpo: upper clip.")
+    tau_pos: PositiveFloat = Field(1.0, description="sapo: gate temperature for A > 0.")
+    tau_neg: PositiveFloat = Field(1.05, description="sapo: gate temperature for A <= 0.")
+    mse_beta: PositiveFloat = Field(0.1, description="mse: scale of the sequence log-ratio.")
+    mse_reference: Literal["base", "initial"] = Field(
+        "base", description="mse: the unlearned reference, pi_k (base) or pi_0 (initial)."
+    )
+    kl_coef: float = Field(0.0, ge=0, description="k3 penalty to pi_k per token (0 = none).")
+    name: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$",
+        description="Teacher name in outputs; default: the objective.",
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.objective
+
+
+class Stage2Config(_StageCommon):
+    """Stage 2: distil the teachers' token-level signal into pi_k under a trust region."""
+
+    signal: Stage2Signal = Field(
+        "logratio",
+        description="Signal construction: logratio (strong teachers), sign, gated_advantage "
+        "(weak teachers), contrast (delta against pi_0), advantage (no-teacher control).",
+    )
+    region: Region = Field("top_frac", description="Extreme-region token selection.")
+    top_frac: UnitInterval = Field(0.2, description="Share of tokens kept by |delta| (top_frac).")
+    threshold: float | None = Field(None, gt=0, description="|delta| cut-off (region threshold).")
+    teacher_weights: list[PositiveFloat] | None = Field(
+        None, description="Weight per teacher (normalised); None = 1/M each."
+    )
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the trust region.")
+    gate_c: float = Field(0.2, gt=0, lt=1, description="gated_advantage: clip half-width c.")
+    kl_coef: float = Field(0.01, ge=0, description="k3 penalty to pi_k per token.")
+    kl_budget: float | None = Field(
+        0.1,
+        gt=0,
+        description="Stop when kl/exact to pi_k exceeds this (checked every step). "
+        "Calibrated for the tiny task: 0.07-0.1 stops near the best epoch.",
+    )
+    lr: PositiveFloat = Field(3e-5, description="Calibrated: lower than stage 1.")
+    epochs: int = Field(2, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _region_needs_threshold(self) -> Stage2Config:
+        if self.region == "threshold" and self.threshold is None:
+            raise ValueError("region 'threshold' needs 'threshold'")
+        return self
+
+
+class RuntimeConfig(_Strict):
+    """Where and how tensors run."""
+
+    device: Device = Field("auto", description="auto = CUDA when available, else CPU.")
+    precision: Precision = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 forces autocast."
+    )
+    seed: int = Field(0, description="Global seed (model init, pretraining).")
+
+
+class PipelineConfig(_Strict):
+    """A whole ERPD run: rounds of sample -> stage 1 (teachers) -> stage 2 -> next base."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    base: BaseTrainConfig = Field(default_factory=BaseTrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    teachers: list[Stage1Config] = Field(
+        default_factory=lambda: [Stage1Config()],
+        description="One stage-1 run per entry; their signals are combined in stage 2.",
+    )
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    rounds: int = Field(1, ge=1, le=100, description="ERPD rounds; pi_{k+1} seeds round k+1.")
+
+    @model_validator(mode="after")
+    def _teachers_consistent(self) -> PipelineConfig:
+        labels = [t.label for t in self.teachers]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"teacher names must be unique, got {labels}; set 'name'")
+        if not self.teachers and self.stage2.signal != "advantage":
+            raise ValueError("no teachers: only stage2.signal 'advantage' works without one")
+        weights = self.stage2.teacher_weights
+        if weights is not None and len(weights) != len(self.teachers):
+            raise ValueError(
+                f"stage2.teacher_weights has {len(weights)} entries for {len(self.teachers)} "
+                "teachers"
+            )
+        return self

@@ -1,0 +1,180 @@
+"""Held-out accuracy (greedy and sampled) and diagnostics of a policy on the fixed batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from erpd import metrics as M
+from erpd.config import EvalConfig
+from erpd.losses import exact_kl, kl_estimators, masked_mean, token_entropy, token_logprobs
+from erpd.models import autocast, frozen
+from erpd.rollout import (
+    RolloutBatch,
+    Sequences,
+    decode_responses,
+    encode_prompts,
+    generate,
+    pack,
+    response_logits,
+    response_targets,
+)
+from erpd.tasks import Problem, Task
+
+
+def _accuracy(task: Task, problems: Sequence[Problem], texts: Sequence[str]) -> float:
+    if not problems:
+        return 0.0
+    return sum(task.reward(p, t) for p, t in zip(problems, texts, strict=True)) / len(problems)
+
+
+@torch.no_grad()
+def policy_vs_reference(
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel | None,
+    seqs: Sequences,
+    *,
+    batch_size: int = 256,
+    bf16: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-response sums and per-token means of log-prob, entropy and exact KL against ref.
+
+    Returns tensors over the B responses: `logp` (sequence log-prob under model), `ref_logp`,
+    `entropy_sum`, `kl_sum` (full-vocabulary KL summed over tokens) and `tokens` (count).
+    Computed in chunks so a real vocabulary never materialises (B, R, V) for the whole batch.
+    """
+    device = next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {
+        "logp": [],
+        "ref_logp": [],
+        "entropy_sum": [],
+        "kl_sum": [],
+    }
+    with frozen(model), autocast(device, bf16):
+        for start in range(0, seqs.input_ids.shape[0], batch_size):
+            part = seqs.rows(slice(start, start + batch_size)).to(device)
+            mask = part.response_mask
+            logits = response_logits(model, part)  # (b, R, V)
+            targets = response_targets(part)
+            parts["logp"].append((token_logprobs(logits, targets) * mask).sum(-1).cpu())
+            parts["entropy_sum"].append((token_entropy(logits) * mask).sum(-1).cpu())
+            if ref_model is not None:
+                with frozen(ref_model):
+                    ref_logits = response_logits(ref_model, part)
+                parts["ref_logp"].append((token_logprobs(ref_logits, targets) * mask).sum(-1).cpu())
+                parts["kl_sum"].append((exact_kl(logits, ref_logits) * mask).sum(-1).cpu())
+    out = {k: torch.cat(v) for k, v in parts.items() if v}
+    out["tokens"] = seqs.response_mask.sum(-1)
+    return out
+
+
+def batch_diagnostics(
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel | None,
+    batch: RolloutBatch,
+    *,
+    bf16: bool = False,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Exact KL to pi_k, token entropy and log-prob drift of correct/incorrect responses."""
+    stats = policy_vs_reference(model, ref_model, batch.seqs, batch_size=batch_size, bf16=bf16)
+    tokens = stats["tokens"].sum().clamp_min(1.0)
+    out = {M.ENTROPY_TOKEN: (stats["entropy_sum"].sum() / tokens).item()}
+    if ref_model is not None:
+        out[M.KL_EXACT_BATCH] = (stats["kl_sum"].sum() / tokens).item()
+        drift = stats["logp"] - stats["ref_logp"]  # (B,)
+        correct = batch.rewards > 0
+        out[M.DRIFT_CORRECT] = drift[correct].mean().item() if correct.any() else 0.0
+        out[M.DRIFT_INCORRECT] = drift[~correct].mean().item() if (~correct).any() else 0.0
+    return out
+
+
+@dataclass
+class Evaluator:
+    """Everything measured at an eval point, from one place, for every stage."""
+
+    task: Task
+    tokenizer: PreTrainedTokenizerBase
+    cfg: EvalConfig
+    max_new_tokens: int
+    chat_template: bool = False
+    bf16: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = self.task.eval_problems()
+        self.problems = problems[: self.cfg.size] if self.cfg.size else problems
+        self.prompt_ids = encode_prompts(
+            self.tokenizer, [p.prompt for p in self.problems], self.chat_template
+        )
+
+    def _gen(
+        self, model: PreTrainedModel, ids: list[list[int]], greedy: bool, seed: int
+    ) -> list[list[int]]:
+        return generate(
+            model,
+            self.tokenizer,
+            ids,
+            max_new_tokens=self.max_new_tokens,
+            greedy=greedy,
+            batch_size=self.cfg.batch_size,
+            seed=seed,
+            bf16=self.bf16,
+        )
+
+    def accuracy(
+        self, model: PreTrainedModel, problems: Sequence[Problem], greedy: bool = True
+    ) -> float:
+        ids = encode_prompts(self.tokenizer, [p.prompt for p in problems], self.chat_template)
+        texts = decode_responses(self.tokenizer, self._gen(model, ids, greedy, self.seed))
+        return _accuracy(self.task, problems, texts)
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        *,
+        step: int,
+        ref_model: PreTrainedModel | None = None,
+        batch: RolloutBatch | None = None,
+    ) -> dict[str, float]:
+        greedy = decode_responses(self.tokenizer, self._gen(model, self.prompt_ids, True, 0))
+        out = {M.ACC_EVAL: _accuracy(self.task, self.problems, greedy)}
+        if self.cfg.sampled:
+            out.update(self._sampled(model, ref_model, seed=self.seed * 1_000_003 + step))
+        if batch is not None:
+            prompts = batch.prompt_problems()
+            out[M.ACC_TRAIN_BATCH] = self.accuracy(model, prompts, greedy=True)
+            out[M.REWARD_MEAN] = batch.rewards.mean().item()
+            diag = batch_diagnostics(model, ref_model, batch, bf16=self.bf16)
+            diag.pop(M.ENTROPY_TOKEN)  # a step series; the full-batch value goes in summaries
+            out.update(diag)
+        return out
+
+    def _sampled(
+        self, model: PreTrainedModel, ref_model: PreTrainedModel | None, *, seed: int
+    ) -> dict[str, float]:
+        k = max(1, self.cfg.pass_k)
+        ids = [x for x in self.prompt_ids for _ in range(k)]
+        responses = self._gen(model, ids, False, seed)
+        texts = decode_responses(self.tokenizer, responses)
+        problems = [p for p in self.problems for _ in range(k)]
+        rewards = torch.tensor(
+            [self.task.reward(p, t) for p, t in zip(problems, texts, strict=True)]
+        )
+        out = {M.ACC_EVAL_SAMPLED: rewards.mean().item()}
+        if k > 1:
+            out[M.ACC_PASS_K] = rewards.view(-1, k).amax(dim=1).mean().item()
+        seqs = pack(
+            ids, responses, int(self.tokenizer.pad_token_id), int(self.tokenizer.eos_token_id)
+        )
+        stats = policy_vs_reference(model, ref_model, seqs, bf16=self.bf16)
+        out[M.ENTROPY_SAMPLED] = (
+            stats["entropy_sum"].sum() / stats["tokens"].sum().clamp_min(1)
+        ).item()
+        if ref_model is not None:
+            seq_k3 = kl_estimators(stats["logp"], stats["ref_logp"])["k3"]
+            out[M.KL_SEQ_K3] = masked_mean(seq_k3, torch.ones_like(seq_k3)).item()
+        return out

@@ -1,0 +1,314 @@
+"""The method's math, and nothing else: pure functions on tensors.
+
+Shapes: B responses, T response-aligned token positions (targets), V vocabulary. Every per-token
+tensor is aligned to the *predicted* token: `logprobs[b, t] = log pi(y[b, t+1] | y[b, :t+1])`, and
+`mask[b, t]` is 1 on response tokens up to and including the first end token. Losses average over
+masked tokens of the minibatch (token mean). Objectives are registered by name and return
+`(loss, metrics)`; the loops look them up and know nothing about the algorithm (see METHOD.md for
+which parts are stated by the paper and which are our reconstruction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from erpd import metrics as M
+from erpd.config import Stage1Config, Stage2Config
+
+# exp() of a log-ratio beyond +-20 overflows float32 gradients long before it carries meaning;
+# the clamp only bites on tokens whose probability already moved by a factor of ~5e8.
+LOG_RATIO_CLAMP = 20.0
+
+
+# --- token-level primitives -----------------------------------------------------------------
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over positions where mask is 1 (0 if the mask is empty)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits)[target]: (B, T, V), (B, T) -> (B, T), in float32."""
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Full-vocabulary entropy per context: (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def exact_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p || q) over the full vocabulary per context: (B, T, V) x2 -> (B, T)."""
+    logp = torch.log_softmax(logits_p.float(), dim=-1)
+    logq = torch.log_softmax(logits_q.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def kl_estimators(logprobs: Tensor, ref_logprobs: Tensor) -> dict[str, Tensor]:
+    """Schulman's k1/k2/k3 of KL(pi || ref) per token, from log-probs of the sampled tokens.
+
+    With log rho = log ref - log pi: k1 = -log rho, k2 = (log rho)^2 / 2, k3 = rho - 1 - log rho.
+    """
+    log_rho = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return {
+        "k1": -log_rho,
+        "k2": 0.5 * log_rho.square(),
+        "k3": log_rho.exp() - 1.0 - log_rho,
+    }
+
+
+def ratio_stats(log_ratio: Tensor, mask: Tensor, low: float, high: float) -> dict[str, float]:
+    """Diagnostics of r = exp(log_ratio) on masked tokens: clip fraction and 1st/99th percentile."""
+    with torch.no_grad():
+        r = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()[mask.bool()]
+        if r.numel() == 0:
+            return {M.RATIO_CLIP_FRAC: 0.0, M.RATIO_P01: 1.0, M.RATIO_P99: 1.0}
+        q = torch.quantile(r.float(), torch.tensor([0.01, 0.99], device=r.device))
+        clipped = ((r < 1.0 - low) | (r > 1.0 + high)).float().mean()
+        return {
+            M.RATIO_CLIP_FRAC: clipped.item(),
+            M.RATIO_P01: q[0].item(),
+            M.RATIO_P99: q[1].item(),
+        }
+
+
+def group_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """A_i = (R_i - mean_group R) / (std_group R + 1e-6); all-equal groups give exactly 0.
+
+    rewards: (N * G,) ordered group by group -> (N * G,).
+    """
+    grouped = rewards.float().view(-1, group_size)  # (N, G)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True, unbiased=False)
+    return ((grouped - mean) / (std + 1e-6)).view(-1)
+
+
+# --- stage 1 --------------------------------------------------------------------------------
+@dataclass
+class Stage1Inputs:
+    """One minibatch for a stage-1 objective. Per-token tensors are (B, T); per-response (B,)."""
+
+    logprobs: Tensor  # log pi_theta, carries the gradient
+    old_logprobs: Tensor  # log pi_old: pi_k (anchor=behaviour) or the epoch's start (anchor=epoch)
+    ref_logprobs: Tensor  # log pi_k: the round's frozen base, for KL
+    mask: Tensor
+    advantages: Tensor
+    rewards: Tensor
+    mse_ref_logprobs: Tensor | None = None  # pi_0 when mse_reference == "initial"
+
+
+class Stage1Objective(Protocol):
+    def __call__(self, x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]: ...
+
+
+STAGE1_OBJECTIVES: dict[str, Stage1Objective] = {}
+
+
+def _register(name: str) -> Callable[[Stage1Objective], Stage1Objective]:
+    def add(fn: Stage1Objective) -> Stage1Objective:
+        STAGE1_OBJECTIVES[name] = fn
+        return fn
+
+    return add
+
+
+def _ratio(x: Stage1Inputs) -> Tensor:
+    return (x.logprobs - x.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+
+
+@_register("sapo")
+def sapo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
+    """Soft-gated policy gradient: g = (4/tau) sigmoid(tau (r - 1)); loss = -mean(g A).
+
+    At r = 1 the gate's slope is exactly 1 (the plain policy gradient); away from 1 it decays
+    smoothly instead of PPO's hard cut, so many epochs keep a (shrinking) gradient.
+    """
+    adv = x.advantages.unsqueeze(1)  # (B, 1)
+    tau = torch.where(adv > 0, cfg.tau_pos, cfg.tau_neg)  # (B, 1)
+    gate = (4.0 / tau) * torch.sigmoid(tau * (_ratio(x) - 1.0))  # (B, T)
+    loss = -masked_mean(gate * adv, x.mask)
+    return loss, {}
+
+
+@_register("grpo")
+def grpo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
+    """PPO-clipped surrogate with wide, asymmetric clip: -min(r A, clip(r, 1-lo, 1+hi) A)."""
+    adv = x.advantages.unsqueeze(1)
+    r = _ratio(x)
+    unclipped = r * adv
+    clipped = r.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * adv
+    loss = -masked_mean(torch.minimum(unclipped, clipped), x.mask)
+    return loss, {}
+
+
+@_register("ce")
+def ce_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
+    """Rejection-sampling fine-tuning: cross-entropy on the tokens of correct responses only."""
+    correct = (x.rewards > 0).to(x.mask.dtype).unsqueeze(1)  # (B, 1)
+    loss = -masked_mean(x.logprobs, x.mask * correct)
+    return loss, {}
+
+
+@_register("ce_weighted")
+def ce_weighted_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
+    """Advantage-weighted cross-entropy: -A_i log pi (REINFORCE without a ratio)."""
+    loss = -masked_mean(x.advantages.unsqueeze(1) * x.logprobs, x.mask)
+    return loss, {}
+
+
+@_register("mse")
+def mse_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
+    """Weak teacher: regress beta * sum_t [log pi - log pi_ref] onto A_i, per response.
+
+    pi_ref is the *unlearned* policy (pi_k, or pi_0 with mse_reference=initial). Only the
+    sequence-level log-ratio is fitted, so the token-level credit the teacher learns is weak.
+    """
+    ref = x.mse_ref_logprobs if x.mse_ref_logprobs is not None else x.ref_logprobs
+    seq_log_ratio = ((x.logprobs - ref) * x.mask).sum(dim=1)  # (B,)
+    residual = cfg.mse_beta * seq_log_ratio - x.advantages
+    loss = residual.square().mean()
+    return loss, {}
+
+
+def stage1_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
+    """The configured objective, plus the optional k3 penalty to pi_k, plus diagnostics."""
+    objective_loss, out = STAGE1_OBJECTIVES[cfg.objective](x, cfg)
+    kl = kl_estimators(x.logprobs, x.ref_logprobs)
+    k3 = masked_mean(kl["k3"], x.mask)
+    loss = objective_loss + cfg.kl_coef * k3 if cfg.kl_coef > 0 else objective_loss
+    with torch.no_grad():
+        out[M.LOSS] = loss.item()
+        out[M.KL_K1] = masked_mean(kl["k1"], x.mask).item()
+        out[M.KL_K3] = k3.item()
+        out.update(ratio_stats(x.logprobs - x.old_logprobs, x.mask, cfg.eps_low, cfg.eps_high))
+    return loss, out
+
+
+# --- stage 2 --------------------------------------------------------------------------------
+def _masked_std(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(x.dtype)
+    mean = masked_mean(x, m)
+    return masked_mean((x - mean).square(), m).sqrt()
+
+
+def teacher_signal(
+    signal: str, delta: Tensor, advantages: Tensor, mask: Tensor, *, gate_c: float = 0.2
+) -> Tensor:
+    """Per-token signal a_t of ONE teacher from delta_t = log T - log pi_k (or - log pi_0).
+
+    delta: (B, T) for the whole fixed batch (normalisation statistics are batch-wide);
+    advantages: (B,). `contrast` is `logratio` applied to a delta taken against pi_0 (the caller
+    passes that delta). Returns (B, T), zero outside the mask.
+    """
+    m = mask.to(delta.dtype)
+    adv = advantages.unsqueeze(1)  # (B, 1)
+    if signal in ("logratio", "contrast"):
+        a = delta / (_masked_std(delta, m) + 1e-6)
+    elif signal == "sign":
+        a = torch.sign(delta)
+    elif signal == "gated_advantage":
+        # the teacher only re-weights the outcome advantage by how much it moved the token in the
+        # advantage's direction, inside [1-c, 1+c]: a weak teacher cannot flip its sign
+        weight = torch.exp(torch.sign(adv) * delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        a = adv * weight.clamp(1.0 - gate_c, 1.0 + gate_c)
+    elif signal == "advantage":
+        a = adv.expand_as(delta)
+    else:
+        raise ValueError(f"unknown stage-2 signal {signal!r}")
+    return a * m
+
+
+def combine_signals(signals: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
+    """a_t = sum_m w_m a_t^(m) with weights normalised to sum 1 (default 1/M)."""
+    if not signals:
+        raise ValueError("no teacher signals to combine")
+    w = torch.tensor(weights if weights is not None else [1.0] * len(signals), dtype=torch.float32)
+    w = w / w.sum()
+    return sum(wi.item() * s for wi, s in zip(w, signals, strict=True))  # type: ignore[return-value]
+
+
+def region_score(deltas: Sequence[Tensor], mask: Tensor, weights: Sequence[float] | None) -> Tensor:
+    """How extreme each token is: sum_m w_m |delta_m| / std(delta_m) (one teacher: rank of |delta|).
+
+    Standardising per teacher keeps one teacher with a larger log-ratio scale from owning the
+    whole region when several are combined (our reconstruction).
+    """
+    scaled = [d.abs() / (_masked_std(d, mask) + 1e-6) for d in deltas]
+    return combine_signals(scaled, weights) * mask.to(scaled[0].dtype)
+
+
+def select_region(
+    score: Tensor,
+    mask: Tensor,
+    region: str,
+    *,
+    top_frac: float = 0.2,
+    threshold: float | None = None,
+) -> Tensor:
+    """Boolean (B, T) of the tokens that keep their signal ("the extreme region").
+
+    top_frac keeps the tokens whose score is among the top share of the batch's response tokens
+    (ties at the cut-off are kept); threshold keeps score > threshold; all keeps every token.
+    """
+    valid = mask.bool()
+    if region == "all":
+        return valid
+    if region == "threshold":
+        if threshold is None:
+            raise ValueError("region 'threshold' needs a threshold")
+        return valid & (score > threshold)
+    if region == "top_frac":
+        values = score[valid]
+        if values.numel() == 0:
+            return valid
+        k = max(1, round(top_frac * values.numel()))
+        cutoff = torch.topk(values, k).values.min()
+        return valid & (score >= cutoff)
+    raise ValueError(f"unknown region {region!r}")
+
+
+@dataclass
+class Stage2Inputs:
+    """One minibatch for the trust-region distillation loss (per-token tensors (B, T))."""
+
+    logprobs: Tensor  # log pi_theta, carries the gradient
+    old_logprobs: Tensor  # log pi_old, re-anchored at the start of each epoch
+    ref_logprobs: Tensor  # log pi_k
+    signal: Tensor  # a_t, already zero outside the selected region
+    mask: Tensor
+
+
+def stage2_loss(x: Stage2Inputs, cfg: Stage2Config) -> tuple[Tensor, dict[str, float]]:
+    """-mean_t min(r a_t, clip(r, 1-eps, 1+eps) a_t) + kl_coef * k3(pi_theta || pi_k).
+
+    The mean runs over all response tokens: unselected tokens have a_t = 0 and only feel the
+    KL term, which pulls them back toward pi_k (the "drop drift" half of the method).
+    """
+    r = (x.logprobs - x.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    unclipped = r * x.signal
+    clipped = r.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * x.signal
+    policy_loss = -masked_mean(torch.minimum(unclipped, clipped), x.mask)
+    kl = kl_estimators(x.logprobs, x.ref_logprobs)
+    k3 = masked_mean(kl["k3"], x.mask)
+    loss = policy_loss + cfg.kl_coef * k3
+    with torch.no_grad():
+        out = {
+            M.LOSS: loss.item(),
+            M.KL_K1: masked_mean(kl["k1"], x.mask).item(),
+            M.KL_K3: k3.item(),
+        }
+        out.update(ratio_stats(x.logprobs - x.old_logprobs, x.mask, cfg.clip_eps, cfg.clip_eps))
+    return loss, out
+
+
+def supervised_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Cross-entropy on masked target tokens (pretraining the tiny base)."""
+    return -masked_mean(token_logprobs(logits, targets), mask)

@@ -1,0 +1,162 @@
+"""Policies: load a causal LM + tokenizer from a local directory, or build the tiny base model.
+
+Nothing here downloads: every `from_pretrained` runs with `local_files_only=True` and
+`trust_remote_code=False`, so a directory can only select architectures transformers itself ships.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
+
+from erpd.config import Precision, TinyModelConfig
+from erpd.errors import CheckpointError, ConfigError
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+# per-shard load/save bars from transformers would interleave with erpd's own progress bars
+hf_logging.disable_progress_bar()
+
+
+# --- device and precision -------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; asking for CUDA without one is a config error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device", "'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def use_bf16(device: torch.device, precision: Precision) -> bool:
+    """bf16 autocast: on by default on CUDA, opt-in on CPU (AMX makes it pay on recent Xeons)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, bf16: bool) -> Iterator[None]:
+    """Mixed precision for forward passes; weights and optimizer state stay fp32."""
+    if bf16:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA); erpd uses no other random source for tensors."""
+    torch.manual_seed(seed)
+
+
+# --- tiny model -----------------------------------------------------------------------------
+def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer saved in HF format, so AutoTokenizer loads it like any other."""
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for ch in dict.fromkeys(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK
+    )
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig) -> LlamaForCausalLM:
+    """A randomly initialised small Llama (untied embeddings, as calibrated in METHOD.md)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+# --- loading --------------------------------------------------------------------------------
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    if tok.eos_token_id is None:
+        raise CheckpointError(f"{path}: tokenizer has no end-of-sequence token")
+    if tok.pad_token_id is None:
+        # padding positions are always masked out, so reusing the end token is safe
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Load a causal LM in fp32 (master weights; bf16 comes from autocast)."""
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise CheckpointError(f"{root}: not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(
+            str(root), local_files_only=True, trust_remote_code=False
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(root),
+            config=config,
+            local_files_only=True,
+            trust_remote_code=False,
+            dtype=torch.float32,
+        )
+    except (ValueError, OSError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{root}: cannot load model: {first}") from exc
+    return model.to(device)
+
+
+def load_policy(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model + tokenizer from one local directory."""
+    return load_model(path, device), load_tokenizer(path)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_card(path: str | Path) -> dict[str, object]:
+    """Architecture facts of a model directory, for manifests and logs."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return {
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "vocab_size": config.get("vocab_size"),
+    }
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode without gradients for the duration, restoring train mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)

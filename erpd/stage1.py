@@ -1,0 +1,121 @@
+"""Stage 1: many weakly constrained off-policy epochs on the fixed batch -> a teacher.
+
+Orchestration only: the objective is looked up by name in erpd.losses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from erpd.checkpoint import read_manifest
+from erpd.config import Stage1Config
+from erpd.losses import Stage1Inputs, stage1_loss
+from erpd.models import load_model, load_tokenizer
+from erpd.rollout import RolloutBatch, sequence_logprobs
+from erpd.trainer import LoopSettings, StageEnv, StageResult, finalize, run_loop
+
+
+class Stage1Objective:
+    """Binds a stage-1 objective to the fixed batch and keeps pi_old (anchor) up to date."""
+
+    def __init__(
+        self,
+        batch: RolloutBatch,
+        cfg: Stage1Config,
+        *,
+        bf16: bool,
+        mse_ref_logprobs: Tensor | None = None,
+    ) -> None:
+        self.batch, self.cfg, self.bf16 = batch, cfg, bf16
+        self.anchor = batch.behaviour_logprobs  # (B, R): pi_old starts as pi_k
+        self.mse_ref = mse_ref_logprobs
+
+    def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
+        if self.cfg.anchor == "epoch" and epoch > 0:
+            self.anchor = sequence_logprobs(model, self.batch.seqs, bf16=self.bf16)
+
+    def loss(
+        self, index: Tensor, logprobs: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        device = logprobs.device
+        b = self.batch
+        inputs = Stage1Inputs(
+            logprobs=logprobs,
+            old_logprobs=self.anchor[index].to(device),
+            ref_logprobs=b.behaviour_logprobs[index].to(device),
+            mask=mask,
+            advantages=b.advantages[index].to(device),
+            rewards=b.rewards[index].to(device),
+            mse_ref_logprobs=None if self.mse_ref is None else self.mse_ref[index].to(device),
+        )
+        return stage1_loss(inputs, self.cfg)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"anchor": self.anchor}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        if "anchor" in tensors:
+            self.anchor = tensors["anchor"]
+
+
+def parent_record(path: str | Path) -> dict[str, object]:
+    """Lineage entry for a model directory: its path and, for erpd checkpoints, its sha256."""
+    try:
+        sha = read_manifest(path).get("sha256")
+    except Exception:  # a plain HF directory has no manifest; lineage then records the path only
+        sha = None
+    return {"path": str(path), "sha256": sha}
+
+
+def run_stage1(
+    *,
+    base: str | Path,
+    batch: RolloutBatch,
+    cfg: Stage1Config,
+    env: StageEnv,
+    run_dir: str | Path,
+    run: str,
+    initial: str | Path | None = None,
+    resume: bool = True,
+) -> StageResult:
+    """Train a teacher from pi_k (`base`) on `batch`; the checkpoint lands in run_dir/checkpoint."""
+    run_dir = Path(run_dir)
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, env.device)
+    ref_model = load_model(base, env.device).eval().requires_grad_(False)
+    mse_ref = None
+    if cfg.objective == "mse" and cfg.mse_reference == "initial" and initial is not None:
+        pi0 = load_model(initial, env.device)
+        mse_ref = sequence_logprobs(pi0, batch.seqs, bf16=env.bf16)
+        del pi0
+    objective = Stage1Objective(batch, cfg, bf16=env.bf16, mse_ref_logprobs=mse_ref)
+    settings = LoopSettings.of(run, cfg, bf16=env.bf16)
+    total = settings.total_steps(len(batch))
+    with env.progress(f"stage 1 {run}", total) as advance:
+        result = run_loop(
+            model=model,
+            ref_model=ref_model,
+            batch=batch,
+            objective=objective,
+            settings=settings,
+            evaluator=env.evaluator(tokenizer, cfg.seed),
+            sink=env.sink,
+            run_dir=run_dir,
+            resume=resume,
+            should_stop=env.should_stop,
+            advance=advance,
+        )
+    return finalize(
+        stage="stage1",
+        settings=settings,
+        result=result,
+        model=model,
+        ref_model=ref_model,
+        tokenizer=tokenizer,
+        batch=batch,
+        run_dir=run_dir,
+        manifest={"config": cfg.model_dump(), "base": parent_record(base), "teachers": []},
+    )

@@ -1,0 +1,196 @@
+"""Stage 2: distil one or more teachers' token-level signal into pi_k under a trust region.
+
+The teachers' log-probs on the fixed batch are computed once, then their weights are freed: the
+student never shares memory with a teacher. The signal, its extreme-region selection and its
+normalisation are built once for the whole batch (batch-wide statistics), then the shared loop
+runs a PPO-clipped update with a k3 penalty to pi_k and a hard KL budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from erpd import metrics as M
+from erpd.checkpoint import verify_checkpoint
+from erpd.config import Stage2Config
+from erpd.errors import CheckpointError
+from erpd.losses import (
+    Stage2Inputs,
+    combine_signals,
+    region_score,
+    select_region,
+    stage2_loss,
+    teacher_signal,
+)
+from erpd.models import load_model, load_tokenizer
+from erpd.rollout import RolloutBatch, sequence_logprobs
+from erpd.stage1 import parent_record
+from erpd.trainer import LoopSettings, StageEnv, StageResult, finalize, run_loop
+
+
+@dataclass
+class Signal:
+    """The stage-2 signal of the whole batch: a_t (zero outside the region) and its statistics."""
+
+    values: Tensor  # (B, R)
+    selected: Tensor  # (B, R) bool
+    stats: dict[str, float]
+
+
+def build_signal(
+    batch: RolloutBatch,
+    cfg: Stage2Config,
+    teacher_logprobs: Sequence[Tensor],
+    initial_logprobs: Tensor | None = None,
+) -> Signal:
+    """Combine per-teacher signals, then keep only the extreme region (METHOD.md, stage 2)."""
+    mask = batch.seqs.response_mask
+    if cfg.signal == "advantage":
+        # the no-teacher control: no delta exists to rank tokens by, so every token is kept
+        values = teacher_signal("advantage", torch.zeros_like(mask), batch.advantages, mask)
+        selected = mask.bool()
+    else:
+        if not teacher_logprobs:
+            raise ValueError(f"stage2.signal {cfg.signal!r} needs at least one teacher")
+        base = batch.behaviour_logprobs
+        if cfg.signal == "contrast":
+            base = initial_logprobs if initial_logprobs is not None else batch.behaviour_logprobs
+        deltas = [(t - base) * mask for t in teacher_logprobs]
+        per_teacher = [
+            teacher_signal(cfg.signal, d, batch.advantages, mask, gate_c=cfg.gate_c) for d in deltas
+        ]
+        combined = combine_signals(per_teacher, cfg.teacher_weights)
+        score = region_score(deltas, mask, cfg.teacher_weights)
+        selected = select_region(
+            score, mask, cfg.region, top_frac=cfg.top_frac, threshold=cfg.threshold
+        )
+        values = combined * selected
+    chosen = values[selected]
+    stats = {
+        M.SELECTED_FRAC: (selected.sum() / mask.sum().clamp_min(1)).item(),
+        M.SIGNAL_STD: chosen.std().item() if chosen.numel() > 1 else 0.0,
+    }
+    return Signal(values, selected, stats)
+
+
+class Stage2Objective:
+    """Trust-region distillation on the fixed batch; pi_old is re-anchored every epoch."""
+
+    def __init__(self, batch: RolloutBatch, cfg: Stage2Config, signal: Signal, *, bf16: bool):
+        self.batch, self.cfg, self.signal, self.bf16 = batch, cfg, signal, bf16
+        self.anchor = batch.behaviour_logprobs
+
+    def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
+        if epoch > 0:
+            self.anchor = sequence_logprobs(model, self.batch.seqs, bf16=self.bf16)
+
+    def loss(
+        self, index: Tensor, logprobs: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        device = logprobs.device
+        inputs = Stage2Inputs(
+            logprobs=logprobs,
+            old_logprobs=self.anchor[index].to(device),
+            ref_logprobs=self.batch.behaviour_logprobs[index].to(device),
+            signal=self.signal.values[index].to(device),
+            mask=mask,
+        )
+        loss, values = stage2_loss(inputs, self.cfg)
+        values.update(self.signal.stats)
+        return loss, values
+
+    def state(self) -> dict[str, Tensor]:
+        return {"anchor": self.anchor}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        if "anchor" in tensors:
+            self.anchor = tensors["anchor"]
+
+
+def teacher_logprobs(
+    teachers: Sequence[str | Path],
+    batch: RolloutBatch,
+    env: StageEnv,
+    *,
+    vocab_size: int,
+    pinned: Sequence[str | None] | None = None,
+) -> list[Tensor]:
+    """Each teacher's per-token log-probs on the fixed batch, one teacher in memory at a time."""
+    out = []
+    for i, path in enumerate(teachers):
+        expected = pinned[i] if pinned else None
+        if expected is not None or (Path(path) / "manifest.json").is_file():
+            verify_checkpoint(path, expected)
+        teacher = load_model(path, env.device)
+        if teacher.config.vocab_size != vocab_size:
+            raise CheckpointError(
+                f"{path}: teacher vocabulary {teacher.config.vocab_size} != student's {vocab_size}"
+            )
+        out.append(sequence_logprobs(teacher, batch.seqs, bf16=env.bf16))
+        del teacher
+    return out
+
+
+def run_stage2(
+    *,
+    base: str | Path,
+    teachers: Sequence[str | Path],
+    batch: RolloutBatch,
+    cfg: Stage2Config,
+    env: StageEnv,
+    run_dir: str | Path,
+    run: str,
+    initial: str | Path | None = None,
+    pinned: Sequence[str | None] | None = None,
+    resume: bool = True,
+) -> StageResult:
+    """Distil `teachers` into pi_k (`base`); the student lands in run_dir/checkpoint."""
+    run_dir = Path(run_dir)
+    if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
+        raise ValueError("stage2.teacher_weights must have one weight per teacher")
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, env.device)
+    ref_model = load_model(base, env.device).eval().requires_grad_(False)
+    teacher_lp: list[Tensor] = []
+    if cfg.signal != "advantage":
+        teacher_lp = teacher_logprobs(
+            teachers, batch, env, vocab_size=model.config.vocab_size, pinned=pinned
+        )
+    initial_lp = None
+    if cfg.signal == "contrast" and initial is not None:
+        initial_lp = sequence_logprobs(load_model(initial, env.device), batch.seqs, bf16=env.bf16)
+    signal = build_signal(batch, cfg, teacher_lp, initial_lp)
+    objective = Stage2Objective(batch, cfg, signal, bf16=env.bf16)
+    settings = LoopSettings.of(run, cfg, bf16=env.bf16, kl_budget=cfg.kl_budget)
+    with env.progress(f"stage 2 {run}", settings.total_steps(len(batch))) as advance:
+        result = run_loop(
+            model=model,
+            ref_model=ref_model,
+            batch=batch,
+            objective=objective,
+            settings=settings,
+            evaluator=env.evaluator(tokenizer, cfg.seed),
+            sink=env.sink,
+            run_dir=run_dir,
+            resume=resume,
+            should_stop=env.should_stop,
+            advance=advance,
+        )
+    lineage = [parent_record(t) for t in teachers] if cfg.signal != "advantage" else []
+    return finalize(
+        stage="stage2",
+        settings=settings,
+        result=result,
+        model=model,
+        ref_model=ref_model,
+        tokenizer=tokenizer,
+        batch=batch,
+        run_dir=run_dir,
+        manifest={"config": cfg.model_dump(), "base": parent_record(base), "teachers": lineage},
+    )

@@ -1,0 +1,249 @@
+"""Problems from user JSONL files, scored by math-verify.
+
+Each non-blank line is a JSON object ``{"prompt": str, "answer": str | number}``. Files are read
+and validated eagerly so a bad row fails the run at start-up with its line number, not hours in.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from erpd.errors import ConfigError, DataError
+from erpd.tasks.base import Problem
+
+DEFAULT_MAX_NEW_TOKENS = 512
+"""Generation budget for free-form answers; user configs override it where they set one."""
+
+_log = logging.getLogger(__name__)
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    """Hide math-verify's one-time "timeout is disabled" warning.
+
+    We disable its SIGALRM timeouts on purpose (they only work on the main thread) and bound the
+    work instead through the generation budget, so the warning would only alarm users.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
+
+
+_JSON_TYPES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def _json_type(value: Any) -> str:
+    """Name a decoded value's type the way the JSON file spells it (``array``, not ``list``)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _row_error(path: Path, line_number: int, message: str) -> DataError:
+    """Build the one-line error the CLI prints for a bad row."""
+    return DataError(f"{path} line {line_number}: {message}")
+
+
+def _answer_text(path: Path, line_number: int, value: Any) -> str:
+    """Accept a string answer, or a finite number converted with ``str``."""
+    if isinstance(value, str):
+        text = value.strip()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _row_error(path, line_number, f'"answer" must be finite, got {value}')
+        text = str(value)
+    else:
+        kind = _json_type(value)
+        raise _row_error(path, line_number, f'"answer" must be a string or number, got {kind}')
+    if not text:
+        raise _row_error(path, line_number, 'empty "answer"')
+    return text
+
+
+def _parse_row(path: Path, line_number: int, line: str) -> Problem:
+    """Turn one JSONL line into a Problem, or raise a DataError that names the line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _row_error(path, line_number, f"not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        kind = _json_type(row)
+        raise _row_error(path, line_number, f"expected a JSON object, got {kind}")
+    for key in ("prompt", "answer"):
+        if key not in row:
+            raise _row_error(path, line_number, f'missing "{key}"')
+    prompt = row["prompt"]
+    if not isinstance(prompt, str):
+        kind = _json_type(prompt)
+        raise _row_error(path, line_number, f'"prompt" must be a string, got {kind}')
+    if not prompt.strip():
+        raise _row_error(path, line_number, 'empty "prompt"')
+    answer = _answer_text(path, line_number, row["answer"])
+    return Problem(prompt=prompt, answer=answer, target=answer)
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 file, turning OS and decoding failures into DataError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def load_problems(path: Path) -> list[Problem]:
+    """Load every row of a JSONL file, skipping blank lines; an empty file is an error."""
+    problems = [
+        _parse_row(path, number, line)
+        for number, line in enumerate(_read_text(path).splitlines(), start=1)
+        if line.strip()
+    ]
+    if not problems:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return problems
+
+
+def _dedupe_by_prompt(problems: list[Problem]) -> list[Problem]:
+    """Keep the first row of each prompt, so a repeated prompt cannot sit in both splits."""
+    seen: set[str] = set()
+    unique: list[Problem] = []
+    for problem in problems:
+        if problem.prompt not in seen:
+            seen.add(problem.prompt)
+            unique.append(problem)
+    return unique
+
+
+def _hold_out(
+    problems: list[Problem], eval_size: int, seed: int, path: Path
+) -> tuple[list[Problem], list[Problem]]:
+    """Split off a seeded random eval set; both splits keep file order for easy inspection."""
+    if len(problems) < eval_size + 1:
+        raise DataError(
+            f"{path}: {len(problems)} distinct prompts, but holding out eval_size={eval_size} "
+            "needs at least one more for training; lower eval_size or pass an eval file"
+        )
+    held = set(random.Random(f"jsonl-{seed}-split").sample(range(len(problems)), eval_size))
+    train = [problem for index, problem in enumerate(problems) if index not in held]
+    evaluation = [problem for index, problem in enumerate(problems) if index in held]
+    return train, evaluation
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str) -> tuple[Any, ...]:
+    """Parse a reference answer once; bare answers are wrapped in ``$...$`` as LaTeX."""
+    # Imported lazily: it pulls in sympy, which is slow to import and arithmetic never needs.
+    from math_verify import parse
+
+    wrapped = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
+    parsed = parse(wrapped, parsing_timeout=None)  # type: ignore[arg-type]
+    if not parsed and wrapped != answer:
+        parsed = parse(answer, parsing_timeout=None)  # type: ignore[arg-type]
+    return tuple(parsed)
+
+
+def math_verify_reward(answer: str, response: str) -> float:
+    """Return 1.0 if math-verify finds ``response`` equivalent to ``answer``, else 0.0.
+
+    Timeouts are disabled because math-verify implements them with SIGALRM, which raises outside
+    the main thread; responses are bounded by the generation budget instead. Any failure inside
+    math-verify counts as a wrong answer so a garbage completion can never crash training.
+    """
+    from math_verify import parse, verify
+
+    try:
+        gold = _parse_gold(answer)
+        if not gold:
+            return 0.0
+        predicted = parse(response, parsing_timeout=None)  # type: ignore[arg-type]
+        if not predicted:
+            return 0.0
+        return 1.0 if verify(list(gold), predicted, timeout_seconds=None) else 0.0
+    except Exception:
+        _log.debug("math-verify failed on %r", response, exc_info=True)
+        return 0.0
+
+
+class JsonlTask:
+    """Prompts and answers from JSONL files; eval is a separate file or a seeded hold-out."""
+
+    def __init__(
+        self,
+        train_path: str | Path,
+        eval_path: str | Path | None = None,
+        eval_size: int = 200,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size < 1:
+            raise ConfigError(
+                "task.jsonl.eval_size", f"must be a positive integer, got {eval_size!r}"
+            )
+        train_file = Path(train_path)
+        self.name = f"jsonl:{train_file.stem}"
+        self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        self.seed = seed
+        self.train_path = train_file
+        self.eval_path = Path(eval_path) if eval_path is not None else None
+        rows = _dedupe_by_prompt(load_problems(train_file))
+        if self.eval_path is None:
+            self._train, self._eval = _hold_out(rows, eval_size, seed, train_file)
+        else:
+            self._eval = _dedupe_by_prompt(load_problems(self.eval_path))
+            self._train = self._without_eval_prompts(rows, train_file)
+
+    def __repr__(self) -> str:
+        return (
+            f"JsonlTask(train_path={str(self.train_path)!r}, "
+            f"eval_path={str(self.eval_path) if self.eval_path else None!r}, seed={self.seed}, "
+            f"train_rows={len(self._train)}, eval_rows={len(self._eval)})"
+        )
+
+    @property
+    def train_size(self) -> int:
+        """Number of distinct training prompts available to ``train_problems``."""
+        return len(self._train)
+
+    def eval_problems(self) -> list[Problem]:
+        """Return the held-out rows (deduplicated by prompt, in file order)."""
+        return list(self._eval)
+
+    def train_problems(self, n: int, seed: int) -> list[Problem]:
+        """Sample ``n`` distinct training rows without replacement, seeded by (task seed, seed)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        if n > len(self._train):
+            raise DataError(
+                f"{self.train_path}: asked for {n} training problems but only "
+                f"{len(self._train)} distinct prompts are available outside the eval split"
+            )
+        return random.Random(f"jsonl-{self.seed}-train-{seed}").sample(self._train, n)
+
+    def reward(self, problem: Problem, response: str) -> float:
+        """Score with math-verify against the reference answer; never raises."""
+        return math_verify_reward(problem.answer, response)
+
+    def _without_eval_prompts(self, rows: list[Problem], train_file: Path) -> list[Problem]:
+        """Drop training rows whose prompt is in the eval file, so eval stays held out."""
+        eval_prompts = {problem.prompt for problem in self._eval}
+        train = [problem for problem in rows if problem.prompt not in eval_prompts]
+        if not train:
+            raise DataError(f"{train_file}: every prompt also appears in {self.eval_path}")
+        return train

@@ -1,0 +1,314 @@
+"""The epoch/minibatch loop both stages share: optimizer, clipping, eval, checkpoints, resume, stop.
+
+A stage plugs in a `StageObjective` (how to turn a minibatch's log-probs into a loss) and gets the
+rest: exact KL and entropy against pi_k every step, evals every k epochs, resume checkpoints, a
+cooperative stop, and a KL budget. Metrics logged at step s always describe the weights after s
+optimizer steps (step metrics come from the minibatch about to be used for update s + 1).
+
+The loop takes its model, reference model and data from the caller, so a later multi-GPU path
+can wrap them without touching any loss code.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from erpd import metrics as M
+from erpd.checkpoint import latest_resume, load_resume, save_resume
+from erpd.config import EvalConfig, Stage1Config, Stage2Config
+from erpd.evaluate import Evaluator
+from erpd.losses import exact_kl, masked_mean, token_entropy, token_logprobs
+from erpd.models import autocast
+from erpd.progress import ProgressFactory, no_progress
+from erpd.rollout import RolloutBatch, response_logits, response_targets
+from erpd.tasks import Task
+
+StopCheck = Callable[[], bool]
+Advance = Callable[[int], None]
+
+
+class StageObjective(Protocol):
+    """What a stage contributes to the shared loop."""
+
+    def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
+        """Re-anchor pi_old if the stage does so (called before the epoch's first step)."""
+
+    def loss(
+        self, index: Tensor, logprobs: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Loss of the minibatch rows `index` given pi_theta's log-probs (B, R)."""
+
+    def state(self) -> dict[str, Tensor]:
+        """Tensors a resume checkpoint must carry (e.g. the epoch's anchor log-probs)."""
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None: ...
+
+
+@dataclass
+class StageEnv:
+    """What a stage needs besides its config: the task, eval settings, device and outputs."""
+
+    task: Task
+    eval: EvalConfig
+    device: torch.device
+    max_new_tokens: int
+    bf16: bool = False
+    chat_template: bool = False
+    sink: M.MetricSink = field(default_factory=M.NullSink)
+    should_stop: StopCheck | None = None
+    progress: ProgressFactory = no_progress
+
+    def evaluator(self, tokenizer: PreTrainedTokenizerBase, seed: int) -> Evaluator:
+        return Evaluator(
+            self.task,
+            tokenizer,
+            self.eval,
+            self.max_new_tokens,
+            chat_template=self.chat_template,
+            bf16=self.bf16,
+            seed=seed,
+        )
+
+
+@dataclass
+class LoopSettings:
+    """The orchestration knobs common to both stage configs."""
+
+    run: str
+    epochs: int
+    minibatch_size: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    eval_every_epochs: int
+    checkpoint_every_steps: int
+    seed: int
+    kl_budget: float | None = None
+    bf16: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        run: str,
+        cfg: Stage1Config | Stage2Config,
+        *,
+        bf16: bool,
+        kl_budget: float | None = None,
+    ) -> LoopSettings:
+        return cls(
+            run=run,
+            epochs=cfg.epochs,
+            minibatch_size=cfg.minibatch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip,
+            eval_every_epochs=cfg.eval_every_epochs,
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            seed=cfg.seed,
+            kl_budget=kl_budget,
+            bf16=bf16,
+        )
+
+    def total_steps(self, num_rows: int) -> int:
+        return self.epochs * math.ceil(num_rows / self.minibatch_size)
+
+
+@dataclass
+class LoopResult:
+    """How a stage ended: `completed`, `kl_budget` or `stopped` (cooperative stop, resumable)."""
+
+    status: str
+    steps: int
+    total_steps: int
+    last_eval: dict[str, float] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+
+def _permutation(n: int, seed: int, epoch: int) -> Tensor:
+    # one generator per epoch: a resumed run reproduces the same order without saving RNG state
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def run_loop(
+    *,
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel,
+    batch: RolloutBatch,
+    objective: StageObjective,
+    settings: LoopSettings,
+    evaluator: Evaluator | None,
+    sink: M.MetricSink,
+    run_dir: Path,
+    resume: bool = True,
+    should_stop: StopCheck | None = None,
+    advance: Advance | None = None,
+) -> LoopResult:
+    """Train `model` on the fixed batch for `settings.epochs` epochs (or until stopped)."""
+    device = next(model.parameters()).device
+    n = len(batch)
+    per_epoch = math.ceil(n / settings.minibatch_size)
+    total = settings.total_steps(n)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    step, started = 0, time.time()
+    checkpoint = latest_resume(run_dir) if resume else None
+    if checkpoint is not None:
+        step, tensors, _ = load_resume(checkpoint, model=model, optimizer=optimizer)
+        objective.load_state(tensors)
+    if advance is not None and step:
+        advance(step)
+
+    def evaluate(at: int) -> dict[str, float]:
+        if evaluator is None:
+            return {}
+        values = evaluator(model, step=at, ref_model=ref_model, batch=batch)
+        sink.log(settings.run, at, values)
+        return values
+
+    def finish(status: str) -> LoopResult:
+        return LoopResult(status, step, total, last, time.time() - started)
+
+    last = evaluate(0) if step == 0 else {}
+    model.train()
+    for epoch in range(step // per_epoch, settings.epochs):
+        order = _permutation(n, settings.seed, epoch)
+        first = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
+        if first == 0:
+            objective.on_epoch_start(epoch, model)
+        for k in range(first, per_epoch):
+            if should_stop is not None and should_stop():
+                _save(run_dir, step, model, optimizer, objective)
+                return finish("stopped")
+            index = order[k * settings.minibatch_size : (k + 1) * settings.minibatch_size]
+            tick = time.perf_counter()
+            mb = batch.seqs.rows(index).to(device)
+            with autocast(device, settings.bf16):
+                logits = response_logits(model, mb)  # (b, R, V)
+                logprobs = token_logprobs(logits, response_targets(mb))  # (b, R)
+                loss, values = objective.loss(index, logprobs, mb.response_mask)
+                with torch.no_grad():
+                    ref_logits = response_logits(ref_model, mb)
+            with torch.no_grad():
+                kl = masked_mean(exact_kl(logits.detach(), ref_logits), mb.response_mask).item()
+                values[M.KL_EXACT] = kl
+                values[M.ENTROPY_TOKEN] = masked_mean(
+                    token_entropy(logits.detach()), mb.response_mask
+                ).item()
+            if settings.kl_budget is not None:
+                values[M.KL_BUDGET_USED] = kl / settings.kl_budget
+            if settings.kl_budget is not None and kl > settings.kl_budget:
+                # the weights after `step` updates already spent the budget: keep them, stop
+                sink.log(settings.run, step, values)
+                last = evaluate(step)
+                return finish("kl_budget")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                values[M.GRAD_NORM] = float(norm)
+            optimizer.step()
+            tokens = mb.response_mask.sum().item()
+            values[M.TOKENS_PER_S] = tokens / max(time.perf_counter() - tick, 1e-9)
+            sink.log(settings.run, step, values)
+            step += 1
+            if advance is not None:
+                advance(1)
+            if settings.checkpoint_every_steps and step % settings.checkpoint_every_steps == 0:
+                _save(run_dir, step, model, optimizer, objective)
+        if (epoch + 1) % settings.eval_every_epochs == 0 or epoch + 1 == settings.epochs:
+            last = evaluate(step)
+            model.train()
+    return finish("completed")
+
+
+def _save(
+    run_dir: Path,
+    step: int,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    objective: StageObjective,
+) -> None:
+    save_resume(run_dir, step=step, model=model, optimizer=optimizer, tensors=objective.state())
+
+
+# --- what every stage does around the loop ----------------------------------------------------
+@dataclass
+class StageResult:
+    """A finished (or stopped) stage: where its checkpoint is and what it measured."""
+
+    run: str
+    status: str
+    run_dir: Path
+    checkpoint: Path | None
+    sha256: str | None
+    summary: dict[str, float]
+    steps: int
+    total_steps: int
+    wall_time: float
+
+
+def finalize(
+    *,
+    stage: str,
+    settings: LoopSettings,
+    result: LoopResult,
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel,
+    tokenizer: object,
+    batch: RolloutBatch,
+    run_dir: Path,
+    manifest: dict[str, object],
+) -> StageResult:
+    """Save the final checkpoint (manifest last) and summary; a stopped run saves nothing more."""
+    if result.status == "stopped":
+        return StageResult(
+            settings.run,
+            "stopped",
+            run_dir,
+            None,
+            None,
+            {},
+            result.steps,
+            result.total_steps,
+            result.wall_time,
+        )
+    from erpd.checkpoint import save_model_checkpoint
+    from erpd.evaluate import batch_diagnostics
+
+    summary = dict(result.last_eval)
+    summary.update(batch_diagnostics(model, ref_model, batch, bf16=settings.bf16))
+    body = {
+        "stage": stage,
+        "run": settings.run,
+        "status": result.status,
+        "step": result.steps,
+        "total_steps": result.total_steps,
+        "kl_spent": summary.get(M.KL_EXACT_BATCH),
+        "eval_acc": summary.get(M.ACC_EVAL),
+        "summary": summary,
+        **manifest,
+    }
+    checkpoint = run_dir / "checkpoint"
+    sha = save_model_checkpoint(checkpoint, model, tokenizer, body)
+    return StageResult(
+        settings.run,
+        result.status,
+        run_dir,
+        checkpoint,
+        sha,
+        summary,
+        result.steps,
+        result.total_steps,
+        result.wall_time,
+    )

@@ -1,0 +1,187 @@
+"""Behaviour of the JSONL task: row validation, the eval split, sampling and math-verify rewards."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from erpd.errors import DataError
+from erpd.tasks import JsonlTask, Problem, Task, build_task
+from erpd.tasks.jsonl import math_verify_reward
+
+
+def _write_rows(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _numbered(path: Path, count: int) -> Path:
+    return _write_rows(path, [{"prompt": f"q{i}", "answer": str(i)} for i in range(count)])
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"prompt": "a" "answer": "1"}', "not valid JSON (Expecting ',' delimiter)"),
+        ('{"prompt": "a"}', 'missing "answer"'),
+        ('{"answer": "1"}', 'missing "prompt"'),
+        ('["a", "1"]', "expected a JSON object, got array"),
+        ('"just text"', "expected a JSON object, got string"),
+        ('{"prompt": 5, "answer": "1"}', '"prompt" must be a string, got number'),
+        ('{"prompt": "a", "answer": null}', '"answer" must be a string or number, got null'),
+        ('{"prompt": "a", "answer": true}', '"answer" must be a string or number, got boolean'),
+        ('{"prompt": "a", "answer": ""}', 'empty "answer"'),
+        ('{"prompt": "  ", "answer": "1"}', 'empty "prompt"'),
+    ],
+)
+def test_malformed_row_names_file_and_line(tmp_path: Path, bad_line: str, message: str) -> None:
+    path = tmp_path / "data.jsonl"
+    good = '{"prompt": "x", "answer": "2"}'
+    path.write_text(f"{good}\n\n{bad_line}\n{good}\n", encoding="utf-8")  # blank line 2 counts
+    with pytest.raises(DataError) as info:
+        JsonlTask(path, eval_size=1)
+    text = str(info.value)
+    assert text == f"{path} line 3: {message}"
+    assert "\n" not in text
+
+
+def test_empty_and_missing_files_raise(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="no rows"):
+        JsonlTask(empty)
+    with pytest.raises(DataError, match="file not found"):
+        JsonlTask(tmp_path / "absent.jsonl")
+
+
+def test_numeric_answers_become_strings(tmp_path: Path) -> None:
+    path = _write_rows(
+        tmp_path / "nums.jsonl",
+        [
+            {"prompt": "a", "answer": 42},
+            {"prompt": "b", "answer": 0.5},
+            {"prompt": "c", "answer": "7"},
+        ],
+    )
+    task = JsonlTask(path, eval_size=1)
+    problems = {p.prompt: p for p in task.train_problems(2, seed=0) + task.eval_problems()}
+    assert problems["a"] == Problem("a", "42", "42")
+    assert problems["b"].answer == "0.5"
+    assert problems["c"].target == "7"
+
+
+def test_hold_out_split_is_disjoint_sized_and_deterministic(tmp_path: Path) -> None:
+    path = _numbered(tmp_path / "rows.jsonl", 100)
+    task = JsonlTask(path, eval_size=30, seed=5)
+    eval_prompts = {p.prompt for p in task.eval_problems()}
+    train = task.train_problems(70, seed=0)
+    assert len(eval_prompts) == 30
+    assert len({p.prompt for p in train}) == 70
+    assert not eval_prompts & {p.prompt for p in train}
+    assert JsonlTask(path, eval_size=30, seed=5).eval_problems() == task.eval_problems()
+    assert JsonlTask(path, eval_size=30, seed=6).eval_problems() != task.eval_problems()
+
+
+def test_duplicate_prompts_do_not_leak_into_eval(tmp_path: Path) -> None:
+    rows = [{"prompt": f"q{i % 10}", "answer": str(i % 10)} for i in range(200)]
+    path = _write_rows(tmp_path / "dupes.jsonl", rows)
+    task = JsonlTask(path, eval_size=4)
+    eval_prompts = {p.prompt for p in task.eval_problems()}
+    train_prompts = {p.prompt for p in task.train_problems(6, seed=0)}
+    assert len(eval_prompts) == 4
+    assert train_prompts.isdisjoint(eval_prompts)
+    assert len(train_prompts | eval_prompts) == 10
+    with pytest.raises(DataError, match="7"):
+        task.train_problems(7, seed=0)
+
+
+def test_too_few_rows_for_hold_out(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="5 distinct prompts"):
+        JsonlTask(_numbered(tmp_path / "few.jsonl", 5), eval_size=5)
+
+
+def test_separate_eval_file_excludes_its_prompts_from_train(tmp_path: Path) -> None:
+    train_path = _numbered(tmp_path / "train.jsonl", 20)
+    eval_path = _write_rows(
+        tmp_path / "eval.jsonl", [{"prompt": "q3", "answer": "3"}, {"prompt": "new", "answer": "1"}]
+    )
+    task = JsonlTask(train_path, eval_path=eval_path, eval_size=999)
+    assert [p.prompt for p in task.eval_problems()] == ["q3", "new"]
+    train = task.train_problems(19, seed=0)
+    assert "q3" not in {p.prompt for p in train}
+    with pytest.raises(DataError, match=r"asked for 20 .* only 19"):
+        task.train_problems(20, seed=0)
+
+
+def test_train_sampling_is_distinct_and_seeded(tmp_path: Path) -> None:
+    task = JsonlTask(_numbered(tmp_path / "rows.jsonl", 300), eval_size=50)
+    first = task.train_problems(100, seed=1)
+    assert len({p.prompt for p in first}) == 100
+    assert first == task.train_problems(100, seed=1)
+    assert first != task.train_problems(100, seed=2)
+    assert task.train_problems(0, seed=1) == []
+
+
+def test_name_budget_and_protocol(tmp_path: Path) -> None:
+    path = _numbered(tmp_path / "gsm_small.jsonl", 10)
+    task = build_task(
+        SimpleNamespace(
+            kind="jsonl",
+            jsonl=SimpleNamespace(train_path=str(path), eval_path=None, eval_size=2, seed=0),
+        )
+    )
+    assert isinstance(task, JsonlTask)
+    assert isinstance(task, Task)
+    assert task.name == "jsonl:gsm_small"
+    assert task.max_new_tokens == 512
+
+
+@pytest.mark.parametrize(
+    ("answer", "response"),
+    [
+        ("0.5", "\\boxed{\\frac{1}{2}}"),
+        ("42", "The answer is 42"),
+        ("42", "I think 41... no, the final answer is $42$."),
+        ("\\frac{1}{2}", "0.5"),
+        ("-7", "so x = \\boxed{-7}"),
+        ("x^2+1", "\\boxed{1+x^2}"),
+        ("$\\sqrt{2}$", "\\boxed{\\sqrt{2}}"),
+    ],
+)
+def test_math_verify_accepts_equivalent_answers(answer: str, response: str) -> None:
+    assert math_verify_reward(answer, response) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "response"),
+    [
+        ("42", "The answer is 43"),
+        ("0.5", "\\boxed{\\frac{1}{3}}"),
+        ("42", ""),
+        ("42", "\\frac{ \\boxed{ $$ }}}"),
+        ("42", "\x00\xff garbage ))) ((("),
+        ("x^2+1", "\\boxed{x^2-1}"),
+    ],
+)
+def test_math_verify_rejects_wrong_and_garbage(answer: str, response: str) -> None:
+    assert math_verify_reward(answer, response) == 0.0
+
+
+def test_reward_uses_problem_answer(tmp_path: Path) -> None:
+    task = JsonlTask(_numbered(tmp_path / "rows.jsonl", 5), eval_size=1)
+    problem = Problem("What is 6*7?", "42", "42")
+    assert task.reward(problem, "It is \\boxed{42}.") == 1.0
+    assert task.reward(problem, "It is \\boxed{24}.") == 0.0
+
+
+def test_reward_works_outside_the_main_thread() -> None:
+    # math-verify's default SIGALRM timeouts raise off the main thread; ours must not.
+    results: list[float] = []
+    worker = threading.Thread(target=lambda: results.append(math_verify_reward("0.5", "$1/2$")))
+    worker.start()
+    worker.join()
+    assert results == [1.0]
