@@ -1,0 +1,47 @@
+# Two commands on a fresh clone: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test test-all test-gpu lint format services clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# re-install only when the project's dependencies change
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/erpd pipeline --out $(DEMO_OUT) --config configs/demo.yaml
+
+test: $(VENV)/.installed-dev services
+	$(BIN)/python -m pytest
+
+test-all: $(VENV)/.installed-dev services
+	$(BIN)/python -m pytest -m "not gpu"
+
+test-gpu: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m gpu
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+services:
+	@scripts/services.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

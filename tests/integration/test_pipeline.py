@@ -1,0 +1,226 @@
+"""A real tiny ERPD pipeline, end to end, then stage runs on its outputs.
+
+One module-scoped pipeline run (the CLI, in a subprocess, as a user runs it) produces a base,
+a fixed batch, a teacher and a student; the other tests reuse them so the whole file stays
+around a minute and a half on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from erpd import metrics as M
+from erpd.checkpoint import latest_resume, read_manifest, verify_checkpoint
+from erpd.config import Stage1Config, Stage2Config
+from erpd.pipeline import make_env
+from erpd.progress import no_progress
+from erpd.rollout import RolloutBatch
+from erpd.stage1 import run_stage1
+from erpd.stage2 import run_stage2
+from erpd.trainer import StageEnv
+from tests.conftest import tiny_pipeline_config
+
+
+class ListSink:
+    """Collects metric points in memory (the test's own sink, not a mock of ours)."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[str, int, str, float]] = []
+
+    def log(self, run: str, step: int, values: dict[str, float]) -> None:
+        self.points.extend((run, step, k, float(v)) for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+    def series(self, name: str) -> list[tuple[int, float]]:
+        return [(s, v) for _, s, n, v in self.points if n == name]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run `erpd pipeline` with the tiny config; returns its output directory."""
+    root = tmp_path_factory.mktemp("pipeline")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_pipeline_config().model_dump(mode="json")))
+    out = root / "out"
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "erpd.cli", "pipeline", "--out", str(out), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "student checkpoint" in proc.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(demo: Path) -> RolloutBatch:
+    return RolloutBatch.load(demo / "round-0" / "batch")
+
+
+Env = tuple[StageEnv, ListSink]
+
+
+@pytest.fixture
+def env() -> Env:
+    sink = ListSink()
+    return make_env(tiny_pipeline_config(), sink, progress=no_progress), sink
+
+
+def _points(demo: Path) -> list[dict[str, object]]:
+    return M.read_jsonl(demo / "metrics.jsonl")
+
+
+def test_pipeline_outputs_load_in_transformers(demo: Path) -> None:
+    for rel in ("base", "round-0/teacher-sapo", "round-0/student"):
+        path = demo / rel / "checkpoint"
+        manifest = verify_checkpoint(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        assert model.config.model_type == "llama"
+        assert tokenizer.eos_token_id is not None
+        assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
+        assert manifest["sha256"] and manifest["files"]
+    student = read_manifest(demo / "round-0" / "student" / "checkpoint")
+    teacher = read_manifest(demo / "round-0" / "teacher-sapo" / "checkpoint")
+    assert student["teachers"][0]["sha256"] == teacher["sha256"]  # lineage pinned by digest
+
+
+def test_training_changed_parameters(demo: Path) -> None:
+    def weights(rel: str) -> dict[str, torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(demo / rel / "checkpoint")
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    base, teacher, student = (
+        weights(r) for r in ("base", "round-0/teacher-sapo", "round-0/student")
+    )
+    for name in base:
+        assert not torch.equal(base[name], teacher[name]), f"teacher did not train {name}"
+    assert any(not torch.equal(base[n], student[n]) for n in base)
+
+
+def test_every_metric_is_logged_finite_for_both_stages(demo: Path) -> None:
+    points = _points(demo)
+    by_run: dict[str, set[str]] = {}
+    for p in points:
+        by_run.setdefault(str(p["run"]), set()).add(str(p["name"]))
+        if str(p["name"]).startswith(("kl/", "entropy/")):
+            assert p["value"] is not None and math.isfinite(float(p["value"])), p
+    common = {
+        M.KL_EXACT, M.KL_EXACT_BATCH, M.KL_K1, M.KL_K3, M.KL_SEQ_K3, M.ENTROPY_TOKEN,
+        M.ENTROPY_SAMPLED, M.DRIFT_CORRECT, M.DRIFT_INCORRECT, M.ACC_TRAIN_BATCH, M.ACC_EVAL,
+        M.ACC_EVAL_SAMPLED, M.ACC_PASS_K, M.REWARD_MEAN, M.RATIO_CLIP_FRAC, M.RATIO_P01,
+        M.RATIO_P99, M.LOSS, M.TOKENS_PER_S,
+    }  # fmt: skip
+    assert common <= by_run["round-0/teacher-sapo"], common - by_run["round-0/teacher-sapo"]
+    stage2 = common | {M.SELECTED_FRAC, M.SIGNAL_STD, M.KL_BUDGET_USED}
+    assert stage2 <= by_run["round-0/student"], stage2 - by_run["round-0/student"]
+    keys = [(p["run"], p["step"], p["name"]) for p in points]
+    assert len(keys) == len(set(keys)), "a (run, step, name) point was written twice"
+
+
+def test_stage1_raises_accuracy_on_its_fixed_batch(demo: Path) -> None:
+    series = sorted(
+        (int(p["step"]), float(p["value"]))  # type: ignore[arg-type]
+        for p in _points(demo)
+        if p["run"] == "round-0/teacher-sapo" and p["name"] == M.ACC_TRAIN_BATCH
+    )
+    assert series[0][0] == 0
+    assert series[-1][1] > series[0][1], series
+
+
+def test_summary_has_base_teacher_student(demo: Path) -> None:
+    summary = json.loads((demo / "summary.json").read_text())
+    roles = [r["role"] for r in summary["rows"]]
+    assert roles == ["base", "teacher", "student"]
+    for row in summary["rows"]:
+        assert 0.0 <= row["acc_eval"] <= 1.0 and row["kl_exact"] >= 0.0 and row["entropy"] > 0.0
+    assert Path(summary["student"]).is_dir()
+
+
+def test_first_stage1_ratio_is_exactly_one(
+    demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    stage_env, sink = env
+    stop_after = iter([False, True])  # one optimizer step, then a cooperative stop
+    stage_env.should_stop = lambda: next(stop_after)
+    cfg = Stage1Config(epochs=2, minibatch_size=128, eval_every_epochs=2)
+    res = run_stage1(
+        base=demo / "base" / "checkpoint", batch=batch, cfg=cfg, env=stage_env,
+        run_dir=tmp_path / "t", run="t",
+    )  # fmt: skip
+    assert res.status == "stopped" and res.steps == 1
+    (step0, p01), (_, p99) = sink.series(M.RATIO_P01)[0], sink.series(M.RATIO_P99)[0]
+    assert step0 == 0
+    assert abs(p01 - 1.0) < 1e-5 and abs(p99 - 1.0) < 1e-5
+    assert sink.series(M.RATIO_CLIP_FRAC)[0][1] == 0.0
+    assert abs(sink.series(M.KL_EXACT)[0][1]) < 1e-6
+
+
+def test_stopped_stage1_resumes_from_its_step(
+    demo: Path,
+    batch: RolloutBatch,
+    env: Env,
+    tmp_path: Path,
+) -> None:
+    stage_env, sink = env
+    base = demo / "base" / "checkpoint"
+    cfg = Stage1Config(epochs=3, minibatch_size=192, eval_every_epochs=3, checkpoint_every_steps=2)
+    full = run_stage1(
+        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "a", run="a"
+    )
+    calls = {"n": 0}
+
+    def stop_at_five() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5  # stop mid-epoch 1 (3 steps per epoch)
+
+    stage_env.should_stop = stop_at_five
+    first = run_stage1(
+        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "b", run="b"
+    )
+    assert first.status == "stopped" and first.steps == 5 and first.checkpoint is None
+    resume_dir = latest_resume(tmp_path / "b")
+    assert resume_dir is not None and resume_dir.name == "step-00000005"
+    stage_env.should_stop = None
+    sink.points.clear()
+    second = run_stage1(
+        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "b", run="b"
+    )
+    assert second.status == "completed" and second.steps == full.steps == 9
+    assert min(s for s, _ in sink.series(M.LOSS)) == 5  # continued, did not restart at 0
+    a = AutoModelForCausalLM.from_pretrained(full.checkpoint).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(second.checkpoint).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_stage2_kl_budget_stops_training(
+    demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    stage_env, sink = env
+    cfg = Stage2Config(epochs=4, minibatch_size=128, kl_budget=2e-3, lr=1e-4)
+    res = run_stage2(
+        base=demo / "base" / "checkpoint",
+        teachers=[demo / "round-0" / "teacher-sapo" / "checkpoint"],
+        batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "s", run="s",
+    )  # fmt: skip
+    assert res.status == "kl_budget"
+    assert 0 < res.steps < res.total_steps
+    kl = sink.series(M.KL_EXACT)
+    assert kl[-1][1] > cfg.kl_budget and all(v <= cfg.kl_budget for _, v in kl[:-1])
+    assert read_manifest(res.checkpoint)["status"] == "kl_budget"  # type: ignore[arg-type]
