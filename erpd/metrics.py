@@ -233,6 +233,15 @@ BASE_LOSS = _metric(
     "Supervised pretraining of the tiny base.",
 )
 
+BASE_ACC_CHECK = _metric(
+    "base/acc_check",
+    "greedy decoding, verifier reward",
+    "higher_is_better",
+    "mean over the first base.eval_size held-out problems",
+    "step",
+    "The tiny base's stop rule: pretraining ends once this reaches base.target_acc.",
+)
+
 STEP_METRICS = tuple(n for n, m in CATALOGUE.items() if m.scope == "step")
 EVAL_METRICS = tuple(n for n, m in CATALOGUE.items() if m.scope == "eval")
 

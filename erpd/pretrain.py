@@ -67,10 +67,10 @@ def pretrain_base(
                 values = {M.BASE_LOSS: loss.item()}
                 if step >= cfg.min_steps:
                     acc = check.accuracy(model, check_problems)
-                    if acc >= cfg.target_acc:
-                        break  # the full evaluation below logs this step's accuracy
-                    values[M.ACC_EVAL] = acc
+                    values[M.BASE_ACC_CHECK] = acc
                 env.sink.log(run, step, values)
+                if step >= cfg.min_steps and acc >= cfg.target_acc:
+                    break
     final = env.evaluator(tokenizer, seed)(model, step=step)
     env.sink.log(run, step, final)
     manifest = {

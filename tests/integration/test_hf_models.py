@@ -124,3 +124,25 @@ def test_left_padding_matches_unpadded_sequences(arch: str, qwen3_dir: Path) -> 
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         single = sequence_logprobs(model, pack([p], [r], pad, eos))[0]
         torch.testing.assert_close(batched[i, : len(r)], single[: len(r)], rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_path_runs_on_cpu(qwen3_dir: Path, tmp_path: Path) -> None:
+    """The bf16 code path (the GPU default) also runs on CPU, so CI covers it without a GPU."""
+    env = _env()
+    env.bf16 = True
+    model, tokenizer = load_policy(qwen3_dir)
+    batch = sample_rollout(
+        model,
+        tokenizer,
+        env.task,
+        SampleConfig(num_prompts=4, group_size=2),
+        max_new_tokens=8,
+        bf16=True,
+    )
+    assert batch.behaviour_logprobs.dtype == torch.float32  # log-probs are always fp32
+    res = run_stage1(
+        base=qwen3_dir, batch=batch, cfg=Stage1Config(epochs=1, minibatch_size=8), env=env,
+        run_dir=tmp_path / "t", run="t",
+    )  # fmt: skip
+    assert res.status == "completed"
+    assert all(torch.isfinite(torch.tensor(v)) for v in res.summary.values())

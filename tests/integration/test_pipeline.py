@@ -224,3 +224,92 @@ def test_stage2_kl_budget_stops_training(
     kl = sink.series(M.KL_EXACT)
     assert kl[-1][1] > cfg.kl_budget and all(v <= cfg.kl_budget for _, v in kl[:-1])
     assert read_manifest(res.checkpoint)["status"] == "kl_budget"  # type: ignore[arg-type]
+
+
+def _erpd(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "erpd.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_stage_commands_on_a_jsonl_dataset(demo: Path, tmp_path: Path) -> None:
+    """sample -> stage1 -> stage2 -> eval as separate commands, on user JSONL data (math-verify)."""
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 40) for b in (17, 58)]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = [
+        "--set",
+        "task.kind=jsonl",
+        "--set",
+        f"task.jsonl.train_path={data}",
+        "--set",
+        "task.jsonl.eval_size=20",
+        "--set",
+        "task.max_new_tokens=5",
+        "--set",
+        "eval.size=20",
+    ]
+    base = str(demo / "base" / "checkpoint")
+    batch = tmp_path / "batch"
+    proc = _erpd(
+        "sample",
+        "--model",
+        base,
+        "--out",
+        str(batch),
+        *task,
+        "--set",
+        "sample.num_prompts=16",
+        "--set",
+        "sample.group_size=4",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fixed = RolloutBatch.load(batch)
+    assert len(fixed) == 64 and fixed.meta["task"] == "jsonl:sums"
+    assert 0.0 < fixed.rewards.mean().item() < 1.0  # math-verify scored the tiny model's sums
+    proc = _erpd(
+        "stage1",
+        "--model",
+        base,
+        "--batch",
+        str(batch),
+        "--out",
+        str(tmp_path / "r"),
+        *task,
+        "--set",
+        "teachers=[{objective: ce, epochs: 2, minibatch_size: 32}]",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    teacher = tmp_path / "r" / "teacher-ce" / "checkpoint"
+    verify_checkpoint(teacher)
+    proc = _erpd(
+        "stage2",
+        "--model",
+        base,
+        "--batch",
+        str(batch),
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(tmp_path / "s"),
+        *task,
+        "--set",
+        "stage2.minibatch_size=32",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = verify_checkpoint(tmp_path / "s" / "checkpoint")
+    assert manifest["teachers"][0]["sha256"] == read_manifest(teacher)["sha256"]
+    proc = _erpd(
+        "eval",
+        "--model",
+        str(tmp_path / "s" / "checkpoint"),
+        "--json",
+        *task,
+        "--batch",
+        str(batch),
+        "--reference",
+        base,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    values = json.loads(proc.stdout)
+    assert 0.0 <= values[M.ACC_EVAL] <= 1.0 and values[M.KL_EXACT_BATCH] >= 0.0
