@@ -141,6 +141,15 @@ def verify_checkpoint(path: str | Path, expected_sha256: str | None = None) -> d
     return manifest
 
 
+def parent_record(path: str | Path) -> dict[str, object]:
+    """Lineage entry for a model directory: its path and, for erpd checkpoints, its sha256."""
+    try:
+        sha = read_manifest(path).get("sha256")
+    except CheckpointError:  # a plain HF directory has no manifest: lineage records the path
+        sha = None
+    return {"path": str(path), "sha256": sha}
+
+
 # --- resume state ---------------------------------------------------------------------------
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into flat tensors and a JSON-able remainder."""
@@ -180,10 +189,16 @@ def save_resume(
     keep: int = 2,
 ) -> Path:
     """Write `run_dir/resume/step-XXXXXXXX` atomically and keep only the newest `keep`."""
+    if keep < 1:
+        raise ValueError("keep must be >= 1: the checkpoint just written is always kept")
     root = Path(run_dir) / RESUME_DIR
     target = root / f"step-{step:08d}"
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    model_tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # copy=True: tied weights (lm_head = embed_tokens, as in Qwen3) share storage on CPU, and
+    # safetensors refuses shared tensors; loading re-ties them because both names are restored
+    model_tensors = {
+        k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
+    }
     extra = {f"extra.{k}": v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
     rng = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

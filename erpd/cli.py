@@ -70,15 +70,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Set data[a][b][0][c] = value for 'a.b.0.c=value' (the value is parsed as YAML)."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise UsageError(f"--set {assignment!r}: expected section.field=value")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"--set {key}: value is not valid YAML") from exc
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """data[a][b][0][c] = value for key 'a.b.0.c', creating sections and list entries."""
     parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts):
@@ -101,6 +94,18 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             raise UsageError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
 
 
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one 'a.b.0.c=value' override; the value is parsed as YAML (numbers, lists, ...)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--set {assignment!r}: expected section.field=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--set {key}: value is not valid YAML") from exc
+    set_path(data, key, value)
+
+
 def _format_validation(exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "config"
@@ -116,8 +121,15 @@ def load_config(config: Path | None, overrides: list[str] | None, **fixed: Any) 
         apply_override(data, assignment)
     for key, value in fixed.items():
         if value is not None:
-            apply_override(data, f"{key}={json.dumps(value)}")
+            set_path(data, key, value)
     return PipelineConfig.model_validate(data)
+
+
+def existing_dir(path: Path, option: str) -> Path:
+    """Fail fast, before torch is even imported, on a directory that is not there."""
+    if not path.is_dir():
+        raise UsageError(f"{option}: no such directory {path}")
+    return path
 
 
 # --- running a command ----------------------------------------------------------------------
@@ -194,6 +206,7 @@ def print_rows(rows: list[dict[str, Any]], title: str) -> None:
 
 
 # --- commands -------------------------------------------------------------------------------
+# Each command validates its config and paths first, then imports torch: a typo costs 0.5 s.
 @app.command()
 def pipeline(
     out: OutOpt = Path("runs/demo"),
@@ -208,23 +221,17 @@ def pipeline(
     """Run whole ERPD rounds (base -> sample -> teachers -> student) and print the summary."""
 
     def go() -> None:
+        fixed = {"runtime.device": device, "rounds": rounds}
+        if model is not None:
+            fixed["model.path"] = str(existing_dir(model, "--model"))
+        cfg = load_config(config, set_, **fixed)
         from dataclasses import asdict
 
+        from erpd import metrics as M
         from erpd.pipeline import run_pipeline
         from erpd.progress import RichProgress
 
-        cfg = load_config(
-            config,
-            set_,
-            **{
-                "runtime.device": device,
-                "rounds": rounds,
-                "model.path": str(model) if model else None,
-            },
-        )
         with _graceful_stop() as stop:
-            from erpd import metrics as M
-
             res = run_pipeline(
                 cfg, out, sink=M.ConsoleSink(err_console), progress=RichProgress(), should_stop=stop
             )
@@ -249,9 +256,9 @@ def base(
     """Build the tiny model and pretrain it to a partial accuracy (base.target_acc)."""
 
     def go() -> None:
+        cfg = load_config(config, set_, **{"runtime.device": device})
         from erpd.pretrain import pretrain_base
 
-        cfg = load_config(config, set_, **{"runtime.device": device})
         env = _env(cfg, out)
         res = pretrain_base(
             shape=cfg.model.tiny, cfg=cfg.base, env=env, out_dir=out, seed=cfg.runtime.seed
@@ -275,26 +282,11 @@ def sample(
     """Sample the fixed RolloutBatch (N prompts x G responses) from pi_k."""
 
     def go() -> None:
-        from erpd.models import load_policy
-        from erpd.rollout import sample_rollout
-
         cfg = load_config(config, set_, **{"runtime.device": device})
-        env = _env(cfg, None)
-        policy, tokenizer = load_policy(model, env.device)
-        total = cfg.sample.num_prompts * cfg.sample.group_size
-        with env.progress("sample", total) as advance:
-            batch = sample_rollout(
-                policy,
-                tokenizer,
-                env.task,
-                cfg.sample,
-                max_new_tokens=env.max_new_tokens,
-                chat_template=cfg.model.chat_template,
-                round_index=round_,
-                bf16=env.bf16,
-                advance=advance,
-            )
-        batch.save(out)
+        existing_dir(model, "--model")
+        from erpd.pipeline import sample_batch
+
+        batch = sample_batch(model, out, cfg, _env(cfg, None), round_)
         out_console.print(
             f"rollout batch: {out} ({len(batch)} responses, mean reward "
             f"{batch.rewards.mean().item():.3f}, {batch.num_response_tokens} response tokens)"
@@ -317,10 +309,14 @@ def stage1(
     """Train every configured teacher on the batch -> OUT/teacher-NAME/checkpoint."""
 
     def go() -> None:
+        cfg = load_config(config, set_, **{"runtime.device": device})
+        existing_dir(model, "--model")
+        existing_dir(batch, "--batch")
+        if initial is not None:
+            existing_dir(initial, "--initial")
         from erpd.rollout import RolloutBatch
         from erpd.stage1 import run_stage1
 
-        cfg = load_config(config, set_, **{"runtime.device": device})
         fixed = RolloutBatch.load(batch)
         with _graceful_stop() as stop:
             env = _env(cfg, out, stop)
@@ -358,13 +354,17 @@ def stage2(
     """Distil the teachers into pi_k under the trust region -> OUT/checkpoint."""
 
     def go() -> None:
+        cfg = load_config(config, set_, **{"runtime.device": device})
+        teachers = [existing_dir(t, "--teacher") for t in teacher or []]
+        if not teachers and cfg.stage2.signal != "advantage":
+            raise UsageError("--teacher: at least one is needed unless stage2.signal=advantage")
+        existing_dir(model, "--model")
+        existing_dir(batch, "--batch")
+        if initial is not None:
+            existing_dir(initial, "--initial")
         from erpd.rollout import RolloutBatch
         from erpd.stage2 import run_stage2
 
-        cfg = load_config(config, set_, **{"runtime.device": device})
-        teachers = list(teacher or [])
-        if not teachers and cfg.stage2.signal != "advantage":
-            raise UsageError("--teacher: at least one is needed unless stage2.signal=advantage")
         fixed = RolloutBatch.load(batch)
         with _graceful_stop() as stop:
             env = _env(cfg, out, stop)
@@ -398,11 +398,15 @@ def eval_(
     """Greedy and sampled held-out accuracy (and KL/entropy on a batch against a reference)."""
 
     def go() -> None:
+        cfg = load_config(config, set_, **{"runtime.device": device})
+        existing_dir(model, "--model")
+        for path, option in ((batch, "--batch"), (reference, "--reference")):
+            if path is not None:
+                existing_dir(path, option)
         from erpd.evaluate import batch_diagnostics
         from erpd.models import load_model, load_policy
         from erpd.rollout import RolloutBatch
 
-        cfg = load_config(config, set_, **{"runtime.device": device})
         env = _env(cfg, None)
         policy, tokenizer = load_policy(model, env.device)
         ref = load_model(reference, env.device) if reference else None

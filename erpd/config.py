@@ -193,7 +193,12 @@ class Stage2Config(_StageCommon):
     )
     region: Region = Field("top_frac", description="Extreme-region token selection.")
     top_frac: UnitInterval = Field(0.2, description="Share of tokens kept by |delta| (top_frac).")
-    threshold: float | None = Field(None, gt=0, description="|delta| cut-off (region threshold).")
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        description="region threshold: keep tokens whose standardised |delta| (|delta| / std, "
+        "weighted over teachers) exceeds this many standard deviations. Reconstruction.",
+    )
     teacher_weights: list[PositiveFloat] | None = Field(
         None, description="Weight per teacher (normalised); None = 1/M each."
     )

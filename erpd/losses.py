@@ -269,7 +269,7 @@ def select_region(
         values = score[valid]
         if values.numel() == 0:
             return valid
-        k = max(1, round(top_frac * values.numel()))
+        k = max(1, int(top_frac * values.numel() + 0.5))  # round half up, not to even
         cutoff = torch.topk(values, k).values.min()
         return valid & (score >= cutoff)
     raise ValueError(f"unknown region {region!r}")

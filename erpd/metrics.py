@@ -277,6 +277,8 @@ class JsonlSink:
         self._lock = threading.Lock()
 
     def log(self, run: str, step: int, values: dict[str, float]) -> None:
+        if not values:
+            return
         now = time.time()
         lines = []
         for name, value in values.items():

@@ -130,13 +130,13 @@ def _base_row(k: int, path: Path, batch: RolloutBatch, env: StageEnv) -> Row:
     )
 
 
-def _sample(k: int, base: Path, out: Path, cfg: PipelineConfig, env: StageEnv) -> RolloutBatch:
-    path = out / f"round-{k}" / "batch"
-    if (path / "rollout.json").is_file():
-        return RolloutBatch.load(path)
+def sample_batch(
+    base: str | Path, path: str | Path, cfg: PipelineConfig, env: StageEnv, round_index: int = 0
+) -> RolloutBatch:
+    """Sample round `round_index`'s fixed batch from pi_k = `base` and save it to `path`."""
     model, tokenizer = load_policy(base, env.device)
     total = cfg.sample.num_prompts * cfg.sample.group_size
-    with env.progress(f"round {k}: sample {total} responses", total) as advance:
+    with env.progress(f"round {round_index}: sample {total} responses", total) as advance:
         batch = sample_rollout(
             model,
             tokenizer,
@@ -144,11 +144,19 @@ def _sample(k: int, base: Path, out: Path, cfg: PipelineConfig, env: StageEnv) -
             cfg.sample,
             max_new_tokens=env.max_new_tokens,
             chat_template=cfg.model.chat_template,
-            round_index=k,
+            round_index=round_index,
             bf16=env.bf16,
             advance=advance,
         )
     batch.save(path)
+    return batch
+
+
+def _sample(k: int, base: Path, out: Path, cfg: PipelineConfig, env: StageEnv) -> RolloutBatch:
+    path = out / f"round-{k}" / "batch"
+    if (path / "rollout.json").is_file():
+        return RolloutBatch.load(path)
+    batch = sample_batch(base, path, cfg, env, k)
     env.sink.log(f"round-{k}/sample", 0, {M.REWARD_MEAN: batch.rewards.mean().item()})
     return batch
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from erpd.checkpoint import read_manifest
+from erpd.checkpoint import parent_record
 from erpd.config import Stage1Config
 from erpd.losses import Stage1Inputs, stage1_loss
-from erpd.models import load_model, load_tokenizer
+from erpd.models import load_model
 from erpd.rollout import RolloutBatch, sequence_logprobs
-from erpd.trainer import LoopSettings, StageEnv, StageResult, finalize, run_loop
+from erpd.trainer import LoopSettings, StageEnv, StageResult, load_stage_models, train_stage
 
 
 class Stage1Objective:
@@ -61,15 +61,6 @@ class Stage1Objective:
             self.anchor = tensors["anchor"]
 
 
-def parent_record(path: str | Path) -> dict[str, object]:
-    """Lineage entry for a model directory: its path and, for erpd checkpoints, its sha256."""
-    try:
-        sha = read_manifest(path).get("sha256")
-    except Exception:  # a plain HF directory has no manifest; lineage then records the path only
-        sha = None
-    return {"path": str(path), "sha256": sha}
-
-
 def run_stage1(
     *,
     base: str | Path,
@@ -83,39 +74,21 @@ def run_stage1(
 ) -> StageResult:
     """Train a teacher from pi_k (`base`) on `batch`; the checkpoint lands in run_dir/checkpoint."""
     run_dir = Path(run_dir)
-    tokenizer = load_tokenizer(base)
-    model = load_model(base, env.device)
-    ref_model = load_model(base, env.device).eval().requires_grad_(False)
+    model, ref_model, tokenizer = load_stage_models(base, env.device)
     mse_ref = None
     if cfg.objective == "mse" and cfg.mse_reference == "initial" and initial is not None:
         pi0 = load_model(initial, env.device)
         mse_ref = sequence_logprobs(pi0, batch.seqs, bf16=env.bf16)
         del pi0
     objective = Stage1Objective(batch, cfg, bf16=env.bf16, mse_ref_logprobs=mse_ref)
-    settings = LoopSettings.of(run, cfg, bf16=env.bf16)
-    total = settings.total_steps(len(batch))
-    with env.progress(f"stage 1 {run}", total) as advance:
-        result = run_loop(
-            model=model,
-            ref_model=ref_model,
-            batch=batch,
-            objective=objective,
-            settings=settings,
-            evaluator=env.evaluator(tokenizer, cfg.seed),
-            sink=env.sink,
-            run_dir=run_dir,
-            resume=resume,
-            should_stop=env.should_stop,
-            advance=advance,
-        )
-    return finalize(
+    return train_stage(
         stage="stage1",
-        settings=settings,
-        result=result,
-        model=model,
-        ref_model=ref_model,
-        tokenizer=tokenizer,
+        models=(model, ref_model, tokenizer),
         batch=batch,
+        objective=objective,
+        settings=LoopSettings.of(run, cfg, bf16=env.bf16),
+        env=env,
         run_dir=run_dir,
+        resume=resume,
         manifest={"config": cfg.model_dump(), "base": parent_record(base), "teachers": []},
     )

@@ -17,7 +17,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from erpd import metrics as M
-from erpd.checkpoint import verify_checkpoint
+from erpd.checkpoint import parent_record, verify_checkpoint
 from erpd.config import Stage2Config
 from erpd.errors import CheckpointError
 from erpd.losses import (
@@ -28,10 +28,9 @@ from erpd.losses import (
     stage2_loss,
     teacher_signal,
 )
-from erpd.models import load_model, load_tokenizer
+from erpd.models import load_model
 from erpd.rollout import RolloutBatch, sequence_logprobs
-from erpd.stage1 import parent_record
-from erpd.trainer import LoopSettings, StageEnv, StageResult, finalize, run_loop
+from erpd.trainer import LoopSettings, StageEnv, StageResult, load_stage_models, train_stage
 
 
 @dataclass
@@ -154,9 +153,7 @@ def run_stage2(
     run_dir = Path(run_dir)
     if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
         raise ValueError("stage2.teacher_weights must have one weight per teacher")
-    tokenizer = load_tokenizer(base)
-    model = load_model(base, env.device)
-    ref_model = load_model(base, env.device).eval().requires_grad_(False)
+    model, ref_model, tokenizer = load_stage_models(base, env.device)
     teacher_lp: list[Tensor] = []
     if cfg.signal != "advantage":
         teacher_lp = teacher_logprobs(
@@ -167,30 +164,15 @@ def run_stage2(
         initial_lp = sequence_logprobs(load_model(initial, env.device), batch.seqs, bf16=env.bf16)
     signal = build_signal(batch, cfg, teacher_lp, initial_lp)
     objective = Stage2Objective(batch, cfg, signal, bf16=env.bf16)
-    settings = LoopSettings.of(run, cfg, bf16=env.bf16, kl_budget=cfg.kl_budget)
-    with env.progress(f"stage 2 {run}", settings.total_steps(len(batch))) as advance:
-        result = run_loop(
-            model=model,
-            ref_model=ref_model,
-            batch=batch,
-            objective=objective,
-            settings=settings,
-            evaluator=env.evaluator(tokenizer, cfg.seed),
-            sink=env.sink,
-            run_dir=run_dir,
-            resume=resume,
-            should_stop=env.should_stop,
-            advance=advance,
-        )
     lineage = [parent_record(t) for t in teachers] if cfg.signal != "advantage" else []
-    return finalize(
+    return train_stage(
         stage="stage2",
-        settings=settings,
-        result=result,
-        model=model,
-        ref_model=ref_model,
-        tokenizer=tokenizer,
+        models=(model, ref_model, tokenizer),
         batch=batch,
+        objective=objective,
+        settings=LoopSettings.of(run, cfg, bf16=env.bf16, kl_budget=cfg.kl_budget),
+        env=env,
         run_dir=run_dir,
+        resume=resume,
         manifest={"config": cfg.model_dump(), "base": parent_record(base), "teachers": lineage},
     )

@@ -258,6 +258,57 @@ class StageResult:
     wall_time: float
 
 
+def load_stage_models(
+    base: str | Path, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+    """The trainable policy and a frozen copy of pi_k (for exact KL), both from `base`."""
+    from erpd.models import load_model, load_tokenizer
+
+    ref_model = load_model(base, device).eval().requires_grad_(False)
+    return load_model(base, device), ref_model, load_tokenizer(base)
+
+
+def train_stage(
+    *,
+    stage: str,
+    models: tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase],
+    batch: RolloutBatch,
+    objective: StageObjective,
+    settings: LoopSettings,
+    env: StageEnv,
+    run_dir: Path,
+    resume: bool,
+    manifest: dict[str, object],
+) -> StageResult:
+    """Run the loop with the env's progress, sink and stop flag, then write the checkpoint."""
+    model, ref_model, tokenizer = models
+    with env.progress(f"{stage} {settings.run}", settings.total_steps(len(batch))) as advance:
+        result = run_loop(
+            model=model,
+            ref_model=ref_model,
+            batch=batch,
+            objective=objective,
+            settings=settings,
+            evaluator=env.evaluator(tokenizer, settings.seed),
+            sink=env.sink,
+            run_dir=run_dir,
+            resume=resume,
+            should_stop=env.should_stop,
+            advance=advance,
+        )
+    return finalize(
+        stage=stage,
+        settings=settings,
+        result=result,
+        model=model,
+        ref_model=ref_model,
+        tokenizer=tokenizer,
+        batch=batch,
+        run_dir=run_dir,
+        manifest=manifest,
+    )
+
+
 def finalize(
     *,
     stage: str,
