@@ -56,12 +56,13 @@ def kl_estimators(logprobs: Tensor, ref_logprobs: Tensor) -> dict[str, Tensor]:
     """Schulman's k1/k2/k3 of KL(pi || ref) per token, from log-probs of the sampled tokens.
 
     With log rho = log ref - log pi: k1 = -log rho, k2 = (log rho)^2 / 2, k3 = rho - 1 - log rho.
+    The clamp sits inside exp only, so the linear term keeps pulling collapsed tokens back.
     """
-    log_rho = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_rho = ref_logprobs - logprobs
     return {
         "k1": -log_rho,
         "k2": 0.5 * log_rho.square(),
-        "k3": log_rho.exp() - 1.0 - log_rho,
+        "k3": log_rho.clamp(max=LOG_RATIO_CLAMP).exp() - 1.0 - log_rho,
     }
 
 
@@ -236,13 +237,16 @@ def combine_signals(signals: Sequence[Tensor], weights: Sequence[float] | None =
 
 
 def region_score(deltas: Sequence[Tensor], mask: Tensor, weights: Sequence[float] | None) -> Tensor:
-    """How extreme each token is: sum_m w_m |delta_m| / std(delta_m) (one teacher: rank of |delta|).
+    """How extreme each token is: |sum_m w_m delta_m / std(delta_m)| (one teacher: |delta|/std).
 
-    Standardising per teacher keeps one teacher with a larger log-ratio scale from owning the
-    whole region when several are combined (our reconstruction).
+    Teachers are combined before selection, as the paper states; standardising each delta keeps
+    a teacher with a larger log-ratio scale from owning the region, and teachers that disagree
+    on a token cancel instead of spending the region on it. The score is built from deltas, not
+    from the constructed signal, so `sign` and `gated_advantage` select the same tokens as
+    `logratio` (our reconstruction).
     """
-    scaled = [d.abs() / (_masked_std(d, mask) + 1e-6) for d in deltas]
-    return combine_signals(scaled, weights) * mask.to(scaled[0].dtype)
+    scaled = [d / (_masked_std(d, mask) + 1e-6) for d in deltas]
+    return combine_signals(scaled, weights).abs() * mask.to(scaled[0].dtype)
 
 
 def select_region(

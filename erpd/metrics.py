@@ -175,7 +175,8 @@ REWARD_MEAN = _metric(
 LOSS = _metric("loss", "objective value", "lower_is_better", "minibatch", "step", "Total loss.")
 RATIO_CLIP_FRAC = _metric(
     "ratio/clip_frac",
-    "share of tokens with pi_theta/pi_old outside [1-eps_low, 1+eps_high]",
+    "share of tokens with pi_theta/pi_old outside [1-eps_low, 1+eps_high] (stage 2: 1 +- eps); "
+    "objectives without a ratio (ce, ce_weighted, mse) report it with grpo's eps as a drift gauge",
     "neutral",
     "token mean over the minibatch",
     "step",
@@ -336,6 +337,17 @@ def catalogue_json() -> list[dict[str, str]]:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, object]]:
-    """Load a metrics.jsonl file written by JsonlSink."""
+    """Load a metrics.jsonl file written by JsonlSink, one point per (run, step, name).
+
+    A run resumed after a crash re-writes the points after its last resume checkpoint; the
+    later write wins, as the database's upsert does.
+    """
+    points: dict[tuple[object, object, object], dict[str, object]] = {}
     with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                p = json.loads(line)
+                key = (p["run"], p["step"], p["name"])
+                points.pop(key, None)
+                points[key] = p
+    return list(points.values())

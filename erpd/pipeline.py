@@ -214,7 +214,7 @@ def run_pipeline(
             run_dir = out / f"round-{k}" / "student"
             student = completed(run_dir) or run_stage2(
                 base=current,
-                teachers=[t.checkpoint for t in teachers if t.checkpoint is not None],
+                teachers=[t.checkpoint for t in teachers],  # type: ignore[misc]
                 pinned=[t.sha256 for t in teachers],
                 batch=batch,
                 cfg=cfg.stage2,

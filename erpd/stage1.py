@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from erpd.checkpoint import parent_record
 from erpd.config import Stage1Config
+from erpd.errors import ConfigError
 from erpd.losses import Stage1Inputs, stage1_loss
 from erpd.models import load_model
 from erpd.rollout import RolloutBatch, sequence_logprobs
@@ -76,7 +77,9 @@ def run_stage1(
     run_dir = Path(run_dir)
     model, ref_model, tokenizer = load_stage_models(base, env.device)
     mse_ref = None
-    if cfg.objective == "mse" and cfg.mse_reference == "initial" and initial is not None:
+    if cfg.objective == "mse" and cfg.mse_reference == "initial":
+        if initial is None:
+            raise ConfigError("stage1.mse_reference", "'initial' needs pi_0: pass --initial")
         pi0 = load_model(initial, env.device)
         mse_ref = sequence_logprobs(pi0, batch.seqs, bf16=env.bf16)
         del pi0

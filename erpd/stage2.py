@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from erpd import metrics as M
 from erpd.checkpoint import parent_record, verify_checkpoint
 from erpd.config import Stage2Config
-from erpd.errors import CheckpointError
+from erpd.errors import CheckpointError, ConfigError
 from erpd.losses import (
     Stage2Inputs,
     combine_signals,
@@ -160,7 +160,9 @@ def run_stage2(
             teachers, batch, env, vocab_size=model.config.vocab_size, pinned=pinned
         )
     initial_lp = None
-    if cfg.signal == "contrast" and initial is not None:
+    if cfg.signal == "contrast":
+        if initial is None:
+            raise ConfigError("stage2.signal", "'contrast' needs pi_0: pass --initial")
         initial_lp = sequence_logprobs(load_model(initial, env.device), batch.seqs, bf16=env.bf16)
     signal = build_signal(batch, cfg, teacher_lp, initial_lp)
     objective = Stage2Objective(batch, cfg, signal, bf16=env.bf16)

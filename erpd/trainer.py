@@ -169,18 +169,25 @@ def run_loop(
     if advance is not None and step:
         advance(step)
 
+    evaluated: dict[int, dict[str, float]] = {}
+
     def evaluate(at: int) -> dict[str, float]:
+        # a budget stop on an epoch's first step would otherwise re-evaluate (and re-log) the
+        # step the previous epoch ended on
         if evaluator is None:
             return {}
-        values = evaluator(model, step=at, ref_model=ref_model, batch=batch)
-        sink.log(settings.run, at, values)
-        return values
+        if at not in evaluated:
+            evaluated[at] = evaluator(model, step=at, ref_model=ref_model, batch=batch)
+            sink.log(settings.run, at, evaluated[at])
+        return evaluated[at]
 
     def finish(status: str) -> LoopResult:
         return LoopResult(status, step, total, last, time.time() - started)
 
-    last = evaluate(0) if step == 0 else {}
-    model.train()
+    last = evaluate(0) if checkpoint is None else {}
+    # eval mode throughout: dropout would make pi_theta's log-probs noisy and the first ratio
+    # differ from 1 (pi_old, pi_k and teachers are all scored without dropout); grads still flow
+    model.eval()
     for epoch in range(step // per_epoch, settings.epochs):
         order = _permutation(n, settings.seed, epoch)
         first = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
@@ -228,8 +235,23 @@ def run_loop(
                 _save(run_dir, step, model, optimizer, objective)
         if (epoch + 1) % settings.eval_every_epochs == 0 or epoch + 1 == settings.epochs:
             last = evaluate(step)
-            model.train()
-    return finish("completed")
+    return finish(_final_budget_status(model, ref_model, batch, settings))
+
+
+def _final_budget_status(
+    model: PreTrainedModel, ref_model: PreTrainedModel, batch: RolloutBatch, settings: LoopSettings
+) -> str:
+    """After the last update, check the budget once more, on the whole fixed batch.
+
+    The per-step check sees the weights *before* each update, so the last update would
+    otherwise never be checked; the status then says the budget was reached at the end.
+    """
+    if settings.kl_budget is None:
+        return "completed"
+    from erpd.evaluate import batch_diagnostics
+
+    kl = batch_diagnostics(model, ref_model, batch, bf16=settings.bf16)[M.KL_EXACT_BATCH]
+    return "kl_budget" if kl > settings.kl_budget else "completed"
 
 
 def _save(

@@ -313,3 +313,80 @@ def test_stage_commands_on_a_jsonl_dataset(demo: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     values = json.loads(proc.stdout)
     assert 0.0 <= values[M.ACC_EVAL] <= 1.0 and values[M.KL_EXACT_BATCH] >= 0.0
+
+
+@pytest.mark.parametrize(
+    "teacher",
+    [
+        {"objective": "grpo", "anchor": "epoch"},
+        {"objective": "ce_weighted"},
+        {"objective": "mse", "mse_reference": "initial"},
+        {"objective": "sapo", "kl_coef": 0.1},
+    ],
+)
+def test_every_stage1_objective_trains(
+    teacher: dict[str, object], demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    stage_env, sink = env
+    stage_env.eval = stage_env.eval.model_copy(update={"size": 50, "pass_k": 0})
+    base = demo / "base" / "checkpoint"
+    cfg = Stage1Config(**teacher, epochs=2, minibatch_size=256, eval_every_epochs=2)  # type: ignore[arg-type]
+    res = run_stage1(
+        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path, run="t", initial=base
+    )
+    assert res.status == "completed" and res.steps == 4
+    assert res.summary[M.KL_EXACT_BATCH] > 0.0
+    assert all(math.isfinite(v) for _, v in sink.series(M.LOSS))
+
+
+@pytest.mark.parametrize(
+    "signal",
+    [
+        {"signal": "sign"},
+        {"signal": "gated_advantage", "region": "all"},
+        {"signal": "contrast", "region": "threshold", "threshold": 1.0},
+        {"signal": "advantage"},
+    ],
+)
+def test_every_stage2_signal_trains(
+    signal: dict[str, object], demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    stage_env, sink = env
+    stage_env.eval = stage_env.eval.model_copy(update={"size": 50, "pass_k": 0})
+    base = demo / "base" / "checkpoint"
+    teacher = demo / "round-0" / "teacher-sapo" / "checkpoint"
+    cfg = Stage2Config(**signal, epochs=1, minibatch_size=256, kl_budget=None)  # type: ignore[arg-type]
+    teachers = [] if cfg.signal == "advantage" else [teacher, teacher]
+    res = run_stage2(
+        base=base, teachers=teachers, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path,
+        run="s", initial=base,
+    )  # fmt: skip
+    assert res.status == "completed" and res.steps == res.total_steps > 0
+    selected = sink.series(M.SELECTED_FRAC)[0][1]
+    if cfg.region == "all" or cfg.signal == "advantage":
+        assert selected == 1.0
+    elif cfg.region == "top_frac":
+        assert selected == pytest.approx(cfg.top_frac, abs=0.05)
+    else:
+        assert 0.0 < selected < 1.0
+    assert res.summary[M.KL_EXACT_BATCH] > 0.0
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_budget_is_checked_after_the_last_update_without_duplicate_points(
+    epochs: int, demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    """One step per epoch: epochs=1 is only caught by the final check, epochs=2 stops on the
+    first step of epoch 2, the step the end-of-epoch eval already logged."""
+    stage_env, sink = env
+    stage_env.eval = stage_env.eval.model_copy(update={"size": 50, "pass_k": 0})
+    cfg = Stage2Config(epochs=epochs, minibatch_size=len(batch), kl_budget=1e-6, lr=1e-4)
+    res = run_stage2(
+        base=demo / "base" / "checkpoint",
+        teachers=[demo / "round-0" / "teacher-sapo" / "checkpoint"],
+        batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path, run="s",
+    )  # fmt: skip
+    assert res.status == "kl_budget" and res.steps == 1
+    assert res.summary[M.KL_EXACT_BATCH] > cfg.kl_budget  # type: ignore[operator]
+    keys = [(s, n) for _, s, n, _ in sink.points]
+    assert len(keys) == len(set(keys)), "a point was logged twice"
