@@ -23,7 +23,7 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/erpd pipeline --out $(DEMO_OUT) --config configs/demo.yaml
 
-test: $(VENV)/.installed-dev services
+test: lint services
 	$(BIN)/python -m pytest
 
 test-all: $(VENV)/.installed-dev services
@@ -35,6 +35,7 @@ test-gpu: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -194,11 +193,12 @@ def _fmt(v: object) -> str:
 
 
 def print_rows(rows: list[dict[str, Any]], title: str) -> None:
+    """The base / teacher / student table; fits an 80-column terminal."""
     table = Table(title=title)
-    cols = ["round", "role", "name", "acc_eval", "acc_eval_sampled", "kl_exact", "entropy", "steps"]
-    heads = ["round", "role", "run", "acc greedy", "acc sampled", "KL exact", "entropy", "steps"]
+    cols = ["round", "name", "acc_eval", "acc_eval_sampled", "kl_exact", "entropy", "steps"]
+    heads = ["round", "policy", "acc greedy", "acc T=1", "KL exact", "entropy", "steps"]
     for h in heads:
-        table.add_column(h, justify="left" if h in ("role", "run") else "right")
+        table.add_column(h, justify="left" if h == "policy" else "right", no_wrap=True)
     for row in rows:
         shown = {**row, "name": str(row.get("name", "")).split("/")[-1]}
         table.add_row(*(_fmt(shown.get(c)) for c in cols))
@@ -447,4 +447,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -233,7 +233,7 @@ def combine_signals(signals: Sequence[Tensor], weights: Sequence[float] | None =
         raise ValueError("no teacher signals to combine")
     w = torch.tensor(weights if weights is not None else [1.0] * len(signals), dtype=torch.float32)
     w = w / w.sum()
-    return sum(wi.item() * s for wi, s in zip(w, signals, strict=True))  # type: ignore[return-value]
+    return sum(wi.item() * s for wi, s in zip(w, signals, strict=True))
 
 
 def region_score(deltas: Sequence[Tensor], mask: Tensor, weights: Sequence[float] | None) -> Tensor:

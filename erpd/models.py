@@ -126,7 +126,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> PreTrain
     except (ValueError, OSError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{root}: cannot load model: {first}") from exc
-    return model.to(device)
+    return to_device(model, device)
+
+
+def to_device(model: PreTrainedModel, device: torch.device | str) -> PreTrainedModel:
+    """Move in place (transformers types its `.to` wrapper as taking a model, not a device)."""
+    torch.nn.Module.to(model, device)
+    return model
 
 
 def load_policy(

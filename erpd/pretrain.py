@@ -16,7 +16,13 @@ from erpd import metrics as M
 from erpd.checkpoint import save_model_checkpoint
 from erpd.config import BaseTrainConfig, TinyModelConfig
 from erpd.losses import supervised_loss
-from erpd.models import autocast, build_char_tokenizer, build_tiny_model, count_parameters
+from erpd.models import (
+    autocast,
+    build_char_tokenizer,
+    build_tiny_model,
+    count_parameters,
+    to_device,
+)
 from erpd.rollout import Sequences, encode_prompts, pack, response_logits, response_targets
 from erpd.tasks import ALPHABET, Problem
 from erpd.trainer import StageEnv, StageResult
@@ -44,7 +50,7 @@ def pretrain_base(
     started = time.time()
     tokenizer = build_char_tokenizer(ALPHABET)
     torch.manual_seed(seed)
-    model = build_tiny_model(tokenizer, shape).to(env.device)
+    model = to_device(build_tiny_model(tokenizer, shape), env.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     check = env.evaluator(tokenizer, seed)
     check_problems = env.task.eval_problems()[: cfg.eval_size]

@@ -154,9 +154,9 @@ def _parse_gold(answer: str) -> tuple[Any, ...]:
     from math_verify import parse
 
     wrapped = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
-    parsed = parse(wrapped, parsing_timeout=None)  # type: ignore[arg-type]
+    parsed = parse(wrapped, parsing_timeout=None)
     if not parsed and wrapped != answer:
-        parsed = parse(answer, parsing_timeout=None)  # type: ignore[arg-type]
+        parsed = parse(answer, parsing_timeout=None)
     return tuple(parsed)
 
 
@@ -173,7 +173,7 @@ def math_verify_reward(answer: str, response: str) -> float:
         gold = _parse_gold(answer)
         if not gold:
             return 0.0
-        predicted = parse(response, parsing_timeout=None)  # type: ignore[arg-type]
+        predicted = parse(response, parsing_timeout=None)
         if not predicted:
             return 0.0
         return 1.0 if verify(list(gold), predicted, timeout_seconds=None) else 0.0
