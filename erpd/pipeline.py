@@ -22,7 +22,7 @@ from pathlib import Path
 from erpd import metrics as M
 from erpd.checkpoint import read_manifest
 from erpd.config import PipelineConfig
-from erpd.errors import CheckpointError
+from erpd.errors import CheckpointError, ConfigError
 from erpd.evaluate import batch_diagnostics
 from erpd.models import load_policy, resolve_device, use_bf16
 from erpd.pretrain import pretrain_base
@@ -172,8 +172,7 @@ def run_pipeline(
     """Run `cfg.rounds` ERPD rounds into out_dir; returns the summary rows and the final student."""
     started = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    _claim_output_dir(out, cfg)
     jsonl = M.JsonlSink(out / "metrics.jsonl")
     env = make_env(cfg, M.TeeSink(jsonl, sink) if sink else jsonl, progress)
     env.should_stop = should_stop
@@ -230,6 +229,26 @@ def run_pipeline(
         return _finish(out, rows, current, jsonl, started, "completed")
     finally:
         env.sink.close()
+
+
+def _claim_output_dir(out: Path, cfg: PipelineConfig) -> None:
+    """Reuse an output directory only for the same config: finished stages are not re-run, so
+    a changed config over an old run would silently mix the two."""
+    recorded = out / "config.json"
+    if recorded.is_file():
+        try:
+            previous = PipelineConfig.model_validate_json(recorded.read_text())
+        except ValueError:
+            previous = None
+        if previous != cfg:
+            raise ConfigError(
+                "--out", f"{out} holds a pipeline with another config; use a new --out or delete it"
+            )
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError("--out", f"{out} is not empty and holds no erpd pipeline")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(cfg.model_dump_json(indent=2))
 
 
 def _finish(

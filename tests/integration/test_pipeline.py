@@ -390,3 +390,11 @@ def test_budget_is_checked_after_the_last_update_without_duplicate_points(
     assert res.summary[M.KL_EXACT_BATCH] > cfg.kl_budget  # type: ignore[operator]
     keys = [(s, n) for _, s, n, _ in sink.points]
     assert len(keys) == len(set(keys)), "a point was logged twice"
+
+
+def test_pipeline_refuses_an_output_dir_of_another_config(demo: Path) -> None:
+    proc = _erpd("pipeline", "--out", str(demo), "--set", "rounds=2")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another config" in lines[0], proc.stderr
+    assert not (demo / "round-1").exists()
