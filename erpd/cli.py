@@ -131,6 +131,13 @@ def existing_dir(path: Path, option: str) -> Path:
     return path
 
 
+def require_dirs(**options: Path | None) -> None:
+    """existing_dir for each given option (keyword = option name without dashes)."""
+    for name, path in options.items():
+        if path is not None:
+            existing_dir(path, f"--{name}")
+
+
 # --- running a command ----------------------------------------------------------------------
 def _fail(message: str, code: int) -> NoReturn:
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
@@ -283,7 +290,7 @@ def sample(
 
     def go() -> None:
         cfg = load_config(config, set_, **{"runtime.device": device})
-        existing_dir(model, "--model")
+        require_dirs(model=model)
         from erpd.pipeline import sample_batch
 
         batch = sample_batch(model, out, cfg, _env(cfg, None), round_)
@@ -310,10 +317,7 @@ def stage1(
 
     def go() -> None:
         cfg = load_config(config, set_, **{"runtime.device": device})
-        existing_dir(model, "--model")
-        existing_dir(batch, "--batch")
-        if initial is not None:
-            existing_dir(initial, "--initial")
+        require_dirs(model=model, batch=batch, initial=initial)
         from erpd.rollout import RolloutBatch
         from erpd.stage1 import run_stage1
 
@@ -358,10 +362,7 @@ def stage2(
         teachers = [existing_dir(t, "--teacher") for t in teacher or []]
         if not teachers and cfg.stage2.signal != "advantage":
             raise UsageError("--teacher: at least one is needed unless stage2.signal=advantage")
-        existing_dir(model, "--model")
-        existing_dir(batch, "--batch")
-        if initial is not None:
-            existing_dir(initial, "--initial")
+        require_dirs(model=model, batch=batch, initial=initial)
         from erpd.rollout import RolloutBatch
         from erpd.stage2 import run_stage2
 
@@ -399,10 +400,7 @@ def eval_(
 
     def go() -> None:
         cfg = load_config(config, set_, **{"runtime.device": device})
-        existing_dir(model, "--model")
-        for path, option in ((batch, "--batch"), (reference, "--reference")):
-            if path is not None:
-                existing_dir(path, option)
+        require_dirs(model=model, batch=batch, reference=reference)
         from erpd.evaluate import batch_diagnostics
         from erpd.models import load_model, load_policy
         from erpd.rollout import RolloutBatch

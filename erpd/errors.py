@@ -23,6 +23,12 @@ class DataError(ERPDError):
     exit_code = 2
 
 
+class StopRequestedError(ERPDError):
+    """A cooperative stop landed where there is nothing to resume from (e.g. pretraining)."""
+
+    exit_code = 3
+
+
 class CheckpointError(ERPDError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
 

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from erpd import metrics as M
 from erpd.checkpoint import save_model_checkpoint
 from erpd.config import BaseTrainConfig, TinyModelConfig
+from erpd.errors import StopRequestedError
 from erpd.losses import supervised_loss
 from erpd.models import (
     autocast,
@@ -59,6 +60,9 @@ def pretrain_base(
         f"base ({count_parameters(model) / 1e6:.2f}M params)", cfg.max_steps
     ) as advance:
         for step in range(1, cfg.max_steps + 1):
+            if env.should_stop is not None and env.should_stop():
+                # the tiny base takes seconds to a minute: restarting beats resume bookkeeping
+                raise StopRequestedError("stopped during base pretraining; nothing was saved")
             problems = env.task.train_problems(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
             seqs = _supervised_batch(tokenizer, problems).to(env.device)
             model.train()

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from erpd.config import EvalConfig, SampleConfig, Stage1Config, Stage2Config, TaskSpec
 from erpd.errors import CheckpointError
@@ -40,6 +46,28 @@ def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
     )
     Qwen3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny Qwen2 (biased QKV projections) as a local HF directory."""
+    path = tmp_path_factory.mktemp("qwen2")
+    tokenizer = build_char_tokenizer(ALPHABET)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -102,11 +130,14 @@ def test_stage2_refuses_a_teacher_that_changed(qwen3_dir: Path, tmp_path: Path) 
     assert not (tmp_path / "s" / "checkpoint").exists()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_left_padding_matches_unpadded_sequences(arch: str, qwen3_dir: Path) -> None:
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_left_padding_matches_unpadded_sequences(
+    arch: str, qwen2_dir: Path, qwen3_dir: Path
+) -> None:
     """Prompts of different lengths in one batch decode and score exactly as they do alone."""
-    if arch == "qwen3":
-        model, tokenizer = load_policy(qwen3_dir)
+    if arch != "llama":
+        model, tokenizer = load_policy(qwen3_dir if arch == "qwen3" else qwen2_dir)
+        assert model.config.model_type == arch
     else:
         from erpd.config import TinyModelConfig
         from erpd.models import build_tiny_model
