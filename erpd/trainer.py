@@ -161,11 +161,12 @@ def run_loop(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
-    step, started = 0, time.time()
+    step, started, evaluated_here = 0, time.time(), False
     checkpoint = latest_resume(run_dir) if resume else None
     if checkpoint is not None:
-        step, tensors, _ = load_resume(checkpoint, model=model, optimizer=optimizer)
+        step, tensors, meta = load_resume(checkpoint, model=model, optimizer=optimizer)
         objective.load_state(tensors)
+        evaluated_here = bool(meta.get("evaluated"))
     if advance is not None and step:
         advance(step)
 
@@ -184,7 +185,16 @@ def run_loop(
     def finish(status: str) -> LoopResult:
         return LoopResult(status, step, total, last, time.time() - started)
 
-    last = evaluate(0) if checkpoint is None else {}
+    def eval_due(at: int) -> bool:
+        epochs_done = at // per_epoch
+        return at % per_epoch == 0 and (
+            epochs_done % settings.eval_every_epochs == 0 or epochs_done == settings.epochs
+        )
+
+    # a fresh run evaluates pi_k at step 0; a resumed one evaluates its resume step if an eval
+    # was due there and the checkpoint was written before it (a periodic save, then a crash)
+    due = checkpoint is None or (eval_due(step) and not evaluated_here)
+    last = evaluate(step) if due else {}
     # eval mode throughout: dropout would make pi_theta's log-probs noisy and the first ratio
     # differ from 1 (pi_old, pi_k and teachers are all scored without dropout); grads still flow
     model.eval()
@@ -195,7 +205,7 @@ def run_loop(
             objective.on_epoch_start(epoch, model)
         for k in range(first, per_epoch):
             if should_stop is not None and should_stop():
-                _save(run_dir, step, model, optimizer, objective)
+                _save(run_dir, step, model, optimizer, objective, evaluated)
                 return finish("stopped")
             index = order[k * settings.minibatch_size : (k + 1) * settings.minibatch_size]
             tick = time.perf_counter()
@@ -232,8 +242,8 @@ def run_loop(
             if advance is not None:
                 advance(1)
             if settings.checkpoint_every_steps and step % settings.checkpoint_every_steps == 0:
-                _save(run_dir, step, model, optimizer, objective)
-        if (epoch + 1) % settings.eval_every_epochs == 0 or epoch + 1 == settings.epochs:
+                _save(run_dir, step, model, optimizer, objective, evaluated)
+        if eval_due(step):
             last = evaluate(step)
     return finish(_final_budget_status(model, ref_model, batch, settings))
 
@@ -260,8 +270,16 @@ def _save(
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     objective: StageObjective,
+    evaluated: dict[int, dict[str, float]],
 ) -> None:
-    save_resume(run_dir, step=step, model=model, optimizer=optimizer, tensors=objective.state())
+    save_resume(
+        run_dir,
+        step=step,
+        model=model,
+        optimizer=optimizer,
+        tensors=objective.state(),
+        meta={"evaluated": step in evaluated},
+    )
 
 
 # --- what every stage does around the loop ----------------------------------------------------

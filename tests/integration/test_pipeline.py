@@ -398,3 +398,27 @@ def test_pipeline_refuses_an_output_dir_of_another_config(demo: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "another config" in lines[0], proc.stderr
     assert not (demo / "round-1").exists()
+
+
+@pytest.mark.parametrize("stop_at_call", [1, 3])  # before any update / at an epoch boundary
+def test_stop_and_resume_never_logs_a_point_twice(
+    stop_at_call: int, demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    stage_env, sink = env
+    stage_env.eval = stage_env.eval.model_copy(update={"size": 50, "pass_k": 0})
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] == stop_at_call
+
+    stage_env.should_stop = stop
+    cfg = Stage1Config(epochs=2, minibatch_size=256, eval_every_epochs=1)  # 2 steps per epoch
+    kwargs = {"base": demo / "base" / "checkpoint", "batch": batch, "cfg": cfg, "env": stage_env}
+    first = run_stage1(**kwargs, run_dir=tmp_path, run="t")  # type: ignore[arg-type]
+    assert first.status == "stopped" and first.steps == stop_at_call - 1
+    second = run_stage1(**kwargs, run_dir=tmp_path, run="t")  # type: ignore[arg-type]
+    assert second.status == "completed" and second.steps == 4
+    keys = [(s, n) for _, s, n, _ in sink.points]
+    assert len(keys) == len(set(keys)), "a point was logged twice"
+    assert {s for s, n in keys if n == M.ACC_EVAL} == {0, 2, 4}
