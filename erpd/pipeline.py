@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from erpd import metrics as M
-from erpd.checkpoint import read_manifest
+from erpd.checkpoint import parent_record, read_manifest
 from erpd.config import PipelineConfig
 from erpd.errors import CheckpointError, ConfigError
 from erpd.evaluate import batch_diagnostics
@@ -148,6 +148,7 @@ def sample_batch(
             bf16=env.bf16,
             advance=advance,
         )
+    batch.meta["policy"] = parent_record(base)
     batch.save(path)
     return batch
 

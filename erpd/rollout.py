@@ -345,6 +345,16 @@ class RolloutBatch:
             meta=meta.get("meta", {}),
         )
 
+    def check_model(self, vocab_size: int, where: str) -> None:
+        """Refuse a model whose vocabulary cannot hold the batch's token ids (another tokenizer)."""
+        recorded = self.meta.get("vocab_size")
+        top = int(self.seqs.input_ids.max().item())
+        if top >= vocab_size or (recorded is not None and recorded != vocab_size):
+            raise CheckpointError(
+                f"{where}: vocabulary of {vocab_size} tokens does not match the batch's "
+                f"({recorded or f'ids up to {top}'}): the batch was sampled with another tokenizer"
+            )
+
     def prompt_problems(self) -> list[Problem]:
         """The N distinct prompts of the batch (one per group)."""
         return self.problems[:: self.group_size]
@@ -391,5 +401,10 @@ def sample_rollout(
         group_size=cfg.group_size,
         problems=expanded,
         responses=texts,
-        meta={"task": task.name, "round": round_index, "sample": cfg.model_dump()},
+        meta={
+            "task": task.name,
+            "round": round_index,
+            "sample": cfg.model_dump(),
+            "vocab_size": int(model.config.vocab_size),
+        },
     )

@@ -76,6 +76,7 @@ def run_stage1(
     """Train a teacher from pi_k (`base`) on `batch`; the checkpoint lands in run_dir/checkpoint."""
     run_dir = Path(run_dir)
     model, ref_model, tokenizer = load_stage_models(base, env.device)
+    batch.check_model(model.config.vocab_size, str(base))
     mse_ref = None
     if cfg.objective == "mse" and cfg.mse_reference == "initial":
         if initial is None:

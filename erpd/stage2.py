@@ -154,6 +154,7 @@ def run_stage2(
     if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
         raise ValueError("stage2.teacher_weights must have one weight per teacher")
     model, ref_model, tokenizer = load_stage_models(base, env.device)
+    batch.check_model(model.config.vocab_size, str(base))
     teacher_lp: list[Tensor] = []
     if cfg.signal != "advantage":
         teacher_lp = teacher_logprobs(
