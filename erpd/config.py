@@ -142,6 +142,13 @@ class _StageCommon(_Strict):
     lr: PositiveFloat
     epochs: int = Field(ge=1, le=10_000, description="Passes over the fixed batch.")
     minibatch_size: int = Field(256, ge=1, description="Responses per optimizer step.")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Responses per forward/backward pass; gradients accumulate up to "
+        "minibatch_size, with the same loss (counts come from the whole minibatch). "
+        "None = one pass per minibatch. Lower it when a real model runs out of memory.",
+    )
     grad_clip: float = Field(1.0, ge=0, description="Global grad-norm clip (0 disables).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_every_epochs: int = Field(1, ge=1, description="Evaluate after every k epochs.")

@@ -32,6 +32,29 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+@dataclass(frozen=True)
+class Normaliser:
+    """Denominators of a whole minibatch.
+
+    With gradient accumulation every micro-batch divides by the minibatch's counts, so the
+    micro-batch losses (and their gradients) add up to exactly the minibatch's.
+    """
+
+    tokens: float  # response tokens
+    correct_tokens: float  # response tokens of rewarded responses (ce)
+    responses: float  # rows (mse)
+
+    @classmethod
+    def of(cls, mask: Tensor, rewards: Tensor | None = None) -> Normaliser:
+        correct = mask if rewards is None else mask * (rewards > 0).to(mask.dtype).unsqueeze(1)
+        return cls(float(mask.sum()), float(correct.sum()), float(mask.shape[0]))
+
+
+def normalised_sum(x: Tensor, mask: Tensor, denominator: float) -> Tensor:
+    """sum(x * mask) / denominator: masked_mean with the count taken from the whole minibatch."""
+    return (x * mask.to(x.dtype)).sum() / max(denominator, 1.0)
+
+
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log softmax(logits)[target]: (B, T, V), (B, T) -> (B, T), in float32."""
     logits = logits.float()
@@ -104,6 +127,11 @@ class Stage1Inputs:
     advantages: Tensor
     rewards: Tensor
     mse_ref_logprobs: Tensor | None = None  # pi_0 when mse_reference == "initial"
+    norm: Normaliser | None = None  # the minibatch's counts when this is one micro-batch of it
+
+    @property
+    def n(self) -> Normaliser:
+        return self.norm if self.norm is not None else Normaliser.of(self.mask, self.rewards)
 
 
 class Stage1Objective(Protocol):
@@ -135,7 +163,7 @@ def sapo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, flo
     adv = x.advantages.unsqueeze(1)  # (B, 1)
     tau = torch.where(adv > 0, cfg.tau_pos, cfg.tau_neg)  # (B, 1)
     gate = (4.0 / tau) * torch.sigmoid(tau * (_ratio(x) - 1.0))  # (B, T)
-    loss = -masked_mean(gate * adv, x.mask)
+    loss = -normalised_sum(gate * adv, x.mask, x.n.tokens)
     return loss, {}
 
 
@@ -146,7 +174,7 @@ def grpo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, flo
     r = _ratio(x)
     unclipped = r * adv
     clipped = r.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * adv
-    loss = -masked_mean(torch.minimum(unclipped, clipped), x.mask)
+    loss = -normalised_sum(torch.minimum(unclipped, clipped), x.mask, x.n.tokens)
     return loss, {}
 
 
@@ -154,14 +182,14 @@ def grpo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, flo
 def ce_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
     """Rejection-sampling fine-tuning: cross-entropy on the tokens of correct responses only."""
     correct = (x.rewards > 0).to(x.mask.dtype).unsqueeze(1)  # (B, 1)
-    loss = -masked_mean(x.logprobs, x.mask * correct)
+    loss = -normalised_sum(x.logprobs, x.mask * correct, x.n.correct_tokens)
     return loss, {}
 
 
 @_register("ce_weighted")
 def ce_weighted_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
     """Advantage-weighted cross-entropy: -A_i log pi (REINFORCE without a ratio)."""
-    loss = -masked_mean(x.advantages.unsqueeze(1) * x.logprobs, x.mask)
+    loss = -normalised_sum(x.advantages.unsqueeze(1) * x.logprobs, x.mask, x.n.tokens)
     return loss, {}
 
 
@@ -175,7 +203,7 @@ def mse_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, floa
     ref = x.mse_ref_logprobs if x.mse_ref_logprobs is not None else x.ref_logprobs
     seq_log_ratio = ((x.logprobs - ref) * x.mask).sum(dim=1)  # (B,)
     residual = cfg.mse_beta * seq_log_ratio - x.advantages
-    loss = residual.square().mean()
+    loss = residual.square().sum() / max(x.n.responses, 1.0)
     return loss, {}
 
 
@@ -183,11 +211,11 @@ def stage1_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, f
     """The configured objective, plus the optional k3 penalty to pi_k, plus diagnostics."""
     objective_loss, out = STAGE1_OBJECTIVES[cfg.objective](x, cfg)
     kl = kl_estimators(x.logprobs, x.ref_logprobs)
-    k3 = masked_mean(kl["k3"], x.mask)
+    k3 = normalised_sum(kl["k3"], x.mask, x.n.tokens)
     loss = objective_loss + cfg.kl_coef * k3 if cfg.kl_coef > 0 else objective_loss
     with torch.no_grad():
         out[M.LOSS] = loss.item()
-        out[M.KL_K1] = masked_mean(kl["k1"], x.mask).item()
+        out[M.KL_K1] = normalised_sum(kl["k1"], x.mask, x.n.tokens).item()
         out[M.KL_K3] = k3.item()
         out.update(ratio_stats(x.logprobs - x.old_logprobs, x.mask, cfg.eps_low, cfg.eps_high))
     return loss, out
@@ -288,6 +316,7 @@ class Stage2Inputs:
     ref_logprobs: Tensor  # log pi_k
     signal: Tensor  # a_t, already zero outside the selected region
     mask: Tensor
+    norm: Normaliser | None = None  # the minibatch's counts when this is one micro-batch of it
 
 
 def stage2_loss(x: Stage2Inputs, cfg: Stage2Config) -> tuple[Tensor, dict[str, float]]:
@@ -299,14 +328,15 @@ def stage2_loss(x: Stage2Inputs, cfg: Stage2Config) -> tuple[Tensor, dict[str, f
     r = (x.logprobs - x.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     unclipped = r * x.signal
     clipped = r.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * x.signal
-    policy_loss = -masked_mean(torch.minimum(unclipped, clipped), x.mask)
+    tokens = x.norm.tokens if x.norm is not None else float(x.mask.sum())
+    policy_loss = -normalised_sum(torch.minimum(unclipped, clipped), x.mask, tokens)
     kl = kl_estimators(x.logprobs, x.ref_logprobs)
-    k3 = masked_mean(kl["k3"], x.mask)
+    k3 = normalised_sum(kl["k3"], x.mask, tokens)
     loss = policy_loss + cfg.kl_coef * k3
     with torch.no_grad():
         out = {
             M.LOSS: loss.item(),
-            M.KL_K1: masked_mean(kl["k1"], x.mask).item(),
+            M.KL_K1: normalised_sum(kl["k1"], x.mask, tokens).item(),
             M.KL_K3: k3.item(),
         }
         out.update(ratio_stats(x.logprobs - x.old_logprobs, x.mask, cfg.clip_eps, cfg.clip_eps))

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from erpd.checkpoint import parent_record
 from erpd.config import Stage1Config
 from erpd.errors import ConfigError
-from erpd.losses import Stage1Inputs, stage1_loss
+from erpd.losses import Normaliser, Stage1Inputs, stage1_loss
 from erpd.models import load_model
 from erpd.rollout import RolloutBatch, sequence_logprobs
 from erpd.trainer import LoopSettings, StageEnv, StageResult, load_stage_models, train_stage
@@ -33,13 +33,17 @@ class Stage1Objective:
         self.batch, self.cfg, self.bf16 = batch, cfg, bf16
         self.anchor = batch.behaviour_logprobs  # (B, R): pi_old starts as pi_k
         self.mse_ref = mse_ref_logprobs
+        self.ratio_bounds = (cfg.eps_low, cfg.eps_high)
 
     def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
         if self.cfg.anchor == "epoch" and epoch > 0:
             self.anchor = sequence_logprobs(model, self.batch.seqs, bf16=self.bf16)
 
+    def old_logprobs(self, index: Tensor) -> Tensor:
+        return self.anchor[index]
+
     def loss(
-        self, index: Tensor, logprobs: Tensor, mask: Tensor
+        self, index: Tensor, logprobs: Tensor, mask: Tensor, norm: Normaliser
     ) -> tuple[Tensor, dict[str, float]]:
         device = logprobs.device
         b = self.batch
@@ -51,6 +55,7 @@ class Stage1Objective:
             advantages=b.advantages[index].to(device),
             rewards=b.rewards[index].to(device),
             mse_ref_logprobs=None if self.mse_ref is None else self.mse_ref[index].to(device),
+            norm=norm,
         )
         return stage1_loss(inputs, self.cfg)
 

@@ -21,6 +21,7 @@ from erpd.checkpoint import parent_record, verify_checkpoint
 from erpd.config import Stage2Config
 from erpd.errors import CheckpointError, ConfigError
 from erpd.losses import (
+    Normaliser,
     Stage2Inputs,
     combine_signals,
     region_score,
@@ -84,13 +85,17 @@ class Stage2Objective:
     def __init__(self, batch: RolloutBatch, cfg: Stage2Config, signal: Signal, *, bf16: bool):
         self.batch, self.cfg, self.signal, self.bf16 = batch, cfg, signal, bf16
         self.anchor = batch.behaviour_logprobs
+        self.ratio_bounds = (cfg.clip_eps, cfg.clip_eps)
 
     def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
         if epoch > 0:
             self.anchor = sequence_logprobs(model, self.batch.seqs, bf16=self.bf16)
 
+    def old_logprobs(self, index: Tensor) -> Tensor:
+        return self.anchor[index]
+
     def loss(
-        self, index: Tensor, logprobs: Tensor, mask: Tensor
+        self, index: Tensor, logprobs: Tensor, mask: Tensor, norm: Normaliser
     ) -> tuple[Tensor, dict[str, float]]:
         device = logprobs.device
         inputs = Stage2Inputs(
@@ -99,6 +104,7 @@ class Stage2Objective:
             ref_logprobs=self.batch.behaviour_logprobs[index].to(device),
             signal=self.signal.values[index].to(device),
             mask=mask,
+            norm=norm,
         )
         loss, values = stage2_loss(inputs, self.cfg)
         values.update(self.signal.stats)

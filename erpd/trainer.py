@@ -26,7 +26,7 @@ from erpd import metrics as M
 from erpd.checkpoint import latest_resume, load_resume, save_resume
 from erpd.config import EvalConfig, Stage1Config, Stage2Config
 from erpd.evaluate import Evaluator
-from erpd.losses import exact_kl, masked_mean, token_entropy, token_logprobs
+from erpd.losses import Normaliser, exact_kl, ratio_stats, token_entropy, token_logprobs
 from erpd.models import autocast
 from erpd.progress import ProgressFactory, no_progress
 from erpd.rollout import RolloutBatch, response_logits, response_targets
@@ -42,10 +42,16 @@ class StageObjective(Protocol):
     def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
         """Re-anchor pi_old if the stage does so (called before the epoch's first step)."""
 
+    ratio_bounds: tuple[float, float]
+    """(low, high): ratio/clip_frac counts tokens outside [1 - low, 1 + high]."""
+
     def loss(
-        self, index: Tensor, logprobs: Tensor, mask: Tensor
+        self, index: Tensor, logprobs: Tensor, mask: Tensor, norm: Normaliser
     ) -> tuple[Tensor, dict[str, float]]:
-        """Loss of the minibatch rows `index` given pi_theta's log-probs (B, R)."""
+        """Loss of rows `index` given pi_theta's log-probs (B, R), normalised by `norm`."""
+
+    def old_logprobs(self, index: Tensor) -> Tensor:
+        """pi_old's log-probs of rows `index` (the denominator of the importance ratio)."""
 
     def state(self) -> dict[str, Tensor]:
         """Tensors a resume checkpoint must carry (e.g. the epoch's anchor log-probs)."""
@@ -86,6 +92,7 @@ class LoopSettings:
     run: str
     epochs: int
     minibatch_size: int
+    micro_batch_size: int | None
     lr: float
     weight_decay: float
     grad_clip: float
@@ -108,6 +115,7 @@ class LoopSettings:
             run=run,
             epochs=cfg.epochs,
             minibatch_size=cfg.minibatch_size,
+            micro_batch_size=cfg.micro_batch_size,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             grad_clip=cfg.grad_clip,
@@ -209,33 +217,22 @@ def run_loop(
                 return finish("stopped")
             index = order[k * settings.minibatch_size : (k + 1) * settings.minibatch_size]
             tick = time.perf_counter()
-            mb = batch.seqs.rows(index).to(device)
-            with autocast(device, settings.bf16):
-                logits = response_logits(model, mb)  # (b, R, V)
-                logprobs = token_logprobs(logits, response_targets(mb))  # (b, R)
-                loss, values = objective.loss(index, logprobs, mb.response_mask)
-                with torch.no_grad():
-                    ref_logits = response_logits(ref_model, mb)
-            with torch.no_grad():
-                kl = masked_mean(exact_kl(logits.detach(), ref_logits), mb.response_mask).item()
-                values[M.KL_EXACT] = kl
-                values[M.ENTROPY_TOKEN] = masked_mean(
-                    token_entropy(logits.detach()), mb.response_mask
-                ).item()
+            optimizer.zero_grad(set_to_none=True)
+            values = _accumulate(model, ref_model, batch, objective, index, settings, device)
+            kl = values[M.KL_EXACT]
             if settings.kl_budget is not None:
                 values[M.KL_BUDGET_USED] = kl / settings.kl_budget
             if settings.kl_budget is not None and kl > settings.kl_budget:
                 # the weights after `step` updates already spent the budget: keep them, stop
+                optimizer.zero_grad(set_to_none=True)
                 sink.log(settings.run, step, values)
                 last = evaluate(step)
                 return finish("kl_budget")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if settings.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
                 values[M.GRAD_NORM] = float(norm)
             optimizer.step()
-            tokens = mb.response_mask.sum().item()
+            tokens = batch.seqs.response_mask[index].sum().item()
             values[M.TOKENS_PER_S] = tokens / max(time.perf_counter() - tick, 1e-9)
             sink.log(settings.run, step, values)
             step += 1
@@ -246,6 +243,56 @@ def run_loop(
         if eval_due(step):
             last = evaluate(step)
     return finish(_final_budget_status(model, ref_model, batch, settings))
+
+
+# step metrics that micro-batches contribute as partial sums (each is normalised by the
+# minibatch's counts); the ratio quantiles are recomputed over the whole minibatch instead
+_SUMMED = (M.LOSS, M.KL_K1, M.KL_K3)
+
+
+def _accumulate(
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel,
+    batch: RolloutBatch,
+    objective: StageObjective,
+    index: Tensor,
+    settings: LoopSettings,
+    device: torch.device,
+) -> dict[str, float]:
+    """Forward and backward the minibatch `index` in micro-batches, accumulating gradients.
+
+    Returns the step's metrics for the whole minibatch, measured before the update: exact KL to
+    pi_k and entropy (token means), the loss terms, and the importance-ratio statistics.
+    """
+    mask = batch.seqs.response_mask[index]
+    norm = Normaliser.of(mask, batch.rewards[index])
+    values: dict[str, float] = dict.fromkeys(_SUMMED, 0.0)
+    kl_sum = entropy_sum = 0.0
+    log_ratios = []
+    for part in index.split(settings.micro_batch_size or len(index)):
+        mb = batch.seqs.rows(part).to(device)
+        with autocast(device, settings.bf16):
+            logits = response_logits(model, mb)  # (b, R, V)
+            logprobs = token_logprobs(logits, response_targets(mb))  # (b, R)
+            loss, part_values = objective.loss(part, logprobs, mb.response_mask, norm)
+            with torch.no_grad():
+                ref_logits = response_logits(ref_model, mb)
+        loss.backward()
+        with torch.no_grad():
+            m = mb.response_mask
+            kl_sum += (exact_kl(logits.detach(), ref_logits) * m).sum().item()
+            entropy_sum += (token_entropy(logits.detach()) * m).sum().item()
+            old = objective.old_logprobs(part).to(device)
+            log_ratios.append((logprobs.detach() - old)[m.bool()].float().cpu())
+        for key, value in part_values.items():
+            values[key] = values[key] + value if key in _SUMMED else value
+        del logits, ref_logits, logprobs, loss  # free activations before the next micro-batch
+    tokens = max(norm.tokens, 1.0)
+    values[M.KL_EXACT] = kl_sum / tokens
+    values[M.ENTROPY_TOKEN] = entropy_sum / tokens
+    ratios = torch.cat(log_ratios)
+    values.update(ratio_stats(ratios, torch.ones_like(ratios), *objective.ratio_bounds))
+    return values
 
 
 def _final_budget_status(

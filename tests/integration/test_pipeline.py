@@ -422,3 +422,27 @@ def test_stop_and_resume_never_logs_a_point_twice(
     keys = [(s, n) for _, s, n, _ in sink.points]
     assert len(keys) == len(set(keys)), "a point was logged twice"
     assert {s for s, n in keys if n == M.ACC_EVAL} == {0, 2, 4}
+
+
+def test_micro_batches_train_like_whole_minibatches(
+    demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    """micro_batch_size only changes memory: same weights and step metrics (float tolerance)."""
+    stage_env, sink = env
+    stage_env.eval = stage_env.eval.model_copy(update={"size": 20, "pass_k": 0, "sampled": False})
+    base = demo / "base" / "checkpoint"
+    results, series = [], []
+    for micro in (None, 100):
+        cfg = Stage1Config(epochs=2, minibatch_size=256, micro_batch_size=micro, kl_coef=0.1)
+        sink.points.clear()
+        res = run_stage1(
+            base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / str(micro),
+            run="t",
+        )  # fmt: skip
+        results.append(AutoModelForCausalLM.from_pretrained(res.checkpoint).state_dict())
+        series.append({n: sink.series(n) for n in (M.LOSS, M.KL_EXACT, M.RATIO_P99)})
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], rtol=1e-4, atol=1e-5, msg=name)
+    for name in series[0]:
+        for (s0, v0), (s1, v1) in zip(series[0][name], series[1][name], strict=True):
+            assert s0 == s1 and v0 == pytest.approx(v1, rel=1e-4, abs=1e-6), name
