@@ -40,16 +40,36 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def check_replaceable(path: str | Path, marker: str) -> None:
+    """Refuse to overwrite anything but an empty directory or an artefact of the same kind.
+
+    `marker` is the file that identifies the kind (manifest.json, rollout.json): a typo in
+    --out must never replace a user's file, a device node or some other run's directory.
+    """
+    final = Path(path)
+    if not final.exists() and not final.is_symlink():
+        return
+    if not final.is_dir() or final.is_symlink():
+        raise CheckpointError(f"{final}: exists and is not a directory; refusing to replace it")
+    if any(final.iterdir()) and not (final / marker).is_file():
+        raise CheckpointError(f"{final}: not empty and not an erpd output; refusing to replace it")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, marker: str = MANIFEST) -> Iterator[Path]:
     """Yield a temp dir; on success it replaces `path` in one rename, on error it is removed.
 
     An existing `path` is first renamed aside and deleted only after the new one is in place, so
     at every instant `path` is either the old complete directory or the new complete one (a
-    crash between the two renames leaves `path` absent and the old copy under `.old-*`).
+    crash between the two renames leaves `path` absent and the old copy under `.old-*`). Only an
+    empty directory or one holding `marker` (the same kind of artefact) is ever replaced.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(final, marker)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise CheckpointError(f"{final.parent}: is not a directory") from exc
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -220,6 +240,15 @@ def latest_resume(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / RESUME_DIR
     done = sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
     return done[-1] if done else None
+
+
+def read_resume_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON part of a resume checkpoint (step, fingerprint, ...), without loading tensors."""
+    try:
+        meta: dict[str, Any] = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable resume state") from exc
+    return meta
 
 
 def load_resume(

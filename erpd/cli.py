@@ -57,7 +57,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"--config: no such file {path}")
     try:
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--config: {path}: not UTF-8 text") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -67,6 +69,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"--config: {path}: the top level must be a mapping")
     return data
+
+
+_MAX_NEW_LIST_ENTRIES = 64  # --set may create list entries (teachers.2.objective) up to here
 
 
 def set_path(data: dict[str, Any], key: str, value: Any) -> None:
@@ -80,6 +85,8 @@ def set_path(data: dict[str, Any], key: str, value: Any) -> None:
             if not part.isdigit():
                 raise UsageError(f"--set {key}: {part!r} must be a list index")
             idx = int(part)
+            if idx > max(len(node), _MAX_NEW_LIST_ENTRIES):  # a huge index is a typo
+                raise UsageError(f"--set {key}: list index {idx} is past the end ({len(node)})")
             while len(node) <= idx:
                 node.append({})
             if last:
@@ -136,6 +143,13 @@ def require_dirs(**options: Path | None) -> None:
     for name, path in options.items():
         if path is not None:
             existing_dir(path, f"--{name}")
+
+
+def output_dir(out: Path) -> Path:
+    """--out may be new or a directory; never a file (it would be replaced)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    return out
 
 
 # --- running a command ----------------------------------------------------------------------
@@ -232,6 +246,7 @@ def pipeline(
         if model is not None:
             fixed["model.path"] = str(existing_dir(model, "--model"))
         cfg = load_config(config, set_, **fixed)
+        output_dir(out)
         from dataclasses import asdict
 
         from erpd import metrics as M
@@ -264,12 +279,14 @@ def base(
 
     def go() -> None:
         cfg = load_config(config, set_, **{"runtime.device": device})
+        output_dir(out)
         from erpd.pretrain import pretrain_base
 
-        env = _env(cfg, out)
-        res = pretrain_base(
-            shape=cfg.model.tiny, cfg=cfg.base, env=env, out_dir=out, seed=cfg.runtime.seed
-        )
+        with _graceful_stop() as stop:
+            env = _env(cfg, out, stop)
+            res = pretrain_base(
+                shape=cfg.model.tiny, cfg=cfg.base, env=env, out_dir=out, seed=cfg.runtime.seed
+            )
         env.sink.close()
         out_console.print(f"base checkpoint: {res.checkpoint} (sha256 {res.sha256})")
         _print_summary(res.summary)
@@ -291,6 +308,7 @@ def sample(
     def go() -> None:
         cfg = load_config(config, set_, **{"runtime.device": device})
         require_dirs(model=model)
+        output_dir(out)
         from erpd.pipeline import sample_batch
 
         batch = sample_batch(model, out, cfg, _env(cfg, None), round_)
@@ -318,6 +336,7 @@ def stage1(
     def go() -> None:
         cfg = load_config(config, set_, **{"runtime.device": device})
         require_dirs(model=model, batch=batch, initial=initial)
+        output_dir(out)
         from erpd.rollout import RolloutBatch
         from erpd.stage1 import run_stage1
 
@@ -363,6 +382,7 @@ def stage2(
         if not teachers and cfg.stage2.signal != "advantage":
             raise UsageError("--teacher: at least one is needed unless stage2.signal=advantage")
         require_dirs(model=model, batch=batch, initial=initial)
+        output_dir(out)
         from erpd.rollout import RolloutBatch
         from erpd.stage2 import run_stage2
 
@@ -402,13 +422,19 @@ def eval_(
         cfg = load_config(config, set_, **{"runtime.device": device})
         require_dirs(model=model, batch=batch, reference=reference)
         from erpd.evaluate import batch_diagnostics
-        from erpd.models import load_model, load_policy
+        from erpd.models import load_model, load_policy, tokenizer_fingerprint
         from erpd.rollout import RolloutBatch
 
         env = _env(cfg, None)
         policy, tokenizer = load_policy(model, env.device)
         ref = load_model(reference, env.device) if reference else None
         fixed = RolloutBatch.load(batch) if batch else None
+        if fixed is not None:
+            fixed.check_model(
+                policy.config.vocab_size, str(model), tokenizer_fingerprint(tokenizer)
+            )
+            if ref is not None and reference is not None:
+                fixed.check_model(ref.config.vocab_size, str(reference))
         values = env.evaluator(tokenizer, cfg.runtime.seed)(
             policy, step=0, ref_model=ref, batch=fixed
         )

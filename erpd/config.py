@@ -107,7 +107,9 @@ class EvalConfig(_Strict):
     size: int | None = Field(None, ge=1, description="Evaluate on the first N held-out problems.")
     sampled: bool = Field(True, description="Also report acc/eval_sampled (temperature 1).")
     pass_k: int = Field(0, ge=0, le=64, description="If > 1, also report acc/pass@k.")
-    batch_size: int = Field(512, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(
+        512, ge=1, description="Sequences per generation or scoring pass (lower for real models)."
+    )
 
 
 class BaseTrainConfig(_Strict):
@@ -156,6 +158,11 @@ class _StageCommon(_Strict):
         0, ge=0, description="Save a resume checkpoint every k steps (0: only when stopped)."
     )
     seed: int = Field(0, description="Seed of minibatch order and eval sampling.")
+
+    @property
+    def forward_batch_size(self) -> int:
+        """Rows per forward pass, with or without gradients (the memory bound of a stage)."""
+        return self.micro_batch_size or self.minibatch_size
 
 
 class Stage1Config(_StageCommon):

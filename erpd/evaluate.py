@@ -148,7 +148,9 @@ class Evaluator:
             prompts = batch.prompt_problems()
             out[M.ACC_TRAIN_BATCH] = self.accuracy(model, prompts, greedy=True)
             out[M.REWARD_MEAN] = batch.rewards.mean().item()
-            diag = batch_diagnostics(model, ref_model, batch, bf16=self.bf16)
+            diag = batch_diagnostics(
+                model, ref_model, batch, bf16=self.bf16, batch_size=self.cfg.batch_size
+            )
             diag.pop(M.ENTROPY_TOKEN)  # a step series; the full-batch value goes in summaries
             out.update(diag)
         return out
@@ -170,7 +172,9 @@ class Evaluator:
         seqs = pack(
             ids, responses, int(self.tokenizer.pad_token_id), int(self.tokenizer.eos_token_id)
         )
-        stats = policy_vs_reference(model, ref_model, seqs, bf16=self.bf16)
+        stats = policy_vs_reference(
+            model, ref_model, seqs, bf16=self.bf16, batch_size=self.cfg.batch_size
+        )
         out[M.ENTROPY_SAMPLED] = (
             stats["entropy_sum"].sum() / stats["tokens"].sum().clamp_min(1)
         ).item()

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TextIO
 
 Direction = Literal["higher_is_better", "lower_is_better", "neutral"]
 Scope = Literal["step", "eval", "summary"]
@@ -273,9 +273,8 @@ class JsonlSink:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
+        self._file: TextIO | None = None  # opened on the first point: a run that fails
+        self._lock = threading.Lock()  # validation leaves no empty file behind
 
     def log(self, run: str, step: int, values: dict[str, float]) -> None:
         if not values:
@@ -290,11 +289,15 @@ class JsonlSink:
             point["value"] = v if math.isfinite(v) else None
             lines.append(json.dumps(point))
         with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("a", encoding="utf-8")
             self._file.write("\n".join(lines) + "\n")
             self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class TeeSink:

@@ -7,6 +7,7 @@ Nothing here downloads: every `from_pretrained` runs with `local_files_only=True
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from erpd.checkpoint import MANIFEST, verify_checkpoint
 from erpd.config import Precision, TinyModelConfig
 from erpd.errors import CheckpointError, ConfigError
 
@@ -98,7 +100,12 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig) -
 
 # --- loading --------------------------------------------------------------------------------
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
+    except Exception as exc:  # a missing or corrupt tokenizer file, in any of its forms
+        raise CheckpointError(f"{path}: cannot load tokenizer ({type(exc).__name__})") from exc
     if tok.eos_token_id is None:
         raise CheckpointError(f"{path}: tokenizer has no end-of-sequence token")
     if tok.pad_token_id is None:
@@ -107,11 +114,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Load a causal LM in fp32 (master weights; bf16 comes from autocast)."""
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", *, verify: bool = True
+) -> PreTrainedModel:
+    """Load a causal LM in fp32 (master weights; bf16 comes from autocast).
+
+    An erpd checkpoint (one with a manifest) is first checked against its sha256s, so a file
+    changed after training is refused rather than trained on under the old lineage.
+    """
     root = Path(path)
     if not (root / "config.json").is_file():
         raise CheckpointError(f"{root}: not a model directory (no config.json)")
+    if verify and (root / MANIFEST).is_file():
+        verify_checkpoint(root)
     try:
         config = AutoConfig.from_pretrained(
             str(root), local_files_only=True, trust_remote_code=False
@@ -123,7 +138,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> PreTrain
             trust_remote_code=False,
             dtype=torch.float32,
         )
-    except (ValueError, OSError, KeyError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # transformers/safetensors raise many types for a broken directory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{root}: cannot load model: {first}") from exc
     return to_device(model, device)
@@ -140,6 +157,16 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model + tokenizer from one local directory."""
     return load_model(path, device), load_tokenizer(path)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the vocabulary and special tokens: equal iff token ids mean the same text."""
+    body = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+    }
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -14,6 +14,7 @@ what completed and resumes what was stopped):
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -173,9 +174,9 @@ def run_pipeline(
     """Run `cfg.rounds` ERPD rounds into out_dir; returns the summary rows and the final student."""
     started = time.time()
     out = Path(out_dir)
-    _claim_output_dir(out, cfg)
     jsonl = M.JsonlSink(out / "metrics.jsonl")
-    env = make_env(cfg, M.TeeSink(jsonl, sink) if sink else jsonl, progress)
+    env = make_env(cfg, M.TeeSink(jsonl, sink) if sink else jsonl, progress)  # validates first
+    _claim_output_dir(out, cfg)
     env.should_stop = should_stop
     rows: list[Row] = []
     try:
@@ -232,24 +233,37 @@ def run_pipeline(
         env.sink.close()
 
 
+def _artefact_fields(cfg: PipelineConfig) -> dict[str, object]:
+    """The parts of a config that shape the checkpoints. Device, eval settings and the number
+    of rounds do not: a finished run may be re-evaluated, moved to a GPU or extended."""
+    data = cfg.model_dump(mode="json", exclude={"eval": True, "rounds": True})
+    data["runtime"].pop("device")
+    return data
+
+
 def _claim_output_dir(out: Path, cfg: PipelineConfig) -> None:
     """Reuse an output directory only for the same config: finished stages are not re-run, so
     a changed config over an old run would silently mix the two."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a directory")
     recorded = out / "config.json"
     if recorded.is_file():
         try:
-            previous = PipelineConfig.model_validate_json(recorded.read_text())
-        except ValueError:
-            previous = None
-        if previous != cfg:
+            previous = _artefact_fields(PipelineConfig.model_validate_json(recorded.read_text()))
+        except ValueError as exc:
+            raise ConfigError(
+                "--out", f"{out}/config.json is unreadable or from another erpd version"
+            ) from exc
+        if previous != _artefact_fields(cfg):
             raise ConfigError(
                 "--out", f"{out} holds a pipeline with another config; use a new --out or delete it"
             )
-        return
-    if out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} is not empty and holds no erpd pipeline")
     out.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(cfg.model_dump_json(indent=2))
+    tmp = out / f".config.json.{os.getpid()}"
+    tmp.write_text(cfg.model_dump_json(indent=2))
+    os.replace(tmp, recorded)  # the latest eval/rounds/device win; the rest is unchanged
 
 
 def _finish(

@@ -8,12 +8,14 @@ t. The response mask covers tokens up to and including the first end token.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -22,7 +24,7 @@ from erpd.checkpoint import atomic_dir
 from erpd.config import SampleConfig
 from erpd.errors import CheckpointError
 from erpd.losses import group_advantages, token_logprobs
-from erpd.models import autocast, frozen
+from erpd.models import autocast, frozen, tokenizer_fingerprint
 from erpd.tasks import Problem, Task
 
 ROLLOUT_TENSORS = "rollout.safetensors"
@@ -320,7 +322,7 @@ class RolloutBatch:
             "responses": self.responses,
             "meta": self.meta,
         }
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker=ROLLOUT_META) as tmp:
             save_file(tensors, str(tmp / ROLLOUT_TENSORS))
             (tmp / ROLLOUT_META).write_text(json.dumps(meta))
 
@@ -329,26 +331,46 @@ class RolloutBatch:
         root = Path(path)
         if not (root / ROLLOUT_META).is_file() or not (root / ROLLOUT_TENSORS).is_file():
             raise CheckpointError(f"{root}: not a rollout batch (run `erpd sample` first)")
-        t = load_file(str(root / ROLLOUT_TENSORS))
-        meta = json.loads((root / ROLLOUT_META).read_text())
-        seqs = Sequences(
-            t["input_ids"], t["attention_mask"], t["response_mask"], meta["prompt_len"]
-        )
-        return cls(
-            seqs=seqs,
-            behaviour_logprobs=t["behaviour_logprobs"],
-            rewards=t["rewards"],
-            advantages=t["advantages"],
-            group_size=meta["group_size"],
-            problems=[Problem(**p) for p in meta["problems"]],
-            responses=meta["responses"],
-            meta=meta.get("meta", {}),
-        )
+        try:
+            t = load_file(str(root / ROLLOUT_TENSORS))
+            meta = json.loads((root / ROLLOUT_META).read_text(encoding="utf-8"))
+            seqs = Sequences(
+                t["input_ids"], t["attention_mask"], t["response_mask"], meta["prompt_len"]
+            )
+            return cls(
+                seqs=seqs,
+                behaviour_logprobs=t["behaviour_logprobs"],
+                rewards=t["rewards"],
+                advantages=t["advantages"],
+                group_size=meta["group_size"],
+                problems=[Problem(**p) for p in meta["problems"]],
+                responses=meta["responses"],
+                meta=meta.get("meta", {}),
+            )
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            # ValueError covers JSONDecodeError and UnicodeDecodeError
+            raise CheckpointError(f"{root}: corrupt rollout batch ({type(exc).__name__})") from exc
 
-    def check_model(self, vocab_size: int, where: str) -> None:
-        """Refuse a model whose vocabulary cannot hold the batch's token ids (another tokenizer)."""
+    def fingerprint(self) -> str:
+        """sha256 of the token ids and rewards: which fixed batch a run trained on."""
+        h = hashlib.sha256(self.seqs.input_ids.numpy().tobytes())
+        h.update(self.rewards.numpy().tobytes())
+        return h.hexdigest()
+
+    def check_model(self, vocab_size: int, where: str, tokenizer: str | None = None) -> None:
+        """Refuse a model whose tokenizer differs from the one that sampled the batch.
+
+        `tokenizer` is `tokenizer_fingerprint(...)` of the model's tokenizer; two tokenizers of
+        the same size (Llama-2 and Mistral, say) differ there even when the sizes agree.
+        """
         recorded = self.meta.get("vocab_size")
         top = int(self.seqs.input_ids.max().item())
+        sampled_with = self.meta.get("tokenizer")
+        if tokenizer is not None and sampled_with is not None and sampled_with != tokenizer:
+            raise CheckpointError(
+                f"{where}: its tokenizer differs from the one that sampled the batch "
+                f"(fingerprint {tokenizer[:12]} vs {str(sampled_with)[:12]})"
+            )
         if top >= vocab_size or (recorded is not None and recorded != vocab_size):
             raise CheckpointError(
                 f"{where}: vocabulary of {vocab_size} tokens does not match the batch's "
@@ -406,5 +428,6 @@ def sample_rollout(
             "round": round_index,
             "sample": cfg.model_dump(),
             "vocab_size": int(model.config.vocab_size),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
         },
     )

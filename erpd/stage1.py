@@ -14,7 +14,7 @@ from erpd.checkpoint import parent_record
 from erpd.config import Stage1Config
 from erpd.errors import ConfigError
 from erpd.losses import Normaliser, Stage1Inputs, stage1_loss
-from erpd.models import load_model
+from erpd.models import load_model, tokenizer_fingerprint
 from erpd.rollout import RolloutBatch, sequence_logprobs
 from erpd.trainer import LoopSettings, StageEnv, StageResult, load_stage_models, train_stage
 
@@ -37,7 +37,9 @@ class Stage1Objective:
 
     def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
         if self.cfg.anchor == "epoch" and epoch > 0:
-            self.anchor = sequence_logprobs(model, self.batch.seqs, bf16=self.bf16)
+            self.anchor = sequence_logprobs(
+                model, self.batch.seqs, bf16=self.bf16, batch_size=self.cfg.forward_batch_size
+            )
 
     def old_logprobs(self, index: Tensor) -> Tensor:
         return self.anchor[index]
@@ -81,13 +83,15 @@ def run_stage1(
     """Train a teacher from pi_k (`base`) on `batch`; the checkpoint lands in run_dir/checkpoint."""
     run_dir = Path(run_dir)
     model, ref_model, tokenizer = load_stage_models(base, env.device)
-    batch.check_model(model.config.vocab_size, str(base))
+    batch.check_model(model.config.vocab_size, str(base), tokenizer_fingerprint(tokenizer))
     mse_ref = None
     if cfg.objective == "mse" and cfg.mse_reference == "initial":
         if initial is None:
             raise ConfigError("stage1.mse_reference", "'initial' needs pi_0: pass --initial")
         pi0 = load_model(initial, env.device)
-        mse_ref = sequence_logprobs(pi0, batch.seqs, bf16=env.bf16)
+        mse_ref = sequence_logprobs(
+            pi0, batch.seqs, bf16=env.bf16, batch_size=cfg.forward_batch_size
+        )
         del pi0
     objective = Stage1Objective(batch, cfg, bf16=env.bf16, mse_ref_logprobs=mse_ref)
     return train_stage(

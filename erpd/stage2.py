@@ -29,7 +29,7 @@ from erpd.losses import (
     stage2_loss,
     teacher_signal,
 )
-from erpd.models import load_model
+from erpd.models import load_model, tokenizer_fingerprint
 from erpd.rollout import RolloutBatch, sequence_logprobs
 from erpd.trainer import LoopSettings, StageEnv, StageResult, load_stage_models, train_stage
 
@@ -89,7 +89,9 @@ class Stage2Objective:
 
     def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
         if epoch > 0:
-            self.anchor = sequence_logprobs(model, self.batch.seqs, bf16=self.bf16)
+            self.anchor = sequence_logprobs(
+                model, self.batch.seqs, bf16=self.bf16, batch_size=self.cfg.forward_batch_size
+            )
 
     def old_logprobs(self, index: Tensor) -> Tensor:
         return self.anchor[index]
@@ -125,6 +127,7 @@ def teacher_logprobs(
     *,
     vocab_size: int,
     pinned: Sequence[str | None] | None = None,
+    batch_size: int = 256,
 ) -> list[Tensor]:
     """Each teacher's per-token log-probs on the fixed batch, one teacher in memory at a time."""
     out = []
@@ -132,12 +135,12 @@ def teacher_logprobs(
         expected = pinned[i] if pinned else None
         if expected is not None or (Path(path) / "manifest.json").is_file():
             verify_checkpoint(path, expected)
-        teacher = load_model(path, env.device)
+        teacher = load_model(path, env.device, verify=False)  # verified just above
         if teacher.config.vocab_size != vocab_size:
             raise CheckpointError(
                 f"{path}: teacher vocabulary {teacher.config.vocab_size} != student's {vocab_size}"
             )
-        out.append(sequence_logprobs(teacher, batch.seqs, bf16=env.bf16))
+        out.append(sequence_logprobs(teacher, batch.seqs, bf16=env.bf16, batch_size=batch_size))
         del teacher
     return out
 
@@ -160,17 +163,27 @@ def run_stage2(
     if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
         raise ValueError("stage2.teacher_weights must have one weight per teacher")
     model, ref_model, tokenizer = load_stage_models(base, env.device)
-    batch.check_model(model.config.vocab_size, str(base))
+    batch.check_model(model.config.vocab_size, str(base), tokenizer_fingerprint(tokenizer))
     teacher_lp: list[Tensor] = []
     if cfg.signal != "advantage":
         teacher_lp = teacher_logprobs(
-            teachers, batch, env, vocab_size=model.config.vocab_size, pinned=pinned
+            teachers,
+            batch,
+            env,
+            vocab_size=model.config.vocab_size,
+            pinned=pinned,
+            batch_size=cfg.forward_batch_size,
         )
     initial_lp = None
     if cfg.signal == "contrast":
         if initial is None:
             raise ConfigError("stage2.signal", "'contrast' needs pi_0: pass --initial")
-        initial_lp = sequence_logprobs(load_model(initial, env.device), batch.seqs, bf16=env.bf16)
+        initial_lp = sequence_logprobs(
+            load_model(initial, env.device),
+            batch.seqs,
+            bf16=env.bf16,
+            batch_size=cfg.forward_batch_size,
+        )
     signal = build_signal(batch, cfg, teacher_lp, initial_lp)
     objective = Stage2Objective(batch, cfg, signal, bf16=env.bf16)
     lineage = [parent_record(t) for t in teachers] if cfg.signal != "advantage" else []

@@ -11,7 +11,10 @@ can wrap them without touching any loss code.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +26,9 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from erpd import metrics as M
-from erpd.checkpoint import latest_resume, load_resume, save_resume
+from erpd.checkpoint import RESUME_DIR, latest_resume, load_resume, read_resume_meta, save_resume
 from erpd.config import EvalConfig, Stage1Config, Stage2Config
+from erpd.errors import ConfigError
 from erpd.evaluate import Evaluator
 from erpd.losses import Normaliser, exact_kl, ratio_stats, token_entropy, token_logprobs
 from erpd.models import autocast
@@ -126,6 +130,10 @@ class LoopSettings:
             bf16=bf16,
         )
 
+    @property
+    def forward_batch_size(self) -> int:
+        return self.micro_batch_size or self.minibatch_size
+
     def total_steps(self, num_rows: int) -> int:
         return self.epochs * math.ceil(num_rows / self.minibatch_size)
 
@@ -160,8 +168,14 @@ def run_loop(
     resume: bool = True,
     should_stop: StopCheck | None = None,
     advance: Advance | None = None,
+    fingerprint: str = "",
 ) -> LoopResult:
-    """Train `model` on the fixed batch for `settings.epochs` epochs (or until stopped)."""
+    """Train `model` on the fixed batch for `settings.epochs` epochs (or until stopped).
+
+    `fingerprint` identifies what is being trained (config, base, teachers, batch): a resume
+    checkpoint of anything else is refused, never silently continued. resume=False discards
+    the run's resume checkpoints first.
+    """
     device = next(model.parameters()).device
     n = len(batch)
     per_epoch = math.ceil(n / settings.minibatch_size)
@@ -170,11 +184,20 @@ def run_loop(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
     step, started, evaluated_here = 0, time.time(), False
-    checkpoint = latest_resume(run_dir) if resume else None
+    if not resume:
+        shutil.rmtree(run_dir / RESUME_DIR, ignore_errors=True)
+    checkpoint = latest_resume(run_dir)
     if checkpoint is not None:
+        if read_resume_meta(checkpoint).get("fingerprint") != fingerprint:
+            raise ConfigError(
+                "resume",
+                f"{run_dir} holds a stopped run of another config, base or batch; "
+                "pass --fresh to start over, or use another --out",
+            )
         step, tensors, meta = load_resume(checkpoint, model=model, optimizer=optimizer)
         objective.load_state(tensors)
         evaluated_here = bool(meta.get("evaluated"))
+    resumed_at = step
     if advance is not None and step:
         advance(step)
 
@@ -213,7 +236,8 @@ def run_loop(
             objective.on_epoch_start(epoch, model)
         for k in range(first, per_epoch):
             if should_stop is not None and should_stop():
-                _save(run_dir, step, model, optimizer, objective, evaluated)
+                done = step in evaluated or (step == resumed_at and evaluated_here)
+                _save(run_dir, step, model, optimizer, objective, done, fingerprint)
                 return finish("stopped")
             index = order[k * settings.minibatch_size : (k + 1) * settings.minibatch_size]
             tick = time.perf_counter()
@@ -239,7 +263,8 @@ def run_loop(
             if advance is not None:
                 advance(1)
             if settings.checkpoint_every_steps and step % settings.checkpoint_every_steps == 0:
-                _save(run_dir, step, model, optimizer, objective, evaluated)
+                done = step in evaluated or (step == resumed_at and evaluated_here)
+                _save(run_dir, step, model, optimizer, objective, done, fingerprint)
         if eval_due(step):
             last = evaluate(step)
     return finish(_final_budget_status(model, ref_model, batch, settings))
@@ -307,7 +332,10 @@ def _final_budget_status(
         return "completed"
     from erpd.evaluate import batch_diagnostics
 
-    kl = batch_diagnostics(model, ref_model, batch, bf16=settings.bf16)[M.KL_EXACT_BATCH]
+    diag = batch_diagnostics(
+        model, ref_model, batch, bf16=settings.bf16, batch_size=settings.forward_batch_size
+    )
+    kl = diag[M.KL_EXACT_BATCH]
     return "kl_budget" if kl > settings.kl_budget else "completed"
 
 
@@ -317,7 +345,8 @@ def _save(
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     objective: StageObjective,
-    evaluated: dict[int, dict[str, float]],
+    evaluated: bool,
+    fingerprint: str,
 ) -> None:
     save_resume(
         run_dir,
@@ -325,7 +354,7 @@ def _save(
         model=model,
         optimizer=optimizer,
         tensors=objective.state(),
-        meta={"evaluated": step in evaluated},
+        meta={"evaluated": evaluated, "fingerprint": fingerprint},
     )
 
 
@@ -351,8 +380,9 @@ def load_stage_models(
     """The trainable policy and a frozen copy of pi_k (for exact KL), both from `base`."""
     from erpd.models import load_model, load_tokenizer
 
-    ref_model = load_model(base, device).eval().requires_grad_(False)
-    return load_model(base, device), ref_model, load_tokenizer(base)
+    model = load_model(base, device)
+    ref_model = load_model(base, device, verify=False).eval().requires_grad_(False)
+    return model, ref_model, load_tokenizer(base)
 
 
 def train_stage(
@@ -369,6 +399,8 @@ def train_stage(
 ) -> StageResult:
     """Run the loop with the env's progress, sink and stop flag, then write the checkpoint."""
     model, ref_model, tokenizer = models
+    identity = {"stage": stage, "batch": batch.fingerprint(), **manifest}
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     with env.progress(f"{stage} {settings.run}", settings.total_steps(len(batch))) as advance:
         result = run_loop(
             model=model,
@@ -382,6 +414,7 @@ def train_stage(
             resume=resume,
             should_stop=env.should_stop,
             advance=advance,
+            fingerprint=fingerprint.hexdigest(),
         )
     return finalize(
         stage=stage,
@@ -425,7 +458,11 @@ def finalize(
     from erpd.evaluate import batch_diagnostics
 
     summary = dict(result.last_eval)
-    summary.update(batch_diagnostics(model, ref_model, batch, bf16=settings.bf16))
+    summary.update(
+        batch_diagnostics(
+            model, ref_model, batch, bf16=settings.bf16, batch_size=settings.forward_batch_size
+        )
+    )
     body = {
         "stage": stage,
         "run": settings.run,

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from erpd import metrics as M
 from erpd.checkpoint import latest_resume, read_manifest, verify_checkpoint
 from erpd.config import Stage1Config, Stage2Config
+from erpd.errors import ConfigError
 from erpd.pipeline import make_env
 from erpd.progress import no_progress
 from erpd.rollout import RolloutBatch
@@ -446,3 +447,31 @@ def test_micro_batches_train_like_whole_minibatches(
     for name in series[0]:
         for (s0, v0), (s1, v1) in zip(series[0][name], series[1][name], strict=True):
             assert s0 == s1 and v0 == pytest.approx(v1, rel=1e-4, abs=1e-6), name
+
+
+def test_resume_refuses_a_stopped_run_of_another_config(
+    demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    stage_env, _ = env
+    stage_env.eval = stage_env.eval.model_copy(update={"size": 20, "pass_k": 0, "sampled": False})
+    calls = {"n": 0}
+
+    def stop_at_second_step() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    stage_env.should_stop = stop_at_second_step
+    base = demo / "base" / "checkpoint"
+    first = run_stage1(
+        base=base, batch=batch, cfg=Stage1Config(epochs=2), env=stage_env, run_dir=tmp_path,
+        run="t",
+    )  # fmt: skip
+    assert first.status == "stopped" and first.steps == 1
+    changed = Stage1Config(epochs=2, lr=1e-2)
+    with pytest.raises(ConfigError, match="--fresh"):
+        run_stage1(base=base, batch=batch, cfg=changed, env=stage_env, run_dir=tmp_path, run="t")
+    fresh = run_stage1(
+        base=base, batch=batch, cfg=changed, env=stage_env, run_dir=tmp_path, run="t",
+        resume=False,
+    )  # fmt: skip
+    assert fresh.status == "completed" and fresh.steps == fresh.total_steps

@@ -78,6 +78,7 @@ def _make_old(path: Path) -> dict[str, bytes]:
     (path / "sub").mkdir(parents=True)
     (path / "a.txt").write_text("old a")
     (path / "sub" / "b.bin").write_bytes(bytes(range(256)))
+    (path / MANIFEST).write_text("{}")  # an erpd artefact: the only kind atomic_dir replaces
     return snapshot(path)
 
 
@@ -341,3 +342,18 @@ def test_save_resume_refuses_to_keep_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="keep"):
         save_resume(tmp_path, step=1, model=model, optimizer=optimizer, keep=0)
     assert latest_resume(tmp_path) is None
+
+
+@pytest.mark.parametrize("kind", ["file", "foreign_dir"])
+def test_atomic_dir_never_replaces_what_it_did_not_write(kind: str, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    if kind == "file":
+        target.write_text("precious")
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="refusing"), atomic_dir(target) as tmp:
+        (tmp / MANIFEST).write_text("{}")
+    kept = target if kind == "file" else target / "notes.txt"
+    assert kept.read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dir left behind

@@ -197,3 +197,10 @@ def test_cli_input_errors_are_one_line(
     assert lines[0].startswith("error:")
     assert CASES[case][1] in lines[0]
     assert not out.exists()  # failed in validation, before writing anything
+
+
+def test_a_list_index_past_the_end_is_a_usage_error() -> None:
+    data: dict[str, Any] = {}
+    apply_override(data, "teachers.0.lr=1")  # appending the first entry is fine
+    with pytest.raises(UsageError, match="past the end"):
+        apply_override(data, "teachers.100000000.lr=1")
