@@ -308,8 +308,11 @@ def sample(
     def go() -> None:
         cfg = load_config(config, set_, **{"runtime.device": device})
         require_dirs(model=model)
-        output_dir(out)
+        from erpd.checkpoint import check_replaceable
         from erpd.pipeline import sample_batch
+        from erpd.rollout import ROLLOUT_META
+
+        check_replaceable(out, ROLLOUT_META)  # before sampling, not after
 
         batch = sample_batch(model, out, cfg, _env(cfg, None), round_)
         out_console.print(
