@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from erpd.checkpoint import parent_record
 from erpd.config import Stage1Config
@@ -16,11 +15,18 @@ from erpd.errors import ConfigError
 from erpd.losses import Normaliser, Stage1Inputs, stage1_loss
 from erpd.models import load_model, tokenizer_fingerprint
 from erpd.rollout import RolloutBatch, sequence_logprobs
-from erpd.trainer import LoopSettings, StageEnv, StageResult, load_stage_models, train_stage
+from erpd.trainer import (
+    Anchored,
+    LoopSettings,
+    StageEnv,
+    StageResult,
+    load_stage_models,
+    train_stage,
+)
 
 
-class Stage1Objective:
-    """Binds a stage-1 objective to the fixed batch and keeps pi_old (anchor) up to date."""
+class Stage1Objective(Anchored):
+    """Binds a stage-1 objective to the fixed batch; pi_old re-anchors only with anchor=epoch."""
 
     def __init__(
         self,
@@ -30,19 +36,14 @@ class Stage1Objective:
         bf16: bool,
         mse_ref_logprobs: Tensor | None = None,
     ) -> None:
-        self.batch, self.cfg, self.bf16 = batch, cfg, bf16
-        self.anchor = batch.behaviour_logprobs  # (B, R): pi_old starts as pi_k
-        self.mse_ref = mse_ref_logprobs
+        super().__init__(
+            batch,
+            reanchor=cfg.anchor == "epoch",
+            bf16=bf16,
+            forward_batch_size=cfg.forward_batch_size,
+        )
+        self.cfg, self.mse_ref = cfg, mse_ref_logprobs
         self.ratio_bounds = (cfg.eps_low, cfg.eps_high)
-
-    def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
-        if self.cfg.anchor == "epoch" and epoch > 0:
-            self.anchor = sequence_logprobs(
-                model, self.batch.seqs, bf16=self.bf16, batch_size=self.cfg.forward_batch_size
-            )
-
-    def old_logprobs(self, index: Tensor) -> Tensor:
-        return self.anchor[index]
 
     def loss(
         self, index: Tensor, logprobs: Tensor, mask: Tensor, norm: Normaliser
@@ -60,13 +61,6 @@ class Stage1Objective:
             norm=norm,
         )
         return stage1_loss(inputs, self.cfg)
-
-    def state(self) -> dict[str, Tensor]:
-        return {"anchor": self.anchor}
-
-    def load_state(self, tensors: dict[str, Tensor]) -> None:
-        if "anchor" in tensors:
-            self.anchor = tensors["anchor"]
 
 
 def run_stage1(

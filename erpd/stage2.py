@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from erpd import metrics as M
 from erpd.checkpoint import parent_record, verify_checkpoint
@@ -31,7 +30,14 @@ from erpd.losses import (
 )
 from erpd.models import load_model, tokenizer_fingerprint
 from erpd.rollout import RolloutBatch, sequence_logprobs
-from erpd.trainer import LoopSettings, StageEnv, StageResult, load_stage_models, train_stage
+from erpd.trainer import (
+    Anchored,
+    LoopSettings,
+    StageEnv,
+    StageResult,
+    load_stage_models,
+    train_stage,
+)
 
 
 @dataclass
@@ -79,22 +85,13 @@ def build_signal(
     return Signal(values, selected, stats)
 
 
-class Stage2Objective:
+class Stage2Objective(Anchored):
     """Trust-region distillation on the fixed batch; pi_old is re-anchored every epoch."""
 
     def __init__(self, batch: RolloutBatch, cfg: Stage2Config, signal: Signal, *, bf16: bool):
-        self.batch, self.cfg, self.signal, self.bf16 = batch, cfg, signal, bf16
-        self.anchor = batch.behaviour_logprobs
+        super().__init__(batch, reanchor=True, bf16=bf16, forward_batch_size=cfg.forward_batch_size)
+        self.cfg, self.signal = cfg, signal
         self.ratio_bounds = (cfg.clip_eps, cfg.clip_eps)
-
-    def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
-        if epoch > 0:
-            self.anchor = sequence_logprobs(
-                model, self.batch.seqs, bf16=self.bf16, batch_size=self.cfg.forward_batch_size
-            )
-
-    def old_logprobs(self, index: Tensor) -> Tensor:
-        return self.anchor[index]
 
     def loss(
         self, index: Tensor, logprobs: Tensor, mask: Tensor, norm: Normaliser
@@ -111,13 +108,6 @@ class Stage2Objective:
         loss, values = stage2_loss(inputs, self.cfg)
         values.update(self.signal.stats)
         return loss, values
-
-    def state(self) -> dict[str, Tensor]:
-        return {"anchor": self.anchor}
-
-    def load_state(self, tensors: dict[str, Tensor]) -> None:
-        if "anchor" in tensors:
-            self.anchor = tensors["anchor"]
 
 
 def teacher_logprobs(

@@ -33,7 +33,7 @@ from erpd.evaluate import Evaluator
 from erpd.losses import Normaliser, exact_kl, ratio_stats, token_entropy, token_logprobs
 from erpd.models import autocast
 from erpd.progress import ProgressFactory, no_progress
-from erpd.rollout import RolloutBatch, response_logits, response_targets
+from erpd.rollout import RolloutBatch, response_logits, response_targets, sequence_logprobs
 from erpd.tasks import Task
 
 StopCheck = Callable[[], bool]
@@ -61,6 +61,37 @@ class StageObjective(Protocol):
         """Tensors a resume checkpoint must carry (e.g. the epoch's anchor log-probs)."""
 
     def load_state(self, tensors: dict[str, Tensor]) -> None: ...
+
+
+class Anchored:
+    """pi_old bookkeeping both stages share: the anchor log-probs, re-anchoring, resume state.
+
+    pi_old starts as pi_k (the batch's behaviour log-probs, so the first ratio is exactly 1);
+    with `reanchor` it is recomputed from the current weights at the start of every epoch.
+    """
+
+    def __init__(
+        self, batch: RolloutBatch, *, reanchor: bool, bf16: bool, forward_batch_size: int
+    ) -> None:
+        self.batch, self.reanchor, self.bf16 = batch, reanchor, bf16
+        self.forward_batch_size = forward_batch_size
+        self.anchor = batch.behaviour_logprobs  # (B, R)
+
+    def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
+        if self.reanchor and epoch > 0:
+            self.anchor = sequence_logprobs(
+                model, self.batch.seqs, bf16=self.bf16, batch_size=self.forward_batch_size
+            )
+
+    def old_logprobs(self, index: Tensor) -> Tensor:
+        return self.anchor[index]
+
+    def state(self) -> dict[str, Tensor]:
+        return {"anchor": self.anchor}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        if "anchor" in tensors:
+            self.anchor = tensors["anchor"]
 
 
 @dataclass
