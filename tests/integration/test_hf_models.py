@@ -26,50 +26,43 @@ from erpd.tasks import ALPHABET, build_task
 from erpd.trainer import StageEnv
 
 
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised tiny Qwen3 saved as a normal HF directory (nothing downloaded)."""
-    path = tmp_path_factory.mktemp("qwen3")
+def _random_model_dir(path: Path, config_cls: type, model_cls: type, **extra: object) -> Path:
+    """A randomly initialised tiny model saved as a normal HF directory (nothing downloaded)."""
     tokenizer = build_char_tokenizer(ALPHABET)
     torch.manual_seed(0)
-    config = Qwen3Config(
+    config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
         max_position_embeddings=64,
-        tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **extra,
     )
-    Qwen3ForCausalLM(config).save_pretrained(path)
+    model_cls(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3 with tied embeddings (as Qwen3-4B), the case resume checkpoints once broke on."""
+    return _random_model_dir(
+        tmp_path_factory.mktemp("qwen3"),
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        head_dim=8,
+        tie_word_embeddings=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised tiny Qwen2 (biased QKV projections) as a local HF directory."""
-    path = tmp_path_factory.mktemp("qwen2")
-    tokenizer = build_char_tokenizer(ALPHABET)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """Qwen2 (biased QKV projections)."""
+    return _random_model_dir(tmp_path_factory.mktemp("qwen2"), Qwen2Config, Qwen2ForCausalLM)
 
 
 def _env() -> StageEnv:
