@@ -424,7 +424,6 @@ def eval_(
     def go() -> None:
         cfg = load_config(config, set_, **{"runtime.device": device})
         require_dirs(model=model, batch=batch, reference=reference)
-        from erpd.evaluate import batch_diagnostics
         from erpd.models import load_model, load_policy, tokenizer_fingerprint
         from erpd.rollout import RolloutBatch
 
@@ -441,8 +440,6 @@ def eval_(
         values = env.evaluator(tokenizer, cfg.runtime.seed)(
             policy, step=0, ref_model=ref, batch=fixed
         )
-        if fixed is not None:
-            values.update(batch_diagnostics(policy, ref, fixed, bf16=env.bf16))
         if as_json:
             out_console.print_json(json.dumps(values))
         else:

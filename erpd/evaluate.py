@@ -148,11 +148,13 @@ class Evaluator:
             prompts = batch.prompt_problems()
             out[M.ACC_TRAIN_BATCH] = self.accuracy(model, prompts, greedy=True)
             out[M.REWARD_MEAN] = batch.rewards.mean().item()
-            diag = batch_diagnostics(
-                model, ref_model, batch, bf16=self.bf16, batch_size=self.cfg.batch_size
+            # includes entropy/token of the whole batch, a step-series name: loggers keep only
+            # eval-scope metrics, summaries keep it all
+            out.update(
+                batch_diagnostics(
+                    model, ref_model, batch, bf16=self.bf16, batch_size=self.cfg.batch_size
+                )
             )
-            diag.pop(M.ENTROPY_TOKEN)  # a step series; the full-batch value goes in summaries
-            out.update(diag)
         return out
 
     def _sampled(

@@ -11,6 +11,7 @@ can wrap them without touching any loss code.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -171,7 +172,11 @@ class LoopSettings:
 
 @dataclass
 class LoopResult:
-    """How a stage ended: `completed`, `kl_budget` or `stopped` (cooperative stop, resumable)."""
+    """How a stage ended: `completed`, `kl_budget` or `stopped` (cooperative stop, resumable).
+
+    `last_eval` is the final weights' eval with the whole-batch diagnostics (KL, entropy,
+    drift) unless the stage stopped, when it is the last eval that ran.
+    """
 
     status: str
     steps: int
@@ -241,11 +246,24 @@ def run_loop(
             return {}
         if at not in evaluated:
             evaluated[at] = evaluator(model, step=at, ref_model=ref_model, batch=batch)
-            sink.log(settings.run, at, evaluated[at])
+            scoped = {k: v for k, v in evaluated[at].items() if M.CATALOGUE[k].scope == "eval"}
+            sink.log(settings.run, at, scoped)
         return evaluated[at]
 
-    def finish(status: str) -> LoopResult:
-        return LoopResult(status, step, total, last, time.time() - started)
+    def final_summary() -> dict[str, float]:
+        """The eval of the final weights; the batch diagnostics are computed only if no eval
+        ran at this step (no evaluator, or a resume that landed on the last step)."""
+        if step in evaluated and M.ENTROPY_TOKEN in evaluated[step]:
+            return evaluated[step]
+        from erpd.evaluate import batch_diagnostics
+
+        diag = batch_diagnostics(
+            model, ref_model, batch, bf16=settings.bf16, batch_size=settings.forward_batch_size
+        )
+        return {**last, **diag}
+
+    def finish(status: str, summary: dict[str, float]) -> LoopResult:
+        return LoopResult(status, step, total, summary, time.time() - started)
 
     def eval_due(at: int) -> bool:
         epochs_done = at // per_epoch
@@ -269,7 +287,7 @@ def run_loop(
             if should_stop is not None and should_stop():
                 done = step in evaluated or (step == resumed_at and evaluated_here)
                 _save(run_dir, step, model, optimizer, objective, done, fingerprint)
-                return finish("stopped")
+                return finish("stopped", last)
             index = order[k * settings.minibatch_size : (k + 1) * settings.minibatch_size]
             tick = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -282,7 +300,7 @@ def run_loop(
                 optimizer.zero_grad(set_to_none=True)
                 sink.log(settings.run, step, values)
                 last = evaluate(step)
-                return finish("kl_budget")
+                return finish("kl_budget", final_summary())
             if settings.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
                 values[M.GRAD_NORM] = float(norm)
@@ -298,7 +316,11 @@ def run_loop(
                 _save(run_dir, step, model, optimizer, objective, done, fingerprint)
         if eval_due(step):
             last = evaluate(step)
-    return finish(_final_budget_status(model, ref_model, batch, settings))
+    # the per-step check sees the weights *before* each update, so the last update is checked
+    # here, on the whole batch; the status then says the budget was reached at the end
+    summary = final_summary()
+    over = settings.kl_budget is not None and summary[M.KL_EXACT_BATCH] > settings.kl_budget
+    return finish("kl_budget" if over else "completed", summary)
 
 
 # step metrics that micro-batches contribute as partial sums (each is normalised by the
@@ -351,25 +373,6 @@ def _accumulate(
     return values
 
 
-def _final_budget_status(
-    model: PreTrainedModel, ref_model: PreTrainedModel, batch: RolloutBatch, settings: LoopSettings
-) -> str:
-    """After the last update, check the budget once more, on the whole fixed batch.
-
-    The per-step check sees the weights *before* each update, so the last update would
-    otherwise never be checked; the status then says the budget was reached at the end.
-    """
-    if settings.kl_budget is None:
-        return "completed"
-    from erpd.evaluate import batch_diagnostics
-
-    diag = batch_diagnostics(
-        model, ref_model, batch, bf16=settings.bf16, batch_size=settings.forward_batch_size
-    )
-    kl = diag[M.KL_EXACT_BATCH]
-    return "kl_budget" if kl > settings.kl_budget else "completed"
-
-
 def _save(
     run_dir: Path,
     step: int,
@@ -412,7 +415,7 @@ def load_stage_models(
     from erpd.models import load_model, load_tokenizer
 
     model = load_model(base, device)
-    ref_model = load_model(base, device, verify=False).eval().requires_grad_(False)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # no second read from disk
     return model, ref_model, load_tokenizer(base)
 
 
@@ -452,9 +455,7 @@ def train_stage(
         settings=settings,
         result=result,
         model=model,
-        ref_model=ref_model,
         tokenizer=tokenizer,
-        batch=batch,
         run_dir=run_dir,
         manifest=manifest,
     )
@@ -466,9 +467,7 @@ def finalize(
     settings: LoopSettings,
     result: LoopResult,
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
     tokenizer: object,
-    batch: RolloutBatch,
     run_dir: Path,
     manifest: dict[str, object],
 ) -> StageResult:
@@ -486,14 +485,8 @@ def finalize(
             result.wall_time,
         )
     from erpd.checkpoint import save_model_checkpoint
-    from erpd.evaluate import batch_diagnostics
 
-    summary = dict(result.last_eval)
-    summary.update(
-        batch_diagnostics(
-            model, ref_model, batch, bf16=settings.bf16, batch_size=settings.forward_batch_size
-        )
-    )
+    summary = dict(result.last_eval)  # the final weights' eval, batch diagnostics included
     body = {
         "stage": stage,
         "run": settings.run,
