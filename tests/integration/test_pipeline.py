@@ -77,6 +77,13 @@ Env = tuple[StageEnv, ListSink]
 
 
 @pytest.fixture
+def quick_env(env: Env) -> Env:
+    """env with a small eval (no pass@k), for tests about training rather than accuracy."""
+    env[0].eval = env[0].eval.model_copy(update={"size": 50, "pass_k": 0})
+    return env
+
+
+@pytest.fixture
 def env() -> Env:
     sink = ListSink()
     return make_env(tiny_pipeline_config(), sink, progress=no_progress), sink
@@ -326,10 +333,9 @@ def test_stage_commands_on_a_jsonl_dataset(demo: Path, tmp_path: Path) -> None:
     ],
 )
 def test_every_stage1_objective_trains(
-    teacher: dict[str, object], demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+    teacher: dict[str, object], demo: Path, batch: RolloutBatch, quick_env: Env, tmp_path: Path
 ) -> None:
-    stage_env, sink = env
-    stage_env.eval = stage_env.eval.model_copy(update={"size": 50, "pass_k": 0})
+    stage_env, sink = quick_env
     base = demo / "base" / "checkpoint"
     cfg = Stage1Config(**teacher, epochs=2, minibatch_size=256, eval_every_epochs=2)  # type: ignore[arg-type]
     res = run_stage1(
@@ -350,10 +356,9 @@ def test_every_stage1_objective_trains(
     ],
 )
 def test_every_stage2_signal_trains(
-    signal: dict[str, object], demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+    signal: dict[str, object], demo: Path, batch: RolloutBatch, quick_env: Env, tmp_path: Path
 ) -> None:
-    stage_env, sink = env
-    stage_env.eval = stage_env.eval.model_copy(update={"size": 50, "pass_k": 0})
+    stage_env, sink = quick_env
     base = demo / "base" / "checkpoint"
     teacher = demo / "round-0" / "teacher-sapo" / "checkpoint"
     cfg = Stage2Config(**signal, epochs=1, minibatch_size=256, kl_budget=None)  # type: ignore[arg-type]
@@ -375,12 +380,11 @@ def test_every_stage2_signal_trains(
 
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_budget_is_checked_after_the_last_update_without_duplicate_points(
-    epochs: int, demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+    epochs: int, demo: Path, batch: RolloutBatch, quick_env: Env, tmp_path: Path
 ) -> None:
     """One step per epoch: epochs=1 is only caught by the final check, epochs=2 stops on the
     first step of epoch 2, the step the end-of-epoch eval already logged."""
-    stage_env, sink = env
-    stage_env.eval = stage_env.eval.model_copy(update={"size": 50, "pass_k": 0})
+    stage_env, sink = quick_env
     cfg = Stage2Config(epochs=epochs, minibatch_size=len(batch), kl_budget=1e-6, lr=1e-4)
     res = run_stage2(
         base=demo / "base" / "checkpoint",
@@ -403,10 +407,9 @@ def test_pipeline_refuses_an_output_dir_of_another_config(demo: Path) -> None:
 
 @pytest.mark.parametrize("stop_at_call", [1, 3])  # before any update / at an epoch boundary
 def test_stop_and_resume_never_logs_a_point_twice(
-    stop_at_call: int, demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+    stop_at_call: int, demo: Path, batch: RolloutBatch, quick_env: Env, tmp_path: Path
 ) -> None:
-    stage_env, sink = env
-    stage_env.eval = stage_env.eval.model_copy(update={"size": 50, "pass_k": 0})
+    stage_env, sink = quick_env
     calls = {"n": 0}
 
     def stop() -> bool:
