@@ -154,6 +154,12 @@ class _StageCommon(_Strict):
     grad_clip: float = Field(1.0, ge=0, description="Global grad-norm clip (0 disables).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_every_epochs: int = Field(1, ge=1, description="Evaluate after every k epochs.")
+    eval_at_epochs: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description="Evaluate after exactly these epochs instead of every k (e.g. log-spaced "
+        "[1, 2, 4, 8, 16] for an aggressiveness sweep); pi_k (epoch 0) and the last epoch are "
+        "always evaluated.",
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0, description="Save a resume checkpoint every k steps (0: only when stopped)."
     )
@@ -186,6 +192,12 @@ class Stage1Config(_StageCommon):
         "base", description="mse: the unlearned reference, pi_k (base) or pi_0 (initial)."
     )
     kl_coef: float = Field(0.0, ge=0, description="k3 penalty to pi_k per token (0 = none).")
+    kl_budget: float | None = Field(
+        None,
+        gt=0,
+        description="Early stopping: stop once kl/exact to pi_k exceeds this (checked every "
+        "step, like stage 2). None = train all epochs, the over-trained teacher of the paper.",
+    )
     name: str | None = Field(
         None,
         pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$",

@@ -43,7 +43,8 @@ def policy_vs_reference(
     """Per-response sums and per-token means of log-prob, entropy and exact KL against ref.
 
     Returns tensors over the B responses: `logp` (sequence log-prob under model), `ref_logp`,
-    `entropy_sum`, `kl_sum` (full-vocabulary KL summed over tokens) and `tokens` (count).
+    `entropy_sum`, `kl_sum` (full-vocabulary KL summed over tokens), `k3_sum` (k3 on the
+    sampled tokens, summed) and `tokens` (count).
     Computed in chunks so a real vocabulary never materialises (B, R, V) for the whole batch.
     """
     device = next(model.parameters()).device
@@ -52,6 +53,7 @@ def policy_vs_reference(
         "ref_logp": [],
         "entropy_sum": [],
         "kl_sum": [],
+        "k3_sum": [],
     }
     with frozen(model), autocast(device, bf16):
         for start in range(0, seqs.input_ids.shape[0], batch_size):
@@ -59,13 +61,17 @@ def policy_vs_reference(
             mask = part.response_mask
             logits = response_logits(model, part)  # (b, R, V)
             targets = response_targets(part)
-            parts["logp"].append((token_logprobs(logits, targets) * mask).sum(-1).cpu())
+            logp = token_logprobs(logits, targets)  # (b, R)
+            parts["logp"].append((logp * mask).sum(-1).cpu())
             parts["entropy_sum"].append((token_entropy(logits) * mask).sum(-1).cpu())
             if ref_model is not None:
                 with frozen(ref_model):
                     ref_logits = response_logits(ref_model, part)
-                parts["ref_logp"].append((token_logprobs(ref_logits, targets) * mask).sum(-1).cpu())
+                ref_logp = token_logprobs(ref_logits, targets)
+                parts["ref_logp"].append((ref_logp * mask).sum(-1).cpu())
                 parts["kl_sum"].append((exact_kl(logits, ref_logits) * mask).sum(-1).cpu())
+                k3 = kl_estimators(logp.float(), ref_logp.float())["k3"]
+                parts["k3_sum"].append((k3 * mask).sum(-1).cpu())
     out = {k: torch.cat(v) for k, v in parts.items() if v}
     out["tokens"] = seqs.response_mask.sum(-1)
     return out
@@ -82,9 +88,10 @@ def batch_diagnostics(
     """Exact KL to pi_k, token entropy and log-prob drift of correct/incorrect responses."""
     stats = policy_vs_reference(model, ref_model, batch.seqs, batch_size=batch_size, bf16=bf16)
     tokens = stats["tokens"].sum().clamp_min(1.0)
-    out = {M.ENTROPY_TOKEN: (stats["entropy_sum"].sum() / tokens).item()}
+    out = {M.ENTROPY_BATCH: (stats["entropy_sum"].sum() / tokens).item()}
     if ref_model is not None:
         out[M.KL_EXACT_BATCH] = (stats["kl_sum"].sum() / tokens).item()
+        out[M.KL_K3_BATCH] = (stats["k3_sum"].sum() / tokens).item()
         drift = stats["logp"] - stats["ref_logp"]  # (B,)
         correct = batch.rewards > 0
         out[M.DRIFT_CORRECT] = drift[correct].mean().item() if correct.any() else 0.0
@@ -148,8 +155,6 @@ class Evaluator:
             prompts = batch.prompt_problems()
             out[M.ACC_TRAIN_BATCH] = self.accuracy(model, prompts, greedy=True)
             out[M.REWARD_MEAN] = batch.rewards.mean().item()
-            # includes entropy/token of the whole batch, a step-series name: loggers keep only
-            # eval-scope metrics, summaries keep it all
             out.update(
                 batch_diagnostics(
                     model, ref_model, batch, bf16=self.bf16, batch_size=self.cfg.batch_size

@@ -81,6 +81,14 @@ KL_K3 = _metric(
     "Heavy-tailed on the fixed data (explodes when a sampled token is driven toward 0); "
     "a secondary series, never the budget.",
 )
+KL_K3_BATCH = _metric(
+    "kl/k3_batch",
+    "k3 = rho - 1 - log rho, rho = pi_k / pi_theta, on the sampled tokens",
+    "lower_is_better",
+    "token mean over all response tokens of the fixed batch",
+    "eval",
+    "kl/k3 on the whole fixed batch at an eval point; heavy-tailed, shown beside kl/exact_batch.",
+)
 KL_SEQ_K3 = _metric(
     "kl/seq_k3",
     "k3 of the sequence log-ratio on fresh samples of pi_theta (T=1)",
@@ -91,11 +99,12 @@ KL_SEQ_K3 = _metric(
 )
 KL_BUDGET_USED = _metric(
     "kl/budget_used",
-    "kl/exact / stage2.kl_budget",
+    "kl/exact / the stage's kl_budget",
     "neutral",
     "ratio at the step",
     "step",
-    "Share of the stage-2 KL budget spent; training stops at 1.",
+    "Share of the stage's KL budget spent (stage 2, or an early-stopped stage 1); training "
+    "stops past 1.",
 )
 # --- entropy and drift ----------------------------------------------------------------------
 ENTROPY_TOKEN = _metric(
@@ -105,6 +114,14 @@ ENTROPY_TOKEN = _metric(
     "mean over response tokens of the fixed data (minibatch at steps)",
     "step",
     "Falls when stage 1 collapses onto few responses.",
+)
+ENTROPY_BATCH = _metric(
+    "entropy/batch",
+    "full-vocabulary entropy of pi_theta per context",
+    "neutral",
+    "mean over all response tokens of the fixed batch",
+    "eval",
+    "entropy/token on the whole fixed batch at an eval point: the entropy-collapse curve.",
 )
 ENTROPY_SAMPLED = _metric(
     "entropy/sampled",

@@ -182,7 +182,7 @@ def run_stage2(
         models=(model, ref_model, tokenizer),
         batch=batch,
         objective=objective,
-        settings=LoopSettings.of(run, cfg, bf16=env.bf16, kl_budget=cfg.kl_budget),
+        settings=LoopSettings.of(run, cfg, bf16=env.bf16),
         env=env,
         run_dir=run_dir,
         resume=resume,

@@ -108,6 +108,11 @@ class StageEnv:
     sink: M.MetricSink = field(default_factory=M.NullSink)
     should_stop: StopCheck | None = None
     progress: ProgressFactory = no_progress
+    evaluate: bool = True
+    """False skips held-out evals inside stages (the final whole-batch diagnostics remain):
+    for callers that evaluate checkpoints themselves, e.g. many one-step on-policy stages."""
+    eval_start: bool = True
+    """False skips the eval of pi_k at step 0, for callers that measured pi_k already."""
 
     def evaluator(self, tokenizer: PreTrainedTokenizerBase, seed: int) -> Evaluator:
         return Evaluator(
@@ -137,6 +142,7 @@ class LoopSettings:
     seed: int
     kl_budget: float | None = None
     bf16: bool = False
+    eval_at_epochs: tuple[int, ...] | None = None
 
     @classmethod
     def of(
@@ -145,7 +151,6 @@ class LoopSettings:
         cfg: Stage1Config | Stage2Config,
         *,
         bf16: bool,
-        kl_budget: float | None = None,
     ) -> LoopSettings:
         return cls(
             run=run,
@@ -158,8 +163,9 @@ class LoopSettings:
             eval_every_epochs=cfg.eval_every_epochs,
             checkpoint_every_steps=cfg.checkpoint_every_steps,
             seed=cfg.seed,
-            kl_budget=kl_budget,
+            kl_budget=cfg.kl_budget,
             bf16=bf16,
+            eval_at_epochs=tuple(cfg.eval_at_epochs) if cfg.eval_at_epochs else None,
         )
 
     @property
@@ -205,6 +211,7 @@ def run_loop(
     should_stop: StopCheck | None = None,
     advance: Advance | None = None,
     fingerprint: str = "",
+    eval_start: bool = True,
 ) -> LoopResult:
     """Train `model` on the fixed batch for `settings.epochs` epochs (or until stopped).
 
@@ -253,7 +260,7 @@ def run_loop(
     def final_summary() -> dict[str, float]:
         """The eval of the final weights; the batch diagnostics are computed only if no eval
         ran at this step (no evaluator, or a resume that landed on the last step)."""
-        if step in evaluated and M.ENTROPY_TOKEN in evaluated[step]:
+        if step in evaluated and M.ENTROPY_BATCH in evaluated[step]:
             return evaluated[step]
         from erpd.evaluate import batch_diagnostics
 
@@ -267,13 +274,20 @@ def run_loop(
 
     def eval_due(at: int) -> bool:
         epochs_done = at // per_epoch
-        return at % per_epoch == 0 and (
-            epochs_done % settings.eval_every_epochs == 0 or epochs_done == settings.epochs
-        )
+        if at % per_epoch or epochs_done == 0:
+            return False
+        if epochs_done == settings.epochs:
+            return True
+        if settings.eval_at_epochs is not None:
+            return epochs_done in settings.eval_at_epochs
+        return epochs_done % settings.eval_every_epochs == 0
 
-    # a fresh run evaluates pi_k at step 0; a resumed one evaluates its resume step if an eval
-    # was due there and the checkpoint was written before it (a periodic save, then a crash)
-    due = checkpoint is None or (eval_due(step) and not evaluated_here)
+    # a fresh run evaluates pi_k at step 0 (unless eval_start is off); a resumed one evaluates
+    # its resume step if an eval was due there and the checkpoint was written before it (a
+    # periodic save, then a crash)
+    due = (checkpoint is None and eval_start) or (
+        checkpoint is not None and eval_due(step) and not evaluated_here
+    )
     last = evaluate(step) if due else {}
     # eval mode throughout: dropout would make pi_theta's log-probs noisy and the first ratio
     # differ from 1 (pi_old, pi_k and teachers are all scored without dropout); grads still flow
@@ -442,13 +456,14 @@ def train_stage(
             batch=batch,
             objective=objective,
             settings=settings,
-            evaluator=env.evaluator(tokenizer, settings.seed),
+            evaluator=env.evaluator(tokenizer, settings.seed) if env.evaluate else None,
             sink=env.sink,
             run_dir=run_dir,
             resume=resume,
             should_stop=env.should_stop,
             advance=advance,
             fingerprint=fingerprint.hexdigest(),
+            eval_start=env.eval_start,
         )
     return finalize(
         stage=stage,

@@ -129,7 +129,8 @@ def test_every_metric_is_logged_finite_for_both_stages(demo: Path) -> None:
         if str(p["name"]).startswith(("kl/", "entropy/")):
             assert p["value"] is not None and math.isfinite(float(p["value"])), p
     common = {
-        M.KL_EXACT, M.KL_EXACT_BATCH, M.KL_K1, M.KL_K3, M.KL_SEQ_K3, M.ENTROPY_TOKEN,
+        M.KL_EXACT, M.KL_EXACT_BATCH, M.KL_K1, M.KL_K3, M.KL_SEQ_K3, M.KL_K3_BATCH,
+        M.ENTROPY_TOKEN, M.ENTROPY_BATCH,
         M.ENTROPY_SAMPLED, M.DRIFT_CORRECT, M.DRIFT_INCORRECT, M.ACC_TRAIN_BATCH, M.ACC_EVAL,
         M.ACC_EVAL_SAMPLED, M.ACC_PASS_K, M.REWARD_MEAN, M.RATIO_CLIP_FRAC, M.RATIO_P01,
         M.RATIO_P99, M.LOSS, M.TOKENS_PER_S,
@@ -232,6 +233,33 @@ def test_stage2_kl_budget_stops_training(
     kl = sink.series(M.KL_EXACT)
     assert kl[-1][1] > cfg.kl_budget and all(v <= cfg.kl_budget for _, v in kl[:-1])
     assert read_manifest(res.checkpoint)["status"] == "kl_budget"  # type: ignore[arg-type]
+
+
+def test_stage1_evaluates_at_chosen_epochs_and_early_stops_at_a_kl_budget(
+    demo: Path, batch: RolloutBatch, quick_env: Env, tmp_path: Path
+) -> None:
+    stage_env, sink = quick_env
+    stage_env.eval_start = False  # pi_k measured elsewhere
+    base = demo / "base" / "checkpoint"
+    cfg = Stage1Config(epochs=3, minibatch_size=128, eval_at_epochs=[2])
+    full = run_stage1(
+        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "a", run="a"
+    )
+    per_epoch = math.ceil(len(batch) / cfg.minibatch_size)
+    # epoch 2 as asked, and the last; neither pi_k (step 0) nor epoch 1
+    assert [s for s, _ in sink.series(M.ACC_EVAL)] == [2 * per_epoch, 3 * per_epoch]
+    assert full.status == "completed"
+
+    sink.points.clear()
+    budget = full.summary[M.KL_EXACT_BATCH] / 3
+    early = run_stage1(
+        base=base, batch=batch, cfg=cfg.model_copy(update={"kl_budget": budget}),
+        env=stage_env, run_dir=tmp_path / "b", run="b",
+    )  # fmt: skip
+    assert early.status == "kl_budget" and 0 < early.steps < full.steps
+    kl = sink.series(M.KL_EXACT)
+    assert kl[-1][1] > budget and all(v <= budget for _, v in kl[:-1])
+    assert sink.series(M.KL_BUDGET_USED)[-1][1] > 1.0
 
 
 def _erpd(*args: str) -> subprocess.CompletedProcess[str]:
