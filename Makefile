@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-all test-gpu lint format services clean
+.PHONY: demo reproduce reproduce-full test test-all test-gpu lint format services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/erpd pipeline --out $(DEMO_OUT) --config configs/demo.yaml
+
+# the paper's experiments at tiny scale -> runs/reproduce-*/report.md (re-running reuses runs)
+reproduce: $(VENV)/.installed
+	$(BIN)/erpd reproduce --out runs/reproduce-quick --preset quick
+
+reproduce-full: $(VENV)/.installed
+	$(BIN)/erpd reproduce --out runs/reproduce-full --preset full
 
 test: lint services
 	$(BIN)/python -m pytest

@@ -27,7 +27,8 @@ from erpd.errors import ERPDError
 
 app = typer.Typer(
     name="erpd",
-    help="Extreme Region Policy Distillation: base, sample, stage1, stage2, pipeline, eval.",
+    help="Extreme Region Policy Distillation: base, sample, stage1, stage2, pipeline, eval, "
+    "reproduce.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -446,6 +447,95 @@ def eval_(
             _print_summary(values)
 
     _guard(go)
+
+
+@app.command()
+def reproduce(
+    out: OutOpt = Path("runs/reproduce"),
+    preset_: Annotated[
+        str, typer.Option("--preset", help="quick (~15 min on 2 cores) or full (4 seeds).")
+    ] = "quick",
+    seeds: Annotated[int | None, typer.Option(help="Fixed batches per experiment.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML/JSON reproduce config.")
+    ] = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Local HF model dir as pi_0 (default: tiny).")
+    ] = None,
+    dataset: Annotated[
+        Path | None, typer.Option(help="JSONL dataset: the strong-teacher experiment runs on it.")
+    ] = None,
+) -> None:
+    """The paper's experiments at tiny scale -> OUT/report.md, plots, results.json."""
+
+    def go() -> None:
+        from erpd.reproduce import ReproduceConfig, preset, run_reproduce
+
+        if preset_ not in ("quick", "full"):
+            raise UsageError(f"--preset: must be quick or full, got {preset_!r}")
+        data = _merge(preset(preset_), _read_config_file(config) if config else {})  # type: ignore[arg-type]
+        for assignment in set_ or []:
+            apply_override(data, assignment)
+        fixed = {"seeds": seeds, "runtime.device": device}
+        if model is not None:
+            fixed["model.path"] = str(existing_dir(model, "--model"))
+        for key, value in fixed.items():
+            if value is not None:
+                set_path(data, key, value)
+        if dataset is not None:
+            if model is None and "path" not in data.get("model", {}):
+                raise UsageError("--dataset needs --model: the tiny base knows only arithmetic")
+            if not dataset.is_file():
+                raise UsageError(f"--dataset: no such file {dataset}")
+            # added to the built-in tasks (or to the tasks a config/--set defined), keeping any
+            # --set tasks.dataset.* knobs such as max_new_tokens
+            tasks = data.setdefault("tasks", ReproduceConfig().model_dump(mode="json")["tasks"])
+            jsonl = {"kind": "jsonl", "jsonl": {"train_path": str(dataset)}}
+            tasks["dataset"] = _merge(tasks.get("dataset") or {}, jsonl)
+        cfg = ReproduceConfig.model_validate(data)
+        output_dir(out)
+        from erpd.progress import RichProgress
+
+        def log(line: str) -> None:
+            err_console.print(line, highlight=False)
+
+        with _graceful_stop() as stop:
+            res = run_reproduce(
+                cfg,
+                out,
+                command=f"erpd reproduce --preset {preset_}",
+                progress=RichProgress(),
+                should_stop=stop,
+                log=log,
+            )
+        table = Table(title=f"ERPD claims ({cfg.preset} preset, {cfg.seeds} seeds)")
+        for head in ("claim", "greedy", "sampled (T=1)"):
+            table.add_column(head, no_wrap=True)
+        for v in res.verdicts:
+            table.add_row(v.claim, _holds(v.holds), _holds(v.holds_sampled))
+        out_console.print(table)
+        out_console.print(f"report:    {res.report}")
+        out_console.print(f"results:   {res.results}")
+        out_console.print(f"wall time: {res.wall_time / 60:.1f} min ({res.trained} runs trained)")
+
+    _guard(go)
+
+
+def _holds(value: bool) -> str:
+    return "[green]holds[/green]" if value else "[red]does not hold[/red]"
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """extra on top of base, section by section."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _print_summary(values: dict[str, float]) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from erpd.config import PipelineConfig
+from erpd.models import build_char_tokenizer
+from erpd.tasks import ALPHABET
 
 
 def tiny_pipeline_config(**overrides: object) -> PipelineConfig:
@@ -20,6 +24,36 @@ def tiny_pipeline_config(**overrides: object) -> PipelineConfig:
     }
     data.update(overrides)
     return PipelineConfig.model_validate(data)
+
+
+def random_model_dir(path: Path, config_cls: type, model_cls: type, **extra: object) -> Path:
+    """A randomly initialised tiny model saved as a normal HF directory (nothing downloaded)."""
+    tokenizer = build_char_tokenizer(ALPHABET)
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+    model_cls(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def random_qwen3_dir(path: Path) -> Path:
+    """Qwen3 with tied embeddings (as Qwen3-4B), the case resume checkpoints once broke on."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return random_model_dir(
+        path, Qwen3Config, Qwen3ForCausalLM, head_dim=8, tie_word_embeddings=True
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

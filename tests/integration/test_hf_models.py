@@ -11,8 +11,6 @@ from transformers import (
     AutoModelForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 from erpd.config import EvalConfig, SampleConfig, Stage1Config, Stage2Config, TaskSpec
@@ -24,45 +22,19 @@ from erpd.stage1 import run_stage1
 from erpd.stage2 import run_stage2
 from erpd.tasks import ALPHABET, build_task
 from erpd.trainer import StageEnv
-
-
-def _random_model_dir(path: Path, config_cls: type, model_cls: type, **extra: object) -> Path:
-    """A randomly initialised tiny model saved as a normal HF directory (nothing downloaded)."""
-    tokenizer = build_char_tokenizer(ALPHABET)
-    torch.manual_seed(0)
-    config = config_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **extra,
-    )
-    model_cls(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from tests.conftest import random_model_dir, random_qwen3_dir
 
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen3 with tied embeddings (as Qwen3-4B), the case resume checkpoints once broke on."""
-    return _random_model_dir(
-        tmp_path_factory.mktemp("qwen3"),
-        Qwen3Config,
-        Qwen3ForCausalLM,
-        head_dim=8,
-        tie_word_embeddings=True,
-    )
+    return random_qwen3_dir(tmp_path_factory.mktemp("qwen3"))
 
 
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen2 (biased QKV projections)."""
-    return _random_model_dir(tmp_path_factory.mktemp("qwen2"), Qwen2Config, Qwen2ForCausalLM)
+    return random_model_dir(tmp_path_factory.mktemp("qwen2"), Qwen2Config, Qwen2ForCausalLM)
 
 
 def _env() -> StageEnv:

@@ -1,0 +1,150 @@
+"""`erpd reproduce`: the paper's experiments at tiny scale -> report.md, PNG plots, results.json.
+
+    OUT/reproduce.json   the config of the last invocation (marks OUT as a reproduction)
+    OUT/results.json     every arm's per-seed values, means and spreads, curves, verdicts
+    OUT/report.md        tables, one figure per experiment, a verdict per METHOD.md claim
+    OUT/fig_*.png
+    OUT/invocations.jsonl  wall time and runs trained per invocation (the total is the cost)
+    OUT/runs/            every base, batch and stage run, reused by a later invocation
+
+Running the same command again reuses every finished run (and resumes a stopped one), so a
+reproduction interrupted with Ctrl-C loses at most the steps since its stage's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from erpd.errors import ConfigError
+from erpd.progress import ProgressFactory, no_progress
+from erpd.reproduce.config import EXPERIMENTS, ReproduceConfig, preset
+from erpd.reproduce.verdicts import Verdict
+
+__all__ = ["EXPERIMENTS", "ReproduceConfig", "ReproduceResult", "preset", "run_reproduce"]
+
+MARKER = "reproduce.json"
+
+
+@dataclass
+class ReproduceResult:
+    report: Path
+    results: Path
+    verdicts: list[Verdict]
+    wall_time: float
+    trained: int  # stage runs trained by this invocation (the rest were reused)
+
+
+def _claim(out: Path, cfg: ReproduceConfig) -> None:
+    """OUT must be new, empty, or a previous reproduction (whose runs are then reused)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ConfigError("--out", f"{out} is not empty and holds no erpd reproduction")
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / MARKER, cfg.model_dump(mode="json"))
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a metric a run lacks is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write(path: Path, body: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(body), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _record_invocation(out: Path, wall: float, trained: int) -> list[dict[str, Any]]:
+    """Append this invocation to OUT/invocations.jsonl; returns all of them."""
+    path = out / "invocations.jsonl"
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"finished": time.time(), "wall_time_s": wall, "trained": trained}))
+        f.write("\n")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), {device}"
+
+
+def _settings(cfg: ReproduceConfig, lab: Any) -> list[str]:
+    """The knobs a reader needs to interpret the numbers, one line each."""
+    t, s = cfg.teacher, cfg.student
+    tasks = ", ".join(f"`{name}` ({lab.env(name).task.name})" for name in cfg.tasks)
+    budget = "none" if s.kl_budget is None else f"{s.kl_budget:g}"
+    region = f"{s.region}" + (f" {s.top_frac:g}" if s.region == "top_frac" else "")
+    return [
+        f"tasks: {tasks}; the first is used by every experiment",
+        f"fixed batch: {cfg.sample.num_prompts} prompts x {cfg.sample.group_size} responses "
+        f"(T={cfg.sample.temperature:g}) from pi_k, one per seed",
+        f"teachers (stage 1): {t.epochs} epochs, lr {t.lr:g}, minibatch {t.minibatch_size}, "
+        f"anchor {t.anchor}, kl_coef {t.kl_coef:g}",
+        f"students (stage 2): signal {s.signal}, region {region}, {s.epochs} epochs, lr {s.lr:g}, "
+        f"clip {s.clip_eps:g}, kl_coef {s.kl_coef:g}, kl_budget {budget}",
+        f"eval: {cfg.eval.size or 'all'} held-out problems, greedy and T=1",
+    ]
+
+
+def run_reproduce(
+    cfg: ReproduceConfig,
+    out_dir: str | Path,
+    *,
+    command: str = "erpd reproduce",
+    progress: ProgressFactory = no_progress,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> ReproduceResult:
+    """Run the configured experiments into out_dir and write the report."""
+    from erpd.reproduce.experiments import RUNNERS
+    from erpd.reproduce.lab import Lab
+    from erpd.reproduce.report import write_report
+    from erpd.reproduce.verdicts import as_json, decide_all
+
+    started = time.time()
+    out = Path(out_dir)
+    lab = Lab(cfg, out, progress=progress, should_stop=should_stop, log=log)
+    lab.env(cfg.primary)  # validates tasks and device before anything is written
+    _claim(out, cfg)
+    results: dict[str, Any] = {}
+    for name in EXPERIMENTS:  # METHOD.md's order, whatever order the config lists them in
+        if name in cfg.experiments:
+            log(f"experiment {name}")
+            results[name] = RUNNERS[name](lab)
+    verdicts = decide_all(results)
+    wall = time.time() - started
+    history = _record_invocation(out, wall, lab.trained)
+    meta = {
+        "command": command,
+        "preset": cfg.preset,
+        "seeds": cfg.seeds,
+        "wall_time_s": wall,
+        "trained_runs": lab.trained,
+        # a later invocation reuses runs: the total is what the whole reproduction cost
+        "wall_time_total_s": sum(h["wall_time_s"] for h in history),
+        "invocations": len(history),
+        "machine": _machine(str(lab.env(cfg.primary).device)),
+        "settings": _settings(cfg, lab),
+    }
+    results_path = out / "results.json"
+    body = {"meta": meta, "config": cfg.model_dump(mode="json"), "verdicts": as_json(verdicts)}
+    _write(results_path, {**body, "experiments": results})
+    report = write_report(out, results, verdicts, meta)
+    return ReproduceResult(report, results_path, verdicts, wall, lab.trained)
