@@ -210,26 +210,22 @@ class Lab:
         from erpd.stage1 import run_stage1
 
         cfg = cfg.model_copy(update={"seed": seed})
-        key = {"cfg": _dump(cfg), "base": identity(base), "batch": batch.fingerprint()}
         evals = {"evaluate": evaluate, "eval_start": eval_start}
-        run_dir = self._run_dir(task, seed, f"stage1-{cfg.objective}", {**key, **evals})
-        res = completed(run_dir)
-        if res is None:
-            self.log(f"{task} seed {seed}: {label}")
-            env = self._run_env(task, run_dir, **evals)
-            try:
-                res = run_stage1(
-                    base=base,
-                    batch=batch,
-                    cfg=cfg,
-                    env=env,
-                    run_dir=run_dir,
-                    run=label,
-                    initial=self.base(task),
-                )
-            finally:
-                env.sink.close()
-            self._done(res)
+
+        def train(env: StageEnv, run_dir: Path) -> StageResult:
+            return run_stage1(
+                base=base,
+                batch=batch,
+                cfg=cfg,
+                env=env,
+                run_dir=run_dir,
+                run=label,
+                initial=self.base(task),
+            )
+
+        key = {"cfg": _dump(cfg), "base": identity(base), "batch": batch.fingerprint(), **evals}
+        stem = f"stage1-{cfg.objective}"
+        res = self._cached(task, seed, stem, key, label, train, **evals)
         return self._outcome(label, res, batch, cfg.minibatch_size)
 
     def stage2(
@@ -247,29 +243,55 @@ class Lab:
 
         cfg = cfg.model_copy(update={"seed": seed})
         pinned = [t.sha256 for t in teachers]
-        key = {"cfg": _dump(cfg), "base": identity(base), "batch": batch.fingerprint()}
-        run_dir = self._run_dir(task, seed, f"stage2-{cfg.signal}", {**key, "teachers": pinned})
+
+        def train(env: StageEnv, run_dir: Path) -> StageResult:
+            return run_stage2(
+                base=base,
+                teachers=[t.checkpoint for t in teachers if t.checkpoint],
+                pinned=pinned,
+                batch=batch,
+                cfg=cfg,
+                env=env,
+                run_dir=run_dir,
+                run=label,
+                initial=self.base(task),
+            )
+
+        key: dict[str, Any] = {
+            "cfg": _dump(cfg),
+            "base": identity(base),
+            "batch": batch.fingerprint(),
+        }
+        stem = f"stage2-{cfg.signal}"
+        # pi_k is measured once per batch (`measure`), not again by every student
+        key["teachers"] = pinned
+        res = self._cached(task, seed, stem, key, label, train, eval_start=False)
+        return self._outcome(label, res, batch, cfg.minibatch_size)
+
+    def _cached(
+        self,
+        task: str,
+        seed: int,
+        stem: str,
+        key: dict[str, Any],
+        label: str,
+        train: Callable[[StageEnv, Path], StageResult],
+        **evals: bool,
+    ) -> StageResult:
+        """The finished run of this key, or train it now (resuming a stopped one)."""
+        # named by what the run is, never by which experiment asked first: a run two
+        # experiments need (the sapo sweep is also the teacher and kl_coef=0) trains once
+        run_dir = self.runs / task / f"seed-{seed}" / f"{stem}-{digest({'stem': stem, **key})}"
         res = completed(run_dir)
         if res is None:
             self.log(f"{task} seed {seed}: {label}")
-            # pi_k is measured once per batch (`measure`), not again by every student
-            env = self._run_env(task, run_dir, eval_start=False)
+            env = self._run_env(task, run_dir, **evals)
             try:
-                res = run_stage2(
-                    base=base,
-                    teachers=[t.checkpoint for t in teachers if t.checkpoint],
-                    pinned=pinned,
-                    batch=batch,
-                    cfg=cfg,
-                    env=env,
-                    run_dir=run_dir,
-                    run=label,
-                    initial=self.base(task),
-                )
+                res = train(env, run_dir)
             finally:
                 env.sink.close()
             self._done(res)
-        return self._outcome(label, res, batch, cfg.minibatch_size)
+        return res
 
     def measure(
         self, task: str, seed: int, policy: Path, *, ref: Path, batch: RolloutBatch, label: str
@@ -291,11 +313,6 @@ class Lab:
             final = env.evaluator(tokenizer, seed)(model, step=0, ref_model=ref_model, batch=batch)
             _write_json(path, final)
         return Outcome(label, "measured", 0, final, checkpoint=str(policy), sha256=identity(policy))
-
-    def _run_dir(self, task: str, seed: int, stem: str, key: dict[str, Any]) -> Path:
-        # named by what the run is, never by which experiment asked first: a run two
-        # experiments need (the sapo sweep is also the teacher and kl_coef=0) trains once
-        return self.runs / task / f"seed-{seed}" / f"{stem}-{digest({'stem': stem, **key})}"
 
     def _done(self, res: StageResult) -> None:
         if res.status == "stopped":
