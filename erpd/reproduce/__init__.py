@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from erpd.config import TaskSpec
 from erpd.errors import ConfigError
 from erpd.progress import ProgressFactory, no_progress
 from erpd.reproduce.config import EXPERIMENTS, ReproduceConfig, preset
@@ -85,10 +86,17 @@ def _machine(device: str) -> str:
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), {device}"
 
 
-def _settings(cfg: ReproduceConfig, lab: Any) -> list[str]:
+def _describe(task: TaskSpec) -> str:
+    if task.kind == "jsonl" and task.jsonl is not None:
+        return f"JSONL {Path(task.jsonl.train_path).name}"
+    a = task.arithmetic
+    return f"{a.terms} x {a.digits}-digit '{a.operators}', answer style {a.style}"
+
+
+def _settings(cfg: ReproduceConfig) -> list[str]:
     """The knobs a reader needs to interpret the numbers, one line each."""
     t, s = cfg.teacher, cfg.student
-    tasks = ", ".join(f"`{name}` ({lab.env(name).task.name})" for name in cfg.tasks)
+    tasks = ", ".join(f"`{name}` ({_describe(spec)})" for name, spec in cfg.tasks.items())
     budget = "none" if s.kl_budget is None else f"{s.kl_budget:g}"
     region = f"{s.region}" + (f" {s.top_frac:g}" if s.region == "top_frac" else "")
     return [
@@ -141,7 +149,7 @@ def run_reproduce(
         "wall_time_total_s": sum(h["wall_time_s"] for h in history),
         "invocations": len(history),
         "machine": _machine(str(lab.env(cfg.primary).device)),
-        "settings": _settings(cfg, lab),
+        "settings": _settings(cfg),
     }
     results_path = out / "results.json"
     body = {"meta": meta, "config": cfg.model_dump(mode="json"), "verdicts": as_json(verdicts)}
