@@ -60,15 +60,24 @@ def test_qwen3_runs_one_stage1_and_one_stage2_step(qwen3_dir: Path, tmp_path: Pa
     batch.advantages[0], batch.advantages[1] = 1.0, -1.0
     one_step = {"epochs": 1, "minibatch_size": 16, "lr": 1e-3}
     teacher = run_stage1(
-        base=qwen3_dir, batch=batch, cfg=Stage1Config(**one_step), env=env,
-        run_dir=tmp_path / "teacher", run="teacher",
-    )  # fmt: skip
+        base=qwen3_dir,
+        batch=batch,
+        cfg=Stage1Config(**one_step),
+        env=env,
+        run_dir=tmp_path / "teacher",
+        run="teacher",
+    )
     assert teacher.status == "completed" and teacher.steps == 1
     student = run_stage2(
-        base=qwen3_dir, teachers=[teacher.checkpoint], pinned=[teacher.sha256], batch=batch,
-        cfg=Stage2Config(**one_step, kl_budget=None), env=env, run_dir=tmp_path / "student",
+        base=qwen3_dir,
+        teachers=[teacher.checkpoint],
+        pinned=[teacher.sha256],
+        batch=batch,
+        cfg=Stage2Config(**one_step, kl_budget=None),
+        env=env,
+        run_dir=tmp_path / "student",
         run="student",
-    )  # fmt: skip
+    )
     assert student.status == "completed" and student.steps == 1
     loaded = AutoModelForCausalLM.from_pretrained(student.checkpoint)
     assert loaded.config.model_type == "qwen3"
@@ -89,9 +98,15 @@ def test_stage2_refuses_a_teacher_that_changed(qwen3_dir: Path, tmp_path: Path) 
     assert teacher.checkpoint is not None
     with pytest.raises(CheckpointError, match="sha256"):
         run_stage2(
-            base=qwen3_dir, teachers=[teacher.checkpoint], pinned=["0" * 64], batch=batch,
-            cfg=Stage2Config(epochs=1), env=env, run_dir=tmp_path / "s", run="s",
-        )  # fmt: skip
+            base=qwen3_dir,
+            teachers=[teacher.checkpoint],
+            pinned=["0" * 64],
+            batch=batch,
+            cfg=Stage2Config(epochs=1),
+            env=env,
+            run_dir=tmp_path / "s",
+            run="s",
+        )
     assert not (tmp_path / "s" / "checkpoint").exists()
 
 
@@ -137,9 +152,13 @@ def test_bf16_autocast_path_runs_on_cpu(qwen3_dir: Path, tmp_path: Path) -> None
     )
     assert batch.behaviour_logprobs.dtype == torch.float32  # log-probs are always fp32
     res = run_stage1(
-        base=qwen3_dir, batch=batch, cfg=Stage1Config(epochs=1, minibatch_size=8), env=env,
-        run_dir=tmp_path / "t", run="t",
-    )  # fmt: skip
+        base=qwen3_dir,
+        batch=batch,
+        cfg=Stage1Config(epochs=1, minibatch_size=8),
+        env=env,
+        run_dir=tmp_path / "t",
+        run="t",
+    )
     assert res.status == "completed"
     assert all(torch.isfinite(torch.tensor(v)) for v in res.summary.values())
 
@@ -163,6 +182,10 @@ def test_a_batch_from_another_tokenizer_is_refused(
     other_tok.save_pretrained(other)
     with pytest.raises(CheckpointError, match="tokenizer"):
         run_stage1(
-            base=other, batch=batch, cfg=Stage1Config(epochs=1), env=env, run_dir=tmp_path / "r",
+            base=other,
+            batch=batch,
+            cfg=Stage1Config(epochs=1),
+            env=env,
+            run_dir=tmp_path / "r",
             run="r",
-        )  # fmt: skip
+        )

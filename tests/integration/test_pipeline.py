@@ -129,12 +129,28 @@ def test_every_metric_is_logged_finite_for_both_stages(demo: Path) -> None:
         if str(p["name"]).startswith(("kl/", "entropy/")):
             assert p["value"] is not None and math.isfinite(float(p["value"])), p
     common = {
-        M.KL_EXACT, M.KL_EXACT_BATCH, M.KL_K1, M.KL_K3, M.KL_SEQ_K3, M.KL_K3_BATCH,
-        M.ENTROPY_TOKEN, M.ENTROPY_BATCH,
-        M.ENTROPY_SAMPLED, M.DRIFT_CORRECT, M.DRIFT_INCORRECT, M.ACC_TRAIN_BATCH, M.ACC_EVAL,
-        M.ACC_EVAL_SAMPLED, M.ACC_PASS_K, M.REWARD_MEAN, M.RATIO_CLIP_FRAC, M.RATIO_P01,
-        M.RATIO_P99, M.LOSS, M.TOKENS_PER_S,
-    }  # fmt: skip
+        M.KL_EXACT,
+        M.KL_EXACT_BATCH,
+        M.KL_K1,
+        M.KL_K3,
+        M.KL_SEQ_K3,
+        M.KL_K3_BATCH,
+        M.ENTROPY_TOKEN,
+        M.ENTROPY_BATCH,
+        M.ENTROPY_SAMPLED,
+        M.DRIFT_CORRECT,
+        M.DRIFT_INCORRECT,
+        M.ACC_TRAIN_BATCH,
+        M.ACC_EVAL,
+        M.ACC_EVAL_SAMPLED,
+        M.ACC_PASS_K,
+        M.REWARD_MEAN,
+        M.RATIO_CLIP_FRAC,
+        M.RATIO_P01,
+        M.RATIO_P99,
+        M.LOSS,
+        M.TOKENS_PER_S,
+    }
     assert common <= by_run["round-0/teacher-sapo"], common - by_run["round-0/teacher-sapo"]
     stage2 = common | {M.SELECTED_FRAC, M.SIGNAL_STD, M.KL_BUDGET_USED}
     assert stage2 <= by_run["round-0/student"], stage2 - by_run["round-0/student"]
@@ -169,9 +185,13 @@ def test_first_stage1_ratio_is_exactly_one(
     stage_env.should_stop = lambda: next(stop_after)
     cfg = Stage1Config(epochs=2, minibatch_size=128, eval_every_epochs=2)
     res = run_stage1(
-        base=demo / "base" / "checkpoint", batch=batch, cfg=cfg, env=stage_env,
-        run_dir=tmp_path / "t", run="t",
-    )  # fmt: skip
+        base=demo / "base" / "checkpoint",
+        batch=batch,
+        cfg=cfg,
+        env=stage_env,
+        run_dir=tmp_path / "t",
+        run="t",
+    )
     assert res.status == "stopped" and res.steps == 1
     (step0, p01), (_, p99) = sink.series(M.RATIO_P01)[0], sink.series(M.RATIO_P99)[0]
     assert step0 == 0
@@ -226,8 +246,12 @@ def test_stage2_kl_budget_stops_training(
     res = run_stage2(
         base=demo / "base" / "checkpoint",
         teachers=[demo / "round-0" / "teacher-sapo" / "checkpoint"],
-        batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "s", run="s",
-    )  # fmt: skip
+        batch=batch,
+        cfg=cfg,
+        env=stage_env,
+        run_dir=tmp_path / "s",
+        run="s",
+    )
     assert res.status == "kl_budget"
     assert 0 < res.steps < res.total_steps
     kl = sink.series(M.KL_EXACT)
@@ -253,9 +277,13 @@ def test_stage1_evaluates_at_chosen_epochs_and_early_stops_at_a_kl_budget(
     sink.points.clear()
     budget = full.summary[M.KL_EXACT_BATCH] / 3
     early = run_stage1(
-        base=base, batch=batch, cfg=cfg.model_copy(update={"kl_budget": budget}),
-        env=stage_env, run_dir=tmp_path / "b", run="b",
-    )  # fmt: skip
+        base=base,
+        batch=batch,
+        cfg=cfg.model_copy(update={"kl_budget": budget}),
+        env=stage_env,
+        run_dir=tmp_path / "b",
+        run="b",
+    )
     assert early.status == "kl_budget" and 0 < early.steps < full.steps
     kl = sink.series(M.KL_EXACT)
     assert kl[-1][1] > budget and all(v <= budget for _, v in kl[:-1])
@@ -392,9 +420,15 @@ def test_every_stage2_signal_trains(
     cfg = Stage2Config(**signal, epochs=1, minibatch_size=256, kl_budget=None)  # type: ignore[arg-type]
     teachers = [] if cfg.signal == "advantage" else [teacher, teacher]
     res = run_stage2(
-        base=base, teachers=teachers, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path,
-        run="s", initial=base,
-    )  # fmt: skip
+        base=base,
+        teachers=teachers,
+        batch=batch,
+        cfg=cfg,
+        env=stage_env,
+        run_dir=tmp_path,
+        run="s",
+        initial=base,
+    )
     assert res.status == "completed" and res.steps == res.total_steps > 0
     selected = sink.series(M.SELECTED_FRAC)[0][1]
     if cfg.region == "all" or cfg.signal == "advantage":
@@ -417,8 +451,12 @@ def test_budget_is_checked_after_the_last_update_without_duplicate_points(
     res = run_stage2(
         base=demo / "base" / "checkpoint",
         teachers=[demo / "round-0" / "teacher-sapo" / "checkpoint"],
-        batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path, run="s",
-    )  # fmt: skip
+        batch=batch,
+        cfg=cfg,
+        env=stage_env,
+        run_dir=tmp_path,
+        run="s",
+    )
     assert res.status == "kl_budget" and res.steps == 1
     assert res.summary[M.KL_EXACT_BATCH] > cfg.kl_budget  # type: ignore[operator]
     keys = [(s, n) for _, s, n, _ in sink.points]
@@ -468,9 +506,13 @@ def test_micro_batches_train_like_whole_minibatches(
         cfg = Stage1Config(epochs=2, minibatch_size=256, micro_batch_size=micro, kl_coef=0.1)
         sink.points.clear()
         res = run_stage1(
-            base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / str(micro),
+            base=base,
+            batch=batch,
+            cfg=cfg,
+            env=stage_env,
+            run_dir=tmp_path / str(micro),
             run="t",
-        )  # fmt: skip
+        )
         results.append(AutoModelForCausalLM.from_pretrained(res.checkpoint).state_dict())
         series.append({n: sink.series(n) for n in (M.LOSS, M.KL_EXACT, M.RATIO_P99)})
     for name, value in results[0].items():
@@ -494,15 +536,24 @@ def test_resume_refuses_a_stopped_run_of_another_config(
     stage_env.should_stop = stop_at_second_step
     base = demo / "base" / "checkpoint"
     first = run_stage1(
-        base=base, batch=batch, cfg=Stage1Config(epochs=2), env=stage_env, run_dir=tmp_path,
+        base=base,
+        batch=batch,
+        cfg=Stage1Config(epochs=2),
+        env=stage_env,
+        run_dir=tmp_path,
         run="t",
-    )  # fmt: skip
+    )
     assert first.status == "stopped" and first.steps == 1
     changed = Stage1Config(epochs=2, lr=1e-2)
     with pytest.raises(ConfigError, match="--fresh"):
         run_stage1(base=base, batch=batch, cfg=changed, env=stage_env, run_dir=tmp_path, run="t")
     fresh = run_stage1(
-        base=base, batch=batch, cfg=changed, env=stage_env, run_dir=tmp_path, run="t",
+        base=base,
+        batch=batch,
+        cfg=changed,
+        env=stage_env,
+        run_dir=tmp_path,
+        run="t",
         resume=False,
-    )  # fmt: skip
+    )
     assert fresh.status == "completed" and fresh.steps == fresh.total_steps

@@ -27,10 +27,12 @@ def test_two_rounds_with_a_strong_and_a_weak_teacher(tmp_path: Path) -> None:
         (k, role, name)
         for k in (0, 1)
         for role, name in (
-            ("base", "base"), ("teacher", "teacher-sapo"), ("teacher", "teacher-mse"),
+            ("base", "base"),
+            ("teacher", "teacher-sapo"),
+            ("teacher", "teacher-mse"),
             ("student", "student"),
         )
-    ]  # fmt: skip
+    ]
     for k in (0, 1):
         rows = {r.name.split("/")[-1]: r for r in res.rows if r.round == k}
         student, sapo = rows["student"], rows["teacher-sapo"]

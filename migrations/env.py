@@ -1,0 +1,46 @@
+"""Alembic environment: the models' metadata, run on Postgres or SQLite.
+
+The engine comes from the caller (`server.db.migrate`) or, for the plain `alembic` command, from
+`ERPD_DATABASE_URL` via server.settings. Batch mode lets later migrations alter SQLite tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic import context
+from sqlalchemy import Engine
+
+from server.db import Base
+from server.db.base import UTCDateTime
+from server.db.session import make_engine
+from server.settings import get_settings
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+    # migrations must not import app types: spell UTCDateTime as the plain column it stores
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
+def run_migrations_online() -> None:
+    engine: Engine = config.attributes.get("engine") or make_engine(get_settings().db_url)
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            compare_type=True,
+            render_as_batch=connection.dialect.name == "sqlite",
+            render_item=render_item,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (--sql) migrations are not supported; run against a database")
+run_migrations_online()

@@ -1,0 +1,123 @@
+"""`erpd-hub`: operate the service (migrate the run store, create API keys; more verbs arrive with
+the API, worker and dashboard). Errors print one line and exit non-zero, never a traceback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from sqlalchemy import Engine
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from server.settings import get_settings
+
+app = typer.Typer(
+    name="erpd-hub",
+    help="erpd-hub: the ERPD service (run store, API, workers, dashboard).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], None]) -> None:
+    from pydantic import ValidationError
+
+    from server.services import ServiceError
+
+    try:
+        fn()
+    except typer.Exit:
+        raise
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = "ERPD_" + "_".join(str(p) for p in first["loc"]).upper()
+        _fail(f"{field}: {first['msg']}", 2)
+    except ServiceError as exc:
+        _fail(str(exc), 2)
+    except ArgumentError as exc:
+        _fail(f"ERPD_DATABASE_URL: {exc}", 2)
+    except OperationalError as exc:
+        _fail(f"database unreachable: {str(exc.orig).strip().splitlines()[0]}", 1)
+    except Exception as exc:  # a bug, not bad input: one line, traceback on request
+        if os.environ.get("ERPD_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set ERPD_DEBUG=1 for a traceback)")
+
+
+def _engine() -> Engine:
+    from server.db import make_engine
+
+    return make_engine(get_settings().db_url)
+
+
+def _require_schema(engine: Engine) -> None:
+    from server.db import migrate
+
+    have, want = migrate.current(engine), migrate.head()
+    if have != want:
+        _fail(f"the database is at revision {have or 'empty'}, not {want}: run `erpd-hub migrate`")
+
+
+@app.command()
+def migrate(
+    downgrade: Annotated[
+        str | None,
+        typer.Option("--downgrade", help="Go back to this revision ('base' = empty) instead."),
+    ] = None,
+) -> None:
+    """Bring the run store's schema to the latest revision (safe to run again)."""
+
+    def body() -> None:
+        from server.db import migrate as m
+
+        engine = _engine()
+        before = m.current(engine)
+        if downgrade is None:
+            m.upgrade(engine, "head")
+        else:
+            m.downgrade(engine, downgrade)
+        after = m.current(engine)
+        url = engine.url.render_as_string(hide_password=True)
+        out.print(
+            f"{url}: revision {before or 'empty'} -> {after or 'empty'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    _guard(body)
+
+
+@app.command("create-key")
+def create_key(name: Annotated[str, typer.Argument(help="Who or what uses the key.")]) -> None:
+    """Create an API key and print its secret (shown this once; only its hash is stored)."""
+
+    def body() -> None:
+        from server.db import session_factory, transaction
+        from server.services import create_api_key
+
+        engine = _engine()
+        _require_schema(engine)
+        with transaction(session_factory(engine)) as session:
+            key, secret = create_api_key(session, name=name)
+        err.print(
+            f"created key {key.id} ({key.name}); store the secret now, it is not kept:",
+            soft_wrap=True,
+        )
+        typer.echo(secret)
+
+    _guard(body)
+
+
+def main() -> None:
+    app()

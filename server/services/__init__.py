@@ -1,0 +1,56 @@
+"""The service layer: every read and write of the run store, as functions with keyword-only
+arguments that take a Session and never commit (the caller owns the transaction)."""
+
+from server.services.checkpoints import register_checkpoint
+from server.services.errors import (
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+    ServiceError,
+    StaleAttemptError,
+)
+from server.services.keys import authenticate, create_api_key, revoke_api_key
+from server.services.metrics import Point, metric_series, record_metrics
+from server.services.reaper import Reaped, requeue_stale
+from server.services.registry import ensure_builtins, register
+from server.services.runs import Page, create_run, get_run, list_runs, run_events
+from server.services.transitions import (
+    cancel_run,
+    claim_run,
+    complete_run,
+    fail_run,
+    heartbeat,
+    request_cancel,
+    retry_run,
+)
+
+__all__ = [
+    "IllegalTransitionError",
+    "InvalidInputError",
+    "NotFoundError",
+    "Page",
+    "Point",
+    "Reaped",
+    "ServiceError",
+    "StaleAttemptError",
+    "authenticate",
+    "cancel_run",
+    "claim_run",
+    "complete_run",
+    "create_api_key",
+    "create_run",
+    "ensure_builtins",
+    "fail_run",
+    "get_run",
+    "heartbeat",
+    "list_runs",
+    "metric_series",
+    "record_metrics",
+    "register",
+    "register_checkpoint",
+    "request_cancel",
+    "requeue_stale",
+    "retry_run",
+    "revoke_api_key",
+    "run_events",
+]

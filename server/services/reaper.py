@@ -1,0 +1,91 @@
+"""The reaper: finds running runs whose worker went silent and decides their fate.
+
+A run is stale when its last heartbeat (or, if it never sent one, its start) is older than the
+timeout. It is requeued while it has attempts left, failed with `worker_lost` when it has none,
+and cancelled, never requeued, when a cancel was already requested. The caller republishes the
+requeued runs' messages after its commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from server.db import EventKind, Run, RunStatus, utcnow
+from server.services.runs import add_event
+from server.services.transitions import end_run
+
+WORKER_LOST = "worker_lost"
+
+
+@dataclass(frozen=True)
+class Reaped:
+    run_id: uuid.UUID
+    status: RunStatus  # queued (requeued), failed or cancelled
+    reason: str
+
+
+def requeue_stale(
+    session: Session,
+    *,
+    timeout: timedelta,
+    now: datetime | None = None,
+    actor: str = "reaper",
+    limit: int = 100,
+) -> list[Reaped]:
+    now = now or utcnow()
+    last_sign = func.coalesce(Run.heartbeat_at, Run.started_at)
+    stale = session.scalars(
+        select(Run)
+        .where(Run.status == RunStatus.RUNNING, last_sign < now - timeout)
+        .order_by(Run.started_at)
+        .limit(limit)
+        # a worker heartbeating right now holds the row: skip it rather than wait on it
+        .with_for_update(skip_locked=True)
+    ).all()
+    reaped = []
+    for run in stale:
+        seen = run.heartbeat_at or run.started_at
+        silent = f"no heartbeat from {run.worker} since {seen:%Y-%m-%dT%H:%M:%SZ}"
+        if run.cancel_requested:
+            reason = f"{silent}; cancel was requested"
+            end_run(
+                session,
+                run,
+                RunStatus.CANCELLED,
+                EventKind.CANCELLED,
+                actor=actor,
+                reason=reason,
+                now=now,
+            )
+        elif run.attempt >= run.max_attempts:
+            reason = f"{WORKER_LOST}: {silent} (attempt {run.attempt} of {run.max_attempts})"
+            end_run(
+                session,
+                run,
+                RunStatus.FAILED,
+                EventKind.FAILED,
+                actor=actor,
+                reason=reason,
+                now=now,
+            )
+        else:
+            reason = f"{silent} (attempt {run.attempt} of {run.max_attempts})"
+            run.status = RunStatus.QUEUED
+            run.heartbeat_at = None
+            add_event(
+                session,
+                run,
+                event=EventKind.REQUEUED,
+                from_status=RunStatus.RUNNING,
+                actor=actor,
+                reason=reason,
+                now=now,
+            )
+        reaped.append(Reaped(run.id, run.status, reason))
+    session.flush()
+    return reaped

@@ -1,0 +1,66 @@
+"""The model and dataset registries. A request names a registered row; the `location` behind
+it is set here, by the server or an operator, never taken from a request."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.db import Dataset, Model, RegistryKind, utcnow
+from server.services.errors import InvalidInputError
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+
+# What every server offers without setup: the tiny model built and pretrained locally, and the
+# built-in arithmetic task generated from a seed (erpd/models.py, erpd/tasks/arithmetic.py).
+BUILTIN_MODELS = {"tiny": {"description": "tiny Llama-style model, pretrained on the task"}}
+BUILTIN_DATASETS = {"arithmetic": {"description": "synthetic integer arithmetic, seeded"}}
+
+Entry = TypeVar("Entry", Model, Dataset)
+
+
+def register(
+    session: Session,
+    table: type[Entry],
+    *,
+    name: str,
+    kind: RegistryKind,
+    location: str,
+    meta: dict[str, Any] | None = None,
+) -> Entry:
+    if not NAME.match(name):
+        raise InvalidInputError("name", "1-100 of a-z 0-9 . _ -, starting with a letter or digit")
+    if session.scalars(select(table).where(table.name == name)).one_or_none() is not None:
+        raise InvalidInputError("name", f"{name!r} is already registered")
+    entry = table(
+        id=uuid.uuid4(),
+        name=name,
+        kind=kind,
+        location=location,
+        meta=meta or {},
+        created_at=utcnow(),
+    )
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def ensure_builtins(session: Session) -> None:
+    """Register the built-in model and task once (idempotent)."""
+    _ensure(session, Model, BUILTIN_MODELS)
+    _ensure(session, Dataset, BUILTIN_DATASETS)
+
+
+def _ensure(session: Session, table: type[Entry], builtins: dict[str, dict[str, Any]]) -> None:
+    have = set(session.scalars(select(table.name)))
+    for name, meta in builtins.items():
+        if name not in have:
+            register(session, table, name=name, kind=RegistryKind.BUILTIN, location=name, meta=meta)
+
+
+def find(session: Session, table: type[Entry], *, name: str) -> Entry | None:
+    return session.scalars(select(table).where(table.name == name)).one_or_none()

@@ -1,0 +1,264 @@
+"""Creating, reading and listing runs (the transitions are in transitions.py)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import exists, literal, select, tuple_
+from sqlalchemy.orm import Session
+
+from server.db import (
+    Dataset,
+    EventKind,
+    Model,
+    Run,
+    RunEvent,
+    RunKind,
+    RunStatus,
+    RunTag,
+    RunTeacher,
+    utcnow,
+)
+from server.services.configs import validate_run_config
+from server.services.errors import InvalidInputError, NotFoundError
+
+TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")
+MAX_TAGS = 32
+MAX_PAGE = 500
+
+
+def add_event(
+    session: Session,
+    run: Run,
+    *,
+    event: EventKind,
+    from_status: RunStatus | None,
+    actor: str,
+    reason: str | None = None,
+    now: datetime,
+) -> None:
+    session.add(
+        RunEvent(
+            run_id=run.id,
+            at=now,
+            event=event,
+            from_status=from_status,
+            to_status=run.status,
+            attempt=run.attempt,
+            actor=actor,
+            reason=reason,
+        )
+    )
+
+
+def get_run(session: Session, *, run_id: uuid.UUID, lock: bool = False) -> Run:
+    """The run, or NotFoundError. `lock` takes the row lock on Postgres (SQLite transactions already
+    hold the database's write lock, see server/db/session.py)."""
+    stmt = select(Run).where(Run.id == run_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    run = session.scalars(stmt).one_or_none()
+    if run is None:
+        raise NotFoundError("run", run_id)
+    return run
+
+
+def _check_tags(tags: Iterable[str]) -> list[str]:
+    unique = sorted(set(tags))
+    if len(unique) > MAX_TAGS:
+        raise InvalidInputError("tags", f"at most {MAX_TAGS} tags")
+    for tag in unique:
+        if not TAG.match(tag):
+            raise InvalidInputError("tags", f"{tag!r}: 1-64 letters, digits or _.:=- (no spaces)")
+    return unique
+
+
+def _teachers(
+    session: Session,
+    *,
+    kind: RunKind,
+    teacher_ids: Sequence[uuid.UUID],
+    model_id: uuid.UUID,
+    dataset_id: uuid.UUID,
+    config: dict[str, Any],
+) -> list[Run]:
+    if kind is not RunKind.STAGE2:
+        if teacher_ids:
+            raise InvalidInputError("teacher_ids", f"only a stage2 run has teachers, not {kind}")
+        return []
+    if not teacher_ids:
+        raise InvalidInputError("teacher_ids", "a stage2 run needs at least one teacher run")
+    if len(set(teacher_ids)) != len(teacher_ids):
+        raise InvalidInputError("teacher_ids", "a teacher is listed twice")
+    weights = config["stage"].get("teacher_weights")
+    if weights is not None and len(weights) != len(teacher_ids):
+        raise InvalidInputError(
+            "config.stage.teacher_weights",
+            f"{len(weights)} weights for {len(teacher_ids)} teachers",
+        )
+    found = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_(teacher_ids)))}
+    teachers = []
+    for i, tid in enumerate(teacher_ids):
+        teacher = found.get(tid)
+        if teacher is None:
+            raise InvalidInputError(f"teacher_ids.{i}", f"run {tid} not found")
+        if teacher.kind is not RunKind.STAGE1:
+            raise InvalidInputError(
+                f"teacher_ids.{i}", f"run {tid} is a {teacher.kind} run, not stage1"
+            )
+        if teacher.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+            raise InvalidInputError(f"teacher_ids.{i}", f"run {tid} is {teacher.status}")
+        # the teachers were trained from the same base on the same fixed batch (METHOD.md)
+        if teacher.model_id != model_id or teacher.dataset_id != dataset_id:
+            raise InvalidInputError(f"teacher_ids.{i}", f"run {tid} has another model or dataset")
+        teachers.append(teacher)
+    return teachers
+
+
+def create_run(
+    session: Session,
+    *,
+    kind: RunKind,
+    model_id: uuid.UUID,
+    dataset_id: uuid.UUID,
+    config: dict[str, Any],
+    name: str | None = None,
+    owner_id: uuid.UUID | None = None,
+    pipeline_id: uuid.UUID | None = None,
+    round: int = 0,
+    teacher_ids: Sequence[uuid.UUID] = (),
+    tags: Iterable[str] = (),
+    max_attempts: int = 3,
+    seed: int | None = None,
+    code_version: str | None = None,
+    actor: str = "system",
+    now: datetime | None = None,
+) -> Run:
+    """A queued run with its validated config. A stage2 run waits until every teacher has
+    succeeded (claim_run refuses it before); it fails if one of them fails."""
+    now = now or utcnow()
+    kind = RunKind(kind)
+    normalised = validate_run_config(kind, config)
+    if session.get(Model, model_id) is None:
+        raise InvalidInputError("model_id", f"model {model_id} not found")
+    if session.get(Dataset, dataset_id) is None:
+        raise InvalidInputError("dataset_id", f"dataset {dataset_id} not found")
+    if max_attempts < 1:
+        raise InvalidInputError("max_attempts", "must be at least 1")
+    if round < 0:
+        raise InvalidInputError("round", "must be >= 0")
+    teachers = _teachers(
+        session,
+        kind=kind,
+        teacher_ids=teacher_ids,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        config=normalised,
+    )
+    run = Run(
+        id=uuid.uuid4(),
+        name=name or f"{kind}-{now:%Y%m%d-%H%M%S}",
+        owner_id=owner_id,
+        kind=kind,
+        pipeline_id=pipeline_id,
+        round=round,
+        status=RunStatus.QUEUED,
+        attempt=0,
+        max_attempts=max_attempts,
+        config=normalised,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        seed=seed,
+        code_version=code_version,
+        cancel_requested=False,
+        created_at=now,
+        summary={},
+        tag_rows=[RunTag(tag=t) for t in _check_tags(tags)],
+        teachers=[RunTeacher(teacher_id=t.id, position=i) for i, t in enumerate(teachers)],
+    )
+    session.add(run)
+    session.flush()
+    add_event(session, run, event=EventKind.CREATED, from_status=None, actor=actor, now=now)
+    return run
+
+
+# --- listing with keyset pagination ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Page:
+    items: list[Run]
+    next_cursor: str | None
+
+
+def _encode_cursor(run: Run) -> str:
+    raw = json.dumps([run.created_at.isoformat(), run.id.hex]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, ident = json.loads(raw)
+        at = datetime.fromisoformat(created)
+        if at.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return at, uuid.UUID(hex=ident)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError("cursor", "malformed cursor: pass back the `next` value") from exc
+
+
+def list_runs(
+    session: Session,
+    *,
+    status: Iterable[RunStatus] | None = None,
+    kind: Iterable[RunKind] | None = None,
+    tag: str | None = None,
+    owner_id: uuid.UUID | None = None,
+    pipeline_id: uuid.UUID | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page:
+    """Newest first. The cursor is the last row's (created_at, id): a page is an index range
+    scan however deep it is, and rows inserted meanwhile never shift or repeat a page."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInputError("limit", f"must be between 1 and {MAX_PAGE}")
+    stmt = select(Run)
+    if status is not None:
+        stmt = stmt.where(Run.status.in_([RunStatus(s) for s in status]))
+    if kind is not None:
+        stmt = stmt.where(Run.kind.in_([RunKind(k) for k in kind]))
+    if tag is not None:
+        stmt = stmt.where(exists().where(RunTag.run_id == Run.id, RunTag.tag == tag))
+    if owner_id is not None:
+        stmt = stmt.where(Run.owner_id == owner_id)
+    if pipeline_id is not None:
+        stmt = stmt.where(Run.pipeline_id == pipeline_id)
+    if created_after is not None:
+        stmt = stmt.where(Run.created_at >= created_after)
+    if created_before is not None:
+        stmt = stmt.where(Run.created_at < created_before)
+    if cursor is not None:
+        at, ident = _decode_cursor(cursor)
+        bound = tuple_(literal(at, Run.created_at.type), literal(ident, Run.id.type))
+        stmt = stmt.where(tuple_(Run.created_at, Run.id) < bound)
+    stmt = stmt.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(stmt))
+    more = len(rows) > limit
+    items = rows[:limit]
+    return Page(items=items, next_cursor=_encode_cursor(items[-1]) if more else None)
+
+
+def run_events(session: Session, *, run_id: uuid.UUID) -> list[RunEvent]:
+    get_run(session, run_id=run_id)
+    return list(
+        session.scalars(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
+    )

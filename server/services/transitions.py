@@ -1,0 +1,343 @@
+"""The run state machine: queued -> running -> succeeded | failed | cancelled.
+
+Every transition writes a RunEvent (the audit trail) in the same transaction. `attempt` is the
+fencing token: a worker reports with the attempt it claimed, so a worker the reaper gave up on
+(its run requeued or failed meanwhile) gets StaleAttemptError and stops instead of overwriting the
+new attempt's state. Functions flush but never commit: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+
+from sqlalchemy import and_, exists, not_, select, update
+from sqlalchemy.orm import Session
+
+from erpd import metrics as M
+from server.db import (
+    FINISHED,
+    Checkpoint,
+    CheckpointRole,
+    EventKind,
+    Run,
+    RunKind,
+    RunStatus,
+    RunTeacher,
+    utcnow,
+)
+from server.services.errors import IllegalTransitionError, InvalidInputError, StaleAttemptError
+from server.services.runs import add_event, get_run
+
+# Summary metrics copied to their own columns (sortable, comparable across runs).
+SUMMARY_COLUMNS = {
+    "final_accuracy": M.ACC_EVAL,
+    "kl_spent": M.KL_EXACT_BATCH,
+    "entropy": M.ENTROPY_BATCH,
+}
+
+
+def running_attempt(session: Session, *, run_id: uuid.UUID, attempt: int, action: str) -> Run:
+    run = get_run(session, run_id=run_id, lock=True)
+    if run.status is not RunStatus.RUNNING:
+        raise IllegalTransitionError(run.id, run.status, action)
+    if run.attempt != attempt:
+        raise StaleAttemptError(run.id, run.status, attempt, run.attempt)
+    return run
+
+
+def claim_run(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    worker: str,
+    device: str,
+    now: datetime | None = None,
+) -> Run | None:
+    """Move a queued run to running in one conditional UPDATE; None if it was not claimable.
+
+    A second delivery of the same message, a cancelled run and a stage-2 run whose teachers are
+    not all pinned yet all come back None: the caller simply drops the message.
+    """
+    now = now or utcnow()
+    teachers_ready = not_(
+        exists().where(RunTeacher.student_id == Run.id, RunTeacher.sha256.is_(None))
+    )
+    stmt = (
+        update(Run)
+        .where(
+            Run.id == run_id,
+            Run.status == RunStatus.QUEUED,
+            Run.cancel_requested.is_(False),
+            teachers_ready,
+        )
+        .values(
+            status=RunStatus.RUNNING,
+            attempt=Run.attempt + 1,
+            worker=worker,
+            device=device,
+            started_at=now,
+            heartbeat_at=None,
+            progress_step=None,
+            progress_total=None,
+        )
+        .returning(Run)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    )
+    run = session.scalars(stmt).one_or_none()
+    if run is None:
+        return None
+    add_event(
+        session,
+        run,
+        event=EventKind.CLAIMED,
+        from_status=RunStatus.QUEUED,
+        actor=f"worker:{worker}",
+        reason=f"attempt {run.attempt} of {run.max_attempts} on {device}",
+        now=now,
+    )
+    return run
+
+
+def heartbeat(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    step: int | None = None,
+    total: int | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Record that the attempt is alive (and its progress); returns whether cancel was requested,
+    so the worker learns it in the same round trip."""
+    values: dict[str, object] = {"heartbeat_at": now or utcnow()}
+    if step is not None:
+        values["progress_step"] = step
+    if total is not None:
+        values["progress_total"] = total
+    stmt = (
+        update(Run)
+        .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.attempt == attempt)
+        .values(**values)
+        .returning(Run.cancel_requested)
+        .execution_options(synchronize_session=False)
+    )
+    cancel = session.scalars(stmt).one_or_none()
+    if cancel is None:
+        run = get_run(session, run_id=run_id)
+        if run.status is RunStatus.RUNNING:
+            raise StaleAttemptError(run.id, run.status, attempt, run.attempt)
+        raise IllegalTransitionError(run.id, run.status, "heartbeat")
+    return bool(cancel)
+
+
+def _clean_summary(summary: Mapping[str, float]) -> dict[str, float | None]:
+    clean: dict[str, float | None] = {}
+    for name, value in summary.items():
+        if name not in M.CATALOGUE:
+            raise InvalidInputError(f"summary.{name}", "unknown metric name (see erpd/metrics.py)")
+        v = float(value)
+        clean[name] = v if math.isfinite(v) else None  # JSON has no NaN
+    return clean
+
+
+def complete_run(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    summary: Mapping[str, float],
+    actor: str,
+    now: datetime | None = None,
+) -> Run:
+    """running -> succeeded. A stage-1 run must have registered its teacher checkpoint: its
+    sha256 is pinned on every stage-2 run waiting for this teacher."""
+    now = now or utcnow()
+    run = running_attempt(session, run_id=run_id, attempt=attempt, action="complete")
+    clean = _clean_summary(summary)
+    if run.kind is RunKind.STAGE1:
+        _pin_teacher(session, run)
+    run.status = RunStatus.SUCCEEDED
+    run.finished_at = now
+    run.summary = clean
+    for column, name in SUMMARY_COLUMNS.items():
+        setattr(run, column, clean.get(name))
+    add_event(
+        session, run, event=EventKind.SUCCEEDED, from_status=RunStatus.RUNNING, actor=actor, now=now
+    )
+    session.flush()
+    return run
+
+
+def _pin_teacher(session: Session, run: Run) -> None:
+    ckpt = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.run_id == run.id, Checkpoint.role == CheckpointRole.TEACHER)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    ).one_or_none()
+    if ckpt is None:
+        raise IllegalTransitionError(run.id, run.status, "complete without a teacher checkpoint")
+    session.execute(
+        update(RunTeacher)
+        .where(RunTeacher.teacher_id == run.id, RunTeacher.sha256.is_(None))
+        .values(checkpoint_id=ckpt.id, sha256=ckpt.sha256)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def fail_run(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    reason: str,
+    actor: str,
+    now: datetime | None = None,
+) -> Run:
+    """running -> failed (the worker hit an error it cannot retry)."""
+    now = now or utcnow()
+    run = running_attempt(session, run_id=run_id, attempt=attempt, action="fail")
+    end_run(session, run, RunStatus.FAILED, EventKind.FAILED, actor=actor, reason=reason, now=now)
+    return run
+
+
+def cancel_run(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    actor: str,
+    reason: str = "cancel requested",
+    now: datetime | None = None,
+) -> Run:
+    """running -> cancelled: the worker saw the cancel flag, saved and stopped."""
+    now = now or utcnow()
+    run = running_attempt(session, run_id=run_id, attempt=attempt, action="cancel")
+    end_run(
+        session, run, RunStatus.CANCELLED, EventKind.CANCELLED, actor=actor, reason=reason, now=now
+    )
+    return run
+
+
+def end_run(
+    session: Session,
+    run: Run,
+    status: RunStatus,
+    event: EventKind,
+    *,
+    actor: str,
+    reason: str | None,
+    now: datetime,
+) -> None:
+    before = run.status
+    run.status = status
+    run.finished_at = now
+    if status is RunStatus.FAILED:
+        run.error = reason
+    add_event(session, run, event=event, from_status=before, actor=actor, reason=reason, now=now)
+    _fail_waiting_students(session, teacher=run, now=now)
+    session.flush()
+
+
+def _fail_waiting_students(session: Session, *, teacher: Run, now: datetime) -> None:
+    """A stage-2 run can never start once one of its teachers failed or was cancelled."""
+    if teacher.kind is not RunKind.STAGE1 or teacher.status is RunStatus.SUCCEEDED:
+        return
+    students = session.scalars(
+        select(Run)
+        .join(RunTeacher, and_(RunTeacher.student_id == Run.id))
+        .where(RunTeacher.teacher_id == teacher.id, Run.status == RunStatus.QUEUED)
+        .with_for_update()
+    ).all()
+    reason = f"teacher run {teacher.id} {teacher.status}"
+    if teacher.error:
+        reason += f": {teacher.error}"
+    for student in students:
+        end_run(
+            session,
+            student,
+            RunStatus.FAILED,
+            EventKind.FAILED,
+            actor="system",
+            reason=reason,
+            now=now,
+        )
+
+
+def request_cancel(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    actor: str,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> Run:
+    """A queued run is cancelled at once; a running one gets the flag its worker checks every
+    optimizer step (cancel is cooperative: the worker saves, stops and calls cancel_run)."""
+    now = now or utcnow()
+    run = get_run(session, run_id=run_id, lock=True)
+    if run.status in FINISHED:
+        raise IllegalTransitionError(run.id, run.status, "cancel")
+    run.cancel_requested = True
+    if run.status is RunStatus.QUEUED:
+        end_run(
+            session,
+            run,
+            RunStatus.CANCELLED,
+            EventKind.CANCELLED,
+            actor=actor,
+            reason=reason or "cancelled before it started",
+            now=now,
+        )
+    elif run.status is RunStatus.RUNNING:
+        add_event(
+            session,
+            run,
+            event=EventKind.CANCEL_REQUESTED,
+            from_status=run.status,
+            actor=actor,
+            reason=reason,
+            now=now,
+        )
+    session.flush()
+    return run
+
+
+def retry_run(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    actor: str,
+    attempts: int = 3,
+    now: datetime | None = None,
+) -> Run:
+    """failed | cancelled -> queued: a new attempt with the same config and a fresh budget of
+    `attempts` claims."""
+    now = now or utcnow()
+    run = get_run(session, run_id=run_id, lock=True)
+    if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        raise IllegalTransitionError(run.id, run.status, "retry")
+    if attempts < 1:
+        raise InvalidInputError("attempts", "must be at least 1")
+    for link in run.teachers:
+        teacher = get_run(session, run_id=link.teacher_id)
+        if teacher.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+            raise IllegalTransitionError(
+                run.id,
+                run.status,
+                f"retry: teacher {teacher.id} is {teacher.status}, retry it first",
+            )
+    before = run.status
+    run.status = RunStatus.QUEUED
+    run.max_attempts = run.attempt + attempts
+    run.cancel_requested = False
+    run.error = None
+    run.finished_at = None
+    run.heartbeat_at = None
+    run.progress_step = run.progress_total = None
+    add_event(session, run, event=EventKind.RETRIED, from_status=before, actor=actor, now=now)
+    session.flush()
+    return run

@@ -1,0 +1,81 @@
+"""The run store under test: a real Postgres (a database of its own per test session, created on
+the machine's server and dropped afterwards) and a real SQLite file, both migrated by Alembic."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db import Base, Dataset, Model, make_engine, migrate, session_factory
+from server.services import ensure_builtins
+
+# the machine's Postgres (scripts/services.sh starts it); override to point at another server
+POSTGRES_URL = os.environ.get(
+    "ERPD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+BACKENDS = ["sqlite", "postgres"]
+
+
+class Databases:
+    """Creates empty databases on demand and drops them at the end of the session."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        self.created: list[str] = []
+
+    def new_url(self, backend: str) -> str:
+        name = f"erpd_test_{uuid.uuid4().hex[:12]}"
+        if backend == "sqlite":
+            return f"sqlite:///{self.tmp / name}.db"
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        self.created.append(name)
+        return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        with self.admin.connect() as conn:
+            for name in self.created:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    dbs = Databases(tmp_path_factory.mktemp("db"))
+    yield dbs
+    dbs.drop_all()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def store_engine(request: pytest.FixtureRequest, databases: Databases) -> Iterator[Engine]:
+    """One migrated database per backend, shared by the tests (emptied after each)."""
+    engine = make_engine(databases.new_url(request.param))
+    migrate.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(store_engine: Engine) -> Iterator[sessionmaker[Session]]:
+    yield session_factory(store_engine)
+    with store_engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture
+def builtins(factory: sessionmaker[Session]) -> tuple[uuid.UUID, uuid.UUID]:
+    """(model id, dataset id) of the built-in tiny model and arithmetic task."""
+    with factory.begin() as s:
+        ensure_builtins(s)
+        model = s.query(Model).filter_by(name="tiny").one()
+        dataset = s.query(Dataset).filter_by(name="arithmetic").one()
+        return model.id, dataset.id

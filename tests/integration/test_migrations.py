@@ -1,0 +1,106 @@
+"""Alembic on empty Postgres and SQLite databases, and the `erpd-hub` commands over them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from server.db import Base, make_engine, migrate, session_factory
+from server.services import authenticate
+from tests.integration.conftest import BACKENDS, Databases
+
+TABLES = {t.name for t in Base.metadata.sorted_tables}
+
+
+def _diff(url: str) -> list[object]:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(ctx, Base.metadata)
+    engine.dispose()
+    return diff
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upgrade_downgrade_upgrade_and_no_autogenerate_diff(databases: Databases, backend) -> None:
+    engine = make_engine(databases.new_url(backend))
+    migrate.upgrade(engine)
+    assert set(inspect(engine).get_table_names()) == TABLES | {"alembic_version"}
+    assert migrate.current(engine) == migrate.head()
+    assert _diff(engine.url.render_as_string(False)) == []  # the models and migrations agree
+    migrate.downgrade(engine, "base")
+    assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    assert migrate.current(engine) is None
+    migrate.upgrade(engine)
+    assert migrate.current(engine) == migrate.head()
+    engine.dispose()
+
+
+def erpd_hub(*args: str, url: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ERPD_DATABASE_URL": url, "ERPD_HOME": str(home)}
+    exe = Path(sys.executable).with_name("erpd-hub")
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_erpd_hub_migrate_and_create_key(databases: Databases, tmp_path: Path, backend) -> None:
+    url = databases.new_url(backend)
+    early = erpd_hub("create-key", "ci", url=url, home=tmp_path)
+    assert early.returncode == 1 and "run `erpd-hub migrate`" in early.stderr
+    assert "Traceback" not in early.stderr
+    first = erpd_hub("migrate", url=url, home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert f"revision empty -> {migrate.head()}" in first.stdout
+    again = erpd_hub("migrate", url=url, home=tmp_path)  # idempotent
+    assert again.returncode == 0 and f"{migrate.head()} -> {migrate.head()}" in again.stdout
+    made = erpd_hub("create-key", "ci", url=url, home=tmp_path)
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    engine = make_engine(url)
+    with session_factory(engine)() as s:
+        key = authenticate(s, secret=secret)
+        assert key is not None and key.name == "ci"
+    engine.dispose()
+    down = erpd_hub("migrate", "--downgrade", "base", url=url, home=tmp_path)
+    assert down.returncode == 0 and "-> empty" in down.stdout
+
+
+def test_the_default_store_is_a_sqlite_file_under_erpd_home(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ERPD_DATABASE_URL"}
+    env["ERPD_HOME"] = str(tmp_path / "home")
+    exe = Path(sys.executable).with_name("erpd-hub")
+    done = subprocess.run(
+        [str(exe), "migrate"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "home" / "erpd.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("url", "code", "message"),
+    [
+        ("mysql://x/y", 2, "ERPD_DATABASE_URL: Value error, must be a sqlite"),
+        ("postgresql+psycopg://postgres@127.0.0.1:1/none", 1, "database unreachable"),
+        ("postgresql+nodriver://x/y", 2, "ERPD_DATABASE_URL: Can't load plugin"),
+    ],
+)
+def test_bad_database_urls_give_one_line(tmp_path: Path, url: str, code: int, message: str) -> None:
+    done = erpd_hub("migrate", url=url, home=tmp_path)
+    assert done.returncode == code and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 2
+
+
+def test_the_server_never_imports_torch() -> None:
+    code = (
+        "import sys, server.cli, server.db, server.services, server.db.migrate;"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

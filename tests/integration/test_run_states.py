@@ -1,0 +1,302 @@
+"""The run state machine on real Postgres and SQLite: transitions, audit trail, typed errors."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from erpd import metrics as M
+from server.db import Checkpoint, CheckpointRole, EventKind, Run, RunEvent, RunKind, RunStatus
+from server.db.base import utcnow
+from server.services import (
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+    StaleAttemptError,
+    cancel_run,
+    claim_run,
+    complete_run,
+    create_run,
+    fail_run,
+    get_run,
+    heartbeat,
+    register_checkpoint,
+    request_cancel,
+    retry_run,
+    run_events,
+)
+
+Ids = tuple[uuid.UUID, uuid.UUID]
+SUMMARY = {M.ACC_EVAL: 0.61, M.KL_EXACT_BATCH: 0.05, M.ENTROPY_BATCH: 0.4}
+
+
+def new_run(s: Session, ids: Ids, kind: RunKind = RunKind.STAGE1, **kw: object) -> Run:
+    kw.setdefault("config", {})
+    return create_run(s, kind=kind, model_id=ids[0], dataset_id=ids[1], **kw)  # type: ignore[arg-type]
+
+
+def claim(factory: sessionmaker[Session], run_id: uuid.UUID) -> Run | None:
+    with factory.begin() as s:
+        return claim_run(s, run_id=run_id, worker="w1", device="cpu")
+
+
+def finish_teacher(factory: sessionmaker[Session], run_id: uuid.UUID, sha: str = "a" * 64) -> None:
+    run = claim(factory, run_id)
+    assert run is not None
+    with factory.begin() as s:
+        register_checkpoint(
+            s,
+            run_id=run_id,
+            attempt=run.attempt,
+            role=CheckpointRole.TEACHER,
+            step=40,
+            key=f"runs/{run_id.hex}/teacher-40",
+            size=123,
+            sha256=sha,
+            manifest={"step": 40},
+        )
+        complete_run(s, run_id=run_id, attempt=run.attempt, summary=SUMMARY, actor="worker:w1")
+
+
+def events(factory: sessionmaker[Session], run_id: uuid.UUID) -> list[RunEvent]:
+    with factory() as s:
+        return run_events(s, run_id=run_id)
+
+
+def test_create_stores_the_normalised_config_and_an_event(factory, builtins) -> None:
+    with factory.begin() as s:
+        run = new_run(s, builtins, config={"stage": {"objective": "grpo"}}, tags=["b", "a", "a"])
+    with factory() as s:
+        stored = get_run(s, run_id=run.id)
+        assert stored.status is RunStatus.QUEUED and stored.attempt == 0
+        assert stored.config["stage"]["objective"] == "grpo"
+        assert stored.config["stage"]["lr"] == 1e-4  # the default, written out
+        assert stored.tags == ["a", "b"]
+    [created] = events(factory, run.id)
+    assert created.event is EventKind.CREATED and created.to_status is RunStatus.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"config": {"stage": {"lr": -1}}}, "config.stage.lr"),
+        ({"config": {"stage": {"objective": "ppo"}}}, "config.stage.objective"),
+        ({"config": {"model": {"path": "/etc"}}}, "config.model"),
+        ({"tags": ["has space"]}, "tags"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"teacher_ids": [uuid.uuid4()]}, "teacher_ids"),
+    ],
+)
+def test_bad_input_names_the_field_and_writes_nothing(factory, builtins, kwargs, field) -> None:
+    with pytest.raises(InvalidInputError) as err, factory.begin() as s:
+        new_run(s, builtins, **kwargs)
+    assert err.value.field == field
+    with factory() as s:
+        assert s.scalars(select(Run)).all() == []
+
+
+def test_unknown_model_and_missing_run(factory, builtins) -> None:
+    with pytest.raises(InvalidInputError, match="model_id"), factory.begin() as s:
+        create_run(s, kind=RunKind.SAMPLE, model_id=uuid.uuid4(), dataset_id=builtins[1], config={})
+    with pytest.raises(NotFoundError), factory() as s:
+        get_run(s, run_id=uuid.uuid4())
+
+
+def test_lifecycle_claim_heartbeat_complete(factory, builtins) -> None:
+    with factory.begin() as s:
+        run = new_run(s, builtins)
+    claimed = claim(factory, run.id)
+    assert claimed is not None and claimed.status is RunStatus.RUNNING and claimed.attempt == 1
+    assert claimed.worker == "w1" and claimed.started_at is not None
+    assert claim(factory, run.id) is None  # a second delivery of the message does nothing
+    with factory.begin() as s:
+        assert heartbeat(s, run_id=run.id, attempt=1, step=5, total=40) is False
+    with factory.begin() as s:
+        register_checkpoint(
+            s,
+            run_id=run.id,
+            attempt=1,
+            role=CheckpointRole.TEACHER,
+            step=40,
+            key=f"runs/{run.id.hex}/teacher-40",
+            size=1,
+            sha256="b" * 64,
+            manifest={},
+        )
+        complete_run(s, run_id=run.id, attempt=1, summary=SUMMARY, actor="worker:w1")
+    with factory() as s:
+        done = get_run(s, run_id=run.id)
+        assert done.status is RunStatus.SUCCEEDED and done.finished_at is not None
+        assert (done.final_accuracy, done.kl_spent, done.entropy) == (0.61, 0.05, 0.4)
+        assert (done.progress_step, done.progress_total) == (5, 40)
+    kinds = [e.event for e in events(factory, run.id)]
+    assert kinds == [EventKind.CREATED, EventKind.CLAIMED, EventKind.SUCCEEDED]
+
+
+def test_illegal_transitions_raise_typed_errors(factory, builtins) -> None:
+    with factory.begin() as s:
+        run = new_run(s, builtins, kind=RunKind.SAMPLE)
+    with pytest.raises(IllegalTransitionError, match="queued: cannot complete"), factory() as s:
+        complete_run(s, run_id=run.id, attempt=0, summary={}, actor="x")
+    claim(factory, run.id)
+    with pytest.raises(StaleAttemptError), factory() as s:
+        heartbeat(s, run_id=run.id, attempt=7)
+    with pytest.raises(InvalidInputError, match=r"summary\.acc/nope"), factory() as s:
+        complete_run(s, run_id=run.id, attempt=1, summary={"acc/nope": 1.0}, actor="x")
+    with factory.begin() as s:
+        fail_run(s, run_id=run.id, attempt=1, reason="CUDA out of memory", actor="worker:w1")
+    with pytest.raises(IllegalTransitionError, match="failed: cannot cancel"), factory() as s:
+        request_cancel(s, run_id=run.id, actor="x")
+    with pytest.raises(IllegalTransitionError, match="failed: cannot heartbeat"), factory() as s:
+        heartbeat(s, run_id=run.id, attempt=1)
+    with factory() as s:
+        assert get_run(s, run_id=run.id).error == "CUDA out of memory"
+
+
+def test_a_stage1_run_cannot_succeed_without_its_teacher_checkpoint(factory, builtins) -> None:
+    with factory.begin() as s:
+        run = new_run(s, builtins)
+    claim(factory, run.id)
+    with pytest.raises(IllegalTransitionError, match="teacher checkpoint"), factory() as s:
+        complete_run(s, run_id=run.id, attempt=1, summary={}, actor="x")
+
+
+def test_cancel_queued_at_once_running_cooperatively(factory, builtins) -> None:
+    with factory.begin() as s:
+        queued, running = new_run(s, builtins), new_run(s, builtins)
+    with factory.begin() as s:
+        assert request_cancel(s, run_id=queued.id, actor="api:k").status is RunStatus.CANCELLED
+    assert claim(factory, queued.id) is None
+    claim(factory, running.id)
+    with factory.begin() as s:
+        assert request_cancel(s, run_id=running.id, actor="api:k").status is RunStatus.RUNNING
+    with factory.begin() as s:
+        assert heartbeat(s, run_id=running.id, attempt=1) is True  # the worker learns it here
+        cancel_run(s, run_id=running.id, attempt=1, actor="worker:w1")
+    with pytest.raises(IllegalTransitionError, match="cancelled: cannot cancel"), factory() as s:
+        request_cancel(s, run_id=running.id, actor="api:k")
+    kinds = [e.event for e in events(factory, running.id)]
+    assert kinds[-2:] == [EventKind.CANCEL_REQUESTED, EventKind.CANCELLED]
+
+
+def test_retry_gives_a_new_attempt_with_the_same_config(factory, builtins) -> None:
+    with factory.begin() as s:
+        run = new_run(s, builtins, max_attempts=1, config={"stage": {"epochs": 3}})
+    claim(factory, run.id)
+    with factory.begin() as s:
+        fail_run(s, run_id=run.id, attempt=1, reason="boom", actor="w")
+    with factory.begin() as s:
+        again = retry_run(s, run_id=run.id, actor="api:k", attempts=2)
+        assert again.status is RunStatus.QUEUED and again.error is None
+        assert again.max_attempts == 3
+    second = claim(factory, run.id)
+    assert second is not None and second.attempt == 2 and second.config["stage"]["epochs"] == 3
+    with pytest.raises(IllegalTransitionError, match="running: cannot retry"), factory() as s:
+        retry_run(s, run_id=run.id, actor="api:k")
+
+
+def test_stage2_waits_for_teachers_and_pins_their_sha256(factory, builtins) -> None:
+    with factory.begin() as s:
+        t1, t2 = new_run(s, builtins), new_run(s, builtins)
+        student = new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[t1.id, t2.id])
+    assert claim(factory, student.id) is None  # no teacher has finished
+    finish_teacher(factory, t1.id, sha="1" * 64)
+    assert claim(factory, student.id) is None  # one still missing
+    finish_teacher(factory, t2.id, sha="2" * 64)
+    with factory() as s:
+        pins = [(t.teacher_id, t.sha256) for t in get_run(s, run_id=student.id).teachers]
+        ckpt = s.scalars(select(Checkpoint).where(Checkpoint.run_id == t1.id)).one()
+    assert pins == [(t1.id, "1" * 64), (t2.id, "2" * 64)]
+    assert ckpt.sha256 == "1" * 64
+    assert claim(factory, student.id) is not None
+
+
+def test_a_failed_teacher_fails_its_waiting_students(factory, builtins) -> None:
+    with factory.begin() as s:
+        teacher = new_run(s, builtins)
+        student = new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher.id])
+    claim(factory, teacher.id)
+    with factory.begin() as s:
+        fail_run(s, run_id=teacher.id, attempt=1, reason="loss is NaN", actor="worker:w1")
+    with factory() as s:
+        failed = get_run(s, run_id=student.id)
+    assert failed.status is RunStatus.FAILED
+    assert failed.error is not None and str(teacher.id) in failed.error and "NaN" in failed.error
+    with pytest.raises(InvalidInputError, match=r"teacher_ids\.0"), factory.begin() as s:
+        new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher.id])
+
+
+def test_stage2_refuses_teachers_of_another_kind_or_weights_mismatch(factory, builtins) -> None:
+    with factory.begin() as s:
+        sample = new_run(s, builtins, kind=RunKind.SAMPLE)
+        teacher = new_run(s, builtins)
+    with pytest.raises(InvalidInputError, match="not stage1"), factory.begin() as s:
+        new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[sample.id])
+    cfg = {"stage": {"teacher_weights": [1.0, 2.0]}}
+    with pytest.raises(InvalidInputError) as err, factory.begin() as s:
+        new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher.id], config=cfg)
+    assert err.value.field == "config.stage.teacher_weights"
+
+
+def test_every_transition_writes_an_event_chain(factory, builtins) -> None:
+    """Random walks through the API of the state machine: the events always form a chain from
+    `created` to the run's current status, one per successful transition."""
+    from server.services import requeue_stale
+
+    rng = random.Random(0)
+    with factory.begin() as s:
+        runs = [new_run(s, builtins, kind=RunKind.SAMPLE, max_attempts=2) for _ in range(6)]
+    now = utcnow()
+    transitions = {r.id: 1 for r in runs}  # `created`
+    for i in range(300):
+        run = rng.choice(runs)
+        now += timedelta(seconds=10)
+        action = rng.choice(["claim", "complete", "fail", "cancel", "request", "retry", "reap"])
+        with factory.begin() as s:
+            current = get_run(s, run_id=run.id)
+            try:
+                if action == "claim":
+                    ok = claim_run(s, run_id=run.id, worker="w", device="cpu", now=now) is not None
+                elif action == "complete":
+                    complete_run(
+                        s, run_id=run.id, attempt=current.attempt, summary={}, actor="w", now=now
+                    )
+                    ok = True
+                elif action == "fail":
+                    fail_run(
+                        s, run_id=run.id, attempt=current.attempt, reason="x", actor="w", now=now
+                    )
+                    ok = True
+                elif action == "cancel":
+                    cancel_run(s, run_id=run.id, attempt=current.attempt, actor="w", now=now)
+                    ok = True
+                elif action == "request":
+                    request_cancel(s, run_id=run.id, actor="api", now=now)
+                    ok = True
+                elif action == "retry":
+                    retry_run(s, run_id=run.id, actor="api", now=now)
+                    ok = True
+                else:
+                    for reaped in requeue_stale(s, timeout=timedelta(seconds=5 + i % 30), now=now):
+                        transitions[reaped.run_id] += 1  # the reaper may touch several runs
+                    continue
+            except IllegalTransitionError:
+                ok = False
+            transitions[run.id] += ok
+    seen: set[EventKind] = set()
+    for run in runs:
+        chain = events(factory, run.id)
+        seen |= {e.event for e in chain}
+        assert len(chain) == transitions[run.id]
+        assert chain[0].event is EventKind.CREATED and chain[0].from_status is None
+        for before, after in itertools.pairwise(chain):
+            assert after.from_status is before.to_status
+        with factory() as s:
+            assert chain[-1].to_status is get_run(s, run_id=run.id).status
+    assert seen == set(EventKind)  # the walk reached every kind of transition
