@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo reproduce reproduce-full test test-all test-gpu lint format services clean
+.PHONY: demo reproduce reproduce-full bench test test-all test-gpu lint format services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ reproduce: $(VENV)/.installed
 
 reproduce-full: $(VENV)/.installed
 	$(BIN)/erpd reproduce --out runs/reproduce-full --preset full
+
+# benchmarks print rates against a baseline measured in the same run (never timed tests)
+bench: $(VENV)/.installed services
+	$(BIN)/python benchmarks/metric_inserts.py
 
 test: lint services
 	$(BIN)/python -m pytest

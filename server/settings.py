@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,13 +22,6 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL of the run store; unset = SQLite file `<home>/erpd.db`.",
-    )
-    heartbeat_timeout_s: PositiveInt = Field(
-        300,
-        description="The reaper requeues a running run whose heartbeat (or start) is older.",
-    )
-    max_attempts: PositiveInt = Field(
-        3, description="Claims a run may have before a lost worker fails it (worker_lost)."
     )
 
     @field_validator("database_url")

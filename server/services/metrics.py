@@ -2,8 +2,9 @@
 
 The unique key is (run_id, name, step). A resumed or redelivered run re-reports the steps after
 its checkpoint; the last write wins, so a series always shows the attempt that finished. Points
-are written in multi-row INSERT ... ON CONFLICT DO UPDATE statements (both Postgres and SQLite
-speak this dialect of upsert).
+are written as one executemany of INSERT ... ON CONFLICT DO UPDATE on the table (both backends
+speak this upsert; SQLAlchemy batches it into multi-row statements at the driver), which
+benchmarks/metric_inserts.py measured 6-15x faster than compiling multi-row VALUES ourselves.
 """
 
 from __future__ import annotations
@@ -12,18 +13,15 @@ import math
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from erpd import metrics as M
 from server.db import MetricPoint
 from server.services.errors import InvalidInputError
-
-# rows per statement: 5 bound values per row stays under SQLite's 32,766 and Postgres's 65,535
-CHUNK = 5000
 
 
 class Point(NamedTuple):
@@ -53,16 +51,18 @@ def record_metrics(session: Session, *, run_id: uuid.UUID, points: Iterable[Poin
             "value": v,
             "wall_time": float(wall_time),
         }
-    rows = list(latest.values())
+    if not latest:
+        return 0
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    for start in range(0, len(rows), CHUNK):
-        stmt = insert(MetricPoint).values(rows[start : start + CHUNK])
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[MetricPoint.run_id, MetricPoint.name, MetricPoint.step],
-            set_={"value": stmt.excluded.value, "wall_time": stmt.excluded.wall_time},
-        )
-        session.execute(stmt)
-    return len(rows)
+    table = cast(Table, MetricPoint.__table__)
+    stmt = insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.run_id, table.c.name, table.c.step],
+        set_={"value": stmt.excluded.value, "wall_time": stmt.excluded.wall_time},
+    )
+    # on the Table, not the ORM entity: the Core executemany path, no per-row ORM bookkeeping
+    session.execute(stmt, list(latest.values()))
+    return len(latest)
 
 
 def points_now(step: int, values: dict[str, float]) -> list[Point]:
