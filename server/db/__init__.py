@@ -22,7 +22,7 @@ from server.db.models import (
     RunTag,
     RunTeacher,
 )
-from server.db.session import make_engine, session_factory, transaction
+from server.db.session import make_engine, read_session_factory, session_factory, transaction
 
 __all__ = [
     "FINISHED",
@@ -43,6 +43,7 @@ __all__ = [
     "RunTag",
     "RunTeacher",
     "make_engine",
+    "read_session_factory",
     "session_factory",
     "transaction",
     "utcnow",

@@ -8,6 +8,9 @@ SQLite transactions start with BEGIN IMMEDIATE: a deferred transaction that read
 fails with "database is locked" (no waiting) when another process committed in between, which is
 exactly the read-check-write shape of every state transition. Taking the write lock up front makes
 such transactions queue on `busy_timeout` instead. Postgres uses row locks (SELECT ... FOR UPDATE).
+Sessions from `read_session_factory` are the exception: they only read, so they start a deferred
+transaction, read a WAL snapshot and never hold the write lock (a slow reader, such as a stream of
+metric points to a browser, must not stall a worker's writes). Keep write sessions short.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+READ_ONLY = "erpd_read_only"  # execution option set by read_session_factory
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -41,8 +46,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _begin_immediate(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    def _begin(conn: Any) -> None:
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -50,6 +56,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: services return rows that callers read after the commit
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that only read: a snapshot on SQLite that never takes the write lock, a
+    READ ONLY transaction on Postgres (a write through one is an error, not a surprise)."""
+    options: dict[str, Any] = {READ_ONLY: True}
+    if engine.dialect.name == "postgresql":
+        options["postgresql_readonly"] = True
+    return sessionmaker(engine.execution_options(**options), expire_on_commit=False)
 
 
 @contextmanager

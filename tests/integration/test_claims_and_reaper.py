@@ -10,9 +10,18 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db import EventKind, Run, RunKind, RunStatus, make_engine, session_factory
+from server.db import (
+    EventKind,
+    Run,
+    RunKind,
+    RunStatus,
+    make_engine,
+    read_session_factory,
+    session_factory,
+)
 from server.db.base import utcnow
 from server.services import (
     StaleAttemptError,
@@ -190,3 +199,24 @@ def test_cancelled_runs_are_never_requeued(factory, builtins) -> None:
         assert requeue_stale(s, timeout=TIMEOUT, now=t0 + timedelta(hours=2)) == []
         assert get_run(s, run_id=cancelled).status is RunStatus.CANCELLED
         assert claim_run(s, run_id=cancelling, worker="w2", device="cpu") is None
+
+
+def test_readers_see_a_snapshot_and_never_wait_on_a_writer(store_engine: Engine, builtins) -> None:
+    """A read session during an open write transaction answers at once with the committed state
+    (on SQLite a reader taking the write lock would wait busy_timeout, 30 s, and then fail)."""
+    factory = session_factory(store_engine)
+    [run_id] = queued(factory, builtins)
+    writer = factory()
+    writer.begin()
+    assert claim_run(writer, run_id=run_id, worker="w1", device="cpu") is not None
+    try:
+        with read_session_factory(store_engine)() as reader:
+            assert get_run(reader, run_id=run_id).status is RunStatus.QUEUED
+    finally:
+        writer.commit()
+        writer.close()
+    with read_session_factory(store_engine)() as reader:
+        assert get_run(reader, run_id=run_id).status is RunStatus.RUNNING
+        if store_engine.dialect.name == "postgresql":
+            with pytest.raises(DBAPIError, match="read-only"):
+                request_cancel(reader, run_id=run_id, actor="api")
