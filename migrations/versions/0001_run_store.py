@@ -313,6 +313,7 @@ def upgrade() -> None:
             ["checkpoint_id"],
             ["checkpoints.id"],
             name=op.f("fk_run_teachers_checkpoint_id_checkpoints"),
+            ondelete="SET NULL",
         ),
         sa.ForeignKeyConstraint(
             ["student_id"],
@@ -321,7 +322,10 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
-            ["teacher_id"], ["runs.id"], name=op.f("fk_run_teachers_teacher_id_runs")
+            ["teacher_id"],
+            ["runs.id"],
+            name=op.f("fk_run_teachers_teacher_id_runs"),
+            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("student_id", "teacher_id", name=op.f("pk_run_teachers")),
         sa.UniqueConstraint(

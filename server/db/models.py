@@ -147,7 +147,13 @@ class Pipeline(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    runs: Mapped[list[Run]] = relationship(back_populates="pipeline", order_by="Run.created_at")
+    # the database deletes a pipeline's runs (ON DELETE CASCADE); the ORM must not null them out
+    runs: Mapped[list[Run]] = relationship(
+        back_populates="pipeline",
+        order_by="Run.created_at",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
 
     __table_args__ = (CheckConstraint("rounds >= 1", name="rounds_positive"),)
 
@@ -238,9 +244,15 @@ class RunTeacher(Base):
     student_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
     )
-    teacher_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    # runs are deleted only with their pipeline (teachers and students together); no service
+    # deletes a single run, which would have to refuse a teacher that still has students
+    teacher_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
     position: Mapped[int]
-    checkpoint_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("checkpoints.id"))
+    checkpoint_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="SET NULL")
+    )
     sha256: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (

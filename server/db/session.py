@@ -10,7 +10,9 @@ exactly the read-check-write shape of every state transition. Taking the write l
 such transactions queue on `busy_timeout` instead. Postgres uses row locks (SELECT ... FOR UPDATE).
 Sessions from `read_session_factory` are the exception: they only read, so they start a deferred
 transaction, read a WAL snapshot and never hold the write lock (a slow reader, such as a stream of
-metric points to a browser, must not stall a worker's writes). Keep write sessions short.
+metric points to a browser, must not stall a worker's writes). Keep write sessions short: on
+SQLite a session holds the write lock from its first statement (autobegin, lazy loads included)
+until it commits or closes, so use `with factory.begin():` blocks.
 """
 
 from __future__ import annotations

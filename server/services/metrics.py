@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 from erpd import metrics as M
 from server.db import MetricPoint
 from server.services.errors import InvalidInputError
+from server.services.runs import get_run
+from server.services.transitions import running_attempt
 
 
 class Point(NamedTuple):
@@ -31,18 +33,32 @@ class Point(NamedTuple):
     wall_time: float
 
 
-def record_metrics(session: Session, *, run_id: uuid.UUID, points: Iterable[Point]) -> int:
+def record_metrics(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    points: Iterable[Point],
+    attempt: int | None = None,
+) -> int:
     """Upsert the points; returns how many distinct (name, step) keys were written.
 
     Within one call a repeated key keeps its last value: Postgres refuses a statement that
-    would update the same row twice, so duplicates are folded here first.
+    would update the same row twice, so duplicates are folded here first. A worker passes the
+    `attempt` it claimed, so a worker the reaper gave up on cannot overwrite the new attempt's
+    points (StaleAttemptError).
     """
+    if attempt is None:
+        get_run(session, run_id=run_id)
+    else:
+        running_attempt(session, run_id=run_id, attempt=attempt, action="record metrics")
     latest: dict[tuple[str, int], dict[str, object]] = {}
     for step, name, value, wall_time in points:
         if name not in M.CATALOGUE:
             raise InvalidInputError("name", f"unknown metric name {name!r} (see erpd/metrics.py)")
-        if step < 0:
-            raise InvalidInputError("step", f"{name}: step {step} is negative")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidInputError("step", f"{name}: step {step!r} is not an integer >= 0")
+        if value is not None and not isinstance(value, int | float):
+            raise InvalidInputError("value", f"{name}: {value!r} is not a number")
         v = None if value is None or not math.isfinite(value) else float(value)
         latest[(name, step)] = {
             "run_id": run_id,

@@ -16,6 +16,8 @@ from sqlalchemy import exists, literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from server.db import (
+    Checkpoint,
+    CheckpointRole,
     Dataset,
     EventKind,
     Model,
@@ -61,8 +63,10 @@ def add_event(
 
 def get_run(session: Session, *, run_id: uuid.UUID, lock: bool = False) -> Run:
     """The run, or NotFoundError. `lock` takes the row lock on Postgres (SQLite transactions already
-    hold the database's write lock, see server/db/session.py)."""
-    stmt = select(Run).where(Run.id == run_id)
+    hold the database's write lock, see server/db/session.py). The row is always re-read into
+    the session: a Run the session already holds may predate another process's transition, and
+    every state check must see the committed row."""
+    stmt = select(Run).where(Run.id == run_id).execution_options(populate_existing=True)
     if lock:
         stmt = stmt.with_for_update()
     run = session.scalars(stmt).one_or_none()
@@ -104,7 +108,18 @@ def _teachers(
             "config.stage.teacher_weights",
             f"{len(weights)} weights for {len(teacher_ids)} teachers",
         )
-    found = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_(teacher_ids)))}
+    # FOR SHARE: a teacher failing concurrently is seen failed once its transaction commits,
+    # instead of this student slipping in after _fail_waiting_students looked for students
+    found = {
+        r.id: r
+        for r in session.scalars(
+            select(Run)
+            .where(Run.id.in_(teacher_ids))
+            .order_by(Run.id)
+            .with_for_update(read=True)
+            .execution_options(populate_existing=True)
+        )
+    }
     teachers = []
     for i, tid in enumerate(teacher_ids):
         teacher = found.get(tid)
@@ -121,6 +136,25 @@ def _teachers(
             raise InvalidInputError(f"teacher_ids.{i}", f"run {tid} has another model or dataset")
         teachers.append(teacher)
     return teachers
+
+
+def latest_teacher_checkpoint(session: Session, *, run_id: uuid.UUID) -> Checkpoint | None:
+    return session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.run_id == run_id, Checkpoint.role == CheckpointRole.TEACHER)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    ).one_or_none()
+
+
+def _link(session: Session, teacher: Run, *, position: int) -> RunTeacher:
+    """A teacher link, pinned at once when the teacher has already succeeded."""
+    link = RunTeacher(teacher_id=teacher.id, position=position)
+    if teacher.status is RunStatus.SUCCEEDED:
+        ckpt = latest_teacher_checkpoint(session, run_id=teacher.id)
+        if ckpt is not None:
+            link.checkpoint_id, link.sha256 = ckpt.id, ckpt.sha256
+    return link
 
 
 def create_run(
@@ -182,7 +216,7 @@ def create_run(
         created_at=now,
         summary={},
         tag_rows=[RunTag(tag=t) for t in _check_tags(tags)],
-        teachers=[RunTeacher(teacher_id=t.id, position=i) for i, t in enumerate(teachers)],
+        teachers=[_link(session, t, position=i) for i, t in enumerate(teachers)],
     )
     session.add(run)
     session.flush()
@@ -206,6 +240,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, ident = json.loads(raw)
+        if not isinstance(created, str) or not isinstance(ident, str):
+            raise TypeError("cursor fields are strings")
         at = datetime.fromisoformat(created)
         if at.tzinfo is None:
             raise ValueError("naive timestamp")
@@ -231,6 +267,9 @@ def list_runs(
     scan however deep it is, and rows inserted meanwhile never shift or repeat a page."""
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidInputError("limit", f"must be between 1 and {MAX_PAGE}")
+    for field, value in (("created_after", created_after), ("created_before", created_before)):
+        if value is not None and value.tzinfo is None:
+            raise InvalidInputError(field, "needs a time zone (e.g. 2026-11-25T12:00:00Z)")
     stmt = select(Run)
     if status is not None:
         stmt = stmt.where(Run.status.in_([RunStatus(s) for s in status]))

@@ -19,8 +19,6 @@ from sqlalchemy.orm import Session
 from erpd import metrics as M
 from server.db import (
     FINISHED,
-    Checkpoint,
-    CheckpointRole,
     EventKind,
     Run,
     RunKind,
@@ -29,7 +27,7 @@ from server.db import (
     utcnow,
 )
 from server.services.errors import IllegalTransitionError, InvalidInputError, StaleAttemptError
-from server.services.runs import add_event, get_run
+from server.services.runs import add_event, get_run, latest_teacher_checkpoint
 
 # Summary metrics copied to their own columns (sortable, comparable across runs).
 SUMMARY_COLUMNS = {
@@ -172,19 +170,14 @@ def complete_run(
 
 
 def _pin_teacher(session: Session, run: Run) -> None:
-    ckpt = session.scalars(
-        select(Checkpoint)
-        .where(Checkpoint.run_id == run.id, Checkpoint.role == CheckpointRole.TEACHER)
-        .order_by(Checkpoint.step.desc())
-        .limit(1)
-    ).one_or_none()
+    ckpt = latest_teacher_checkpoint(session, run_id=run.id)
     if ckpt is None:
         raise IllegalTransitionError(run.id, run.status, "complete without a teacher checkpoint")
     session.execute(
         update(RunTeacher)
         .where(RunTeacher.teacher_id == run.id, RunTeacher.sha256.is_(None))
         .values(checkpoint_id=ckpt.id, sha256=ckpt.sha256)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session="fetch")
     )
 
 
@@ -250,7 +243,9 @@ def _fail_waiting_students(session: Session, *, teacher: Run, now: datetime) -> 
         select(Run)
         .join(RunTeacher, and_(RunTeacher.student_id == Run.id))
         .where(RunTeacher.teacher_id == teacher.id, Run.status == RunStatus.QUEUED)
-        .with_for_update()
+        .order_by(Run.id)  # one lock order: two teachers failing at once cannot deadlock
+        .with_for_update(of=Run)
+        .execution_options(populate_existing=True)
     ).all()
     reason = f"teacher run {teacher.id} {teacher.status}"
     if teacher.error:
@@ -323,7 +318,7 @@ def retry_run(
     if attempts < 1:
         raise InvalidInputError("attempts", "must be at least 1")
     for link in run.teachers:
-        teacher = get_run(session, run_id=link.teacher_id)
+        teacher = get_run(session, run_id=link.teacher_id, lock=True)
         if teacher.status in (RunStatus.FAILED, RunStatus.CANCELLED):
             raise IllegalTransitionError(
                 run.id,

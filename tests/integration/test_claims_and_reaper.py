@@ -220,3 +220,52 @@ def test_readers_see_a_snapshot_and_never_wait_on_a_writer(store_engine: Engine,
         if store_engine.dialect.name == "postgresql":
             with pytest.raises(DBAPIError, match="read-only"):
                 request_cancel(reader, run_id=run_id, actor="api")
+
+
+def test_a_student_created_while_its_teacher_fails_sees_the_failure(
+    store_engine: Engine, builtins
+) -> None:
+    """Postgres: A fails the teacher and holds its transaction; B's create of a student waits on
+    the teacher's row, then sees it failed, instead of leaving a student queued forever."""
+    if store_engine.dialect.name != "postgresql":
+        pytest.skip("row-lock waits are a Postgres notion (SQLite serialises whole transactions)")
+    from server.services import InvalidInputError, fail_run
+
+    factory = session_factory(store_engine)
+    with factory.begin() as s:
+        teacher = create_run(
+            s, kind=RunKind.STAGE1, model_id=builtins[0], dataset_id=builtins[1], config={}
+        )
+        claim_run(s, run_id=teacher.id, worker="w", device="cpu")
+    a = factory()
+    a.begin()
+    fail_run(a, run_id=teacher.id, attempt=1, reason="diverged", actor="worker:w")
+    box: dict[str, int] = {}
+    outcome: dict[str, object] = {}
+
+    def create_student() -> None:
+        try:
+            with factory.begin() as s:
+                box["pid"] = s.execute(text("select pg_backend_pid()")).scalar_one()
+                create_run(
+                    s,
+                    kind=RunKind.STAGE2,
+                    model_id=builtins[0],
+                    dataset_id=builtins[1],
+                    config={},
+                    teacher_ids=[teacher.id],
+                )
+            outcome["result"] = "created"
+        except InvalidInputError as exc:
+            outcome["result"] = exc
+
+    thread = threading.Thread(target=create_student)
+    thread.start()
+    try:
+        assert _waits_on_a_lock(store_engine, box), "the student's create never waited"
+        a.commit()
+    finally:
+        a.close()
+        thread.join(timeout=30)
+    assert isinstance(outcome["result"], InvalidInputError)
+    assert "failed" in str(outcome["result"])

@@ -300,3 +300,68 @@ def test_every_transition_writes_an_event_chain(factory, builtins) -> None:
         with factory() as s:
             assert chain[-1].to_status is get_run(s, run_id=run.id).status
     assert seen == set(EventKind)  # the walk reached every kind of transition
+
+
+def test_a_stage2_run_created_after_its_teachers_succeeded_is_pinned_at_once(
+    factory, builtins
+) -> None:
+    with factory.begin() as s:
+        teacher = new_run(s, builtins)
+    finish_teacher(factory, teacher.id, sha="f" * 64)
+    with factory.begin() as s:
+        student = new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher.id])
+        assert [t.sha256 for t in student.teachers] == ["f" * 64]
+    assert claim(factory, student.id) is not None
+
+
+def test_a_session_holding_an_old_copy_of_a_run_cannot_act_on_it(factory, builtins) -> None:
+    """Sessions keep loaded rows across commits (expire_on_commit=False): every state check must
+    re-read the row, or a worker the reaper gave up on could finish the next attempt's run."""
+    with factory.begin() as s:
+        run = new_run(s, builtins, kind=RunKind.SAMPLE)
+    old_worker = factory()
+    with old_worker.begin():  # the sessions keep these objects only while they are referenced
+        held = claim_run(old_worker, run_id=run.id, worker="A", device="cpu")
+        assert held is not None
+    from server.services import requeue_stale
+
+    with factory.begin() as s:
+        requeue_stale(s, timeout=timedelta(0), now=utcnow() + timedelta(seconds=1))
+    assert claim(factory, run.id) is not None  # attempt 2, worker w1
+    with pytest.raises(StaleAttemptError), old_worker.begin():
+        complete_run(old_worker, run_id=run.id, attempt=1, summary={}, actor="worker:A")
+    api = factory()
+    with api.begin():
+        api_copy = get_run(api, run_id=run.id)
+        assert api_copy.status is RunStatus.RUNNING
+    with factory.begin() as s:
+        request_cancel(s, run_id=run.id, actor="api")
+        cancel_run(s, run_id=run.id, attempt=2, actor="worker:w1")
+    with pytest.raises(IllegalTransitionError, match="cancelled: cannot cancel"), api.begin():
+        request_cancel(api, run_id=run.id, actor="api")
+    old_worker.close()
+    api.close()
+
+
+def test_deleting_a_pipeline_deletes_its_runs_and_their_rows(factory, builtins) -> None:
+    from server.db import Pipeline
+
+    with factory.begin() as s:
+        pipe = Pipeline(
+            name="p",
+            model_id=builtins[0],
+            dataset_id=builtins[1],
+            rounds=1,
+            teacher_objectives=["sapo"],
+            stage2={},
+            config={},
+        )
+        s.add(pipe)
+        s.flush()
+        teacher = new_run(s, builtins, pipeline_id=pipe.id, tags=["x"])
+        new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher.id], pipeline_id=pipe.id)
+    with factory.begin() as s:
+        s.delete(s.get(Pipeline, pipe.id))
+    with factory() as s:
+        assert s.scalars(select(Run)).all() == []
+        assert s.scalars(select(RunEvent)).all() == []

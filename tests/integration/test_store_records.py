@@ -221,3 +221,31 @@ def test_api_keys_are_stored_hashed_and_revocable(factory) -> None:
         revoke_api_key(s, key_id=key.id)
     with factory() as s:
         assert authenticate(s, secret=secret) is None
+
+
+def test_bad_reads_and_writes_raise_typed_errors(factory, builtins) -> None:
+    import base64
+    import json
+    from datetime import datetime
+
+    from server.services import NotFoundError, StaleAttemptError
+
+    cursor = base64.urlsafe_b64encode(json.dumps([utcnow().isoformat(), 5]).encode()).decode()
+    with pytest.raises(InvalidInputError, match="cursor"), factory() as s:
+        list_runs(s, cursor=cursor)
+    with pytest.raises(InvalidInputError, match="created_after"), factory() as s:
+        list_runs(s, created_after=datetime(2026, 1, 1))
+    with pytest.raises(NotFoundError), factory.begin() as s:
+        record_metrics(s, run_id=uuid.uuid4(), points=[Point(0, M.LOSS, 1.0, 0.0)])
+    with factory.begin() as s:
+        run = create_run(
+            s, kind=RunKind.STAGE1, model_id=builtins[0], dataset_id=builtins[1], config={}
+        )
+        claim_run(s, run_id=run.id, worker="w", device="cpu")
+    for bad in (Point(2.5, M.LOSS, 1.0, 0.0), Point(1, M.LOSS, "x", 0.0)):  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError), factory.begin() as s:
+            record_metrics(s, run_id=run.id, points=[bad])
+    with pytest.raises(StaleAttemptError), factory.begin() as s:
+        record_metrics(s, run_id=run.id, points=[Point(0, M.LOSS, 1.0, 0.0)], attempt=0)
+    with factory.begin() as s:
+        assert record_metrics(s, run_id=run.id, points=[Point(0, M.LOSS, 1.0, 0.0)], attempt=1)
