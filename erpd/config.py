@@ -22,9 +22,11 @@ UnitInterval = Annotated[float, Field(gt=0, le=1)]
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors: a typo in a config must never be silently ignored."""
+    """Unknown keys are errors: a typo in a config must never be silently ignored; NaN and
+    infinity are never a valid setting (the API parses JSON with Python's json, which accepts
+    them)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(_Strict):
@@ -80,7 +82,9 @@ class JsonlConfig(_Strict):
 
     train_path: str = Field(description="JSONL file of training prompts.")
     eval_path: str | None = Field(None, description="JSONL eval file; None = hold out eval_size.")
-    eval_size: int = Field(200, ge=1, description="Rows held out when eval_path is None.")
+    eval_size: int = Field(
+        200, ge=1, le=1_000_000, description="Rows held out when eval_path is None."
+    )
     seed: int = Field(0, description="Seed of the train/eval split and of batch sampling.")
 
 
@@ -104,7 +108,9 @@ class TaskSpec(_Strict):
 class EvalConfig(_Strict):
     """Held-out evaluation: greedy and sampled (T=1) accuracy are both reported (METHOD.md)."""
 
-    size: int | None = Field(None, ge=1, description="Evaluate on the first N held-out problems.")
+    size: int | None = Field(
+        None, ge=1, le=1_000_000, description="Evaluate on the first N held-out problems."
+    )
     sampled: bool = Field(True, description="Also report acc/eval_sampled (temperature 1).")
     pass_k: int = Field(0, ge=0, le=64, description="If > 1, also report acc/pass@k.")
     batch_size: int = Field(
@@ -125,25 +131,29 @@ class BaseTrainConfig(_Strict):
     )
     eval_size: int = Field(200, ge=10, description="Held-out problems used for the stop check.")
     lr: PositiveFloat = Field(1e-3, description="Adam learning rate.")
-    batch_size: int = Field(64, ge=1, description="Problems per step.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Problems per step.")
     seed: int = 0
 
 
 class SampleConfig(_Strict):
     """The fixed RolloutBatch of one round: N prompts x G responses, sampled once from pi_k."""
 
-    num_prompts: int = Field(128, ge=1, description="N prompts (the paper: 1,000).")
-    group_size: int = Field(8, ge=2, description="G responses per prompt (the paper: 16).")
+    num_prompts: int = Field(128, ge=1, le=1_000_000, description="N prompts (the paper: 1,000).")
+    group_size: int = Field(8, ge=2, le=1024, description="G responses per prompt (the paper: 16).")
     temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
     top_p: UnitInterval = Field(1.0, description="Nucleus sampling mass.")
-    batch_size: int = Field(256, ge=1, description="Sequences per generation/log-prob batch.")
+    batch_size: int = Field(
+        256, ge=1, le=65_536, description="Sequences per generation/log-prob batch."
+    )
     seed: int = Field(0, description="Seed of the prompt draw and of sampling.")
 
 
 class _StageCommon(_Strict):
     lr: PositiveFloat
     epochs: int = Field(ge=1, le=10_000, description="Passes over the fixed batch.")
-    minibatch_size: int = Field(256, ge=1, description="Responses per optimizer step.")
+    minibatch_size: int = Field(
+        256, ge=1, le=1_000_000, description="Responses per optimizer step."
+    )
     micro_batch_size: int | None = Field(
         None,
         ge=1,

@@ -30,6 +30,14 @@ def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
 def run_migrations_online() -> None:
     engine: Engine = config.attributes.get("engine") or make_engine(get_settings().db_url)
     with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # batch migrations rebuild a table (copy, DROP, rename); with foreign keys on, the
+            # DROP would cascade-delete or refuse the child rows. The pragma only takes effect
+            # outside a transaction, hence the raw connection (isolation_level None).
+            raw = connection.connection.driver_connection
+            assert raw is not None
+            raw.execute("PRAGMA foreign_keys=OFF")
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
@@ -37,8 +45,16 @@ def run_migrations_online() -> None:
             render_as_batch=connection.dialect.name == "sqlite",
             render_item=render_item,
         )
-        with context.begin_transaction():
-            context.run_migrations()
+        try:
+            with context.begin_transaction():
+                context.run_migrations()
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"migration left dangling foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 if context.is_offline_mode():

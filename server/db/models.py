@@ -130,6 +130,25 @@ class Model(_Registered, Base):
 class Dataset(_Registered, Base):
     __tablename__ = "datasets"
 
+    # uploaded datasets belong to the key that uploaded them; built-in and registered ones to all
+    owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
+
+
+class IdempotencyKey(Base):
+    """A POST's Idempotency-Key: the same key and body replay the stored response; the same key
+    with another body is a conflict. Scoped per API key."""
+
+    __tablename__ = "idempotency_keys"
+
+    owner_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int]
+    response: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
 
 class Pipeline(Base):
     """The runs of one ERPD pipeline: per round, the teachers' stage-1 runs and one stage-2 run."""
@@ -182,6 +201,14 @@ class Run(Base):
     dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"))
     seed: Mapped[int | None]
     code_version: Mapped[str | None] = mapped_column(String(64))
+    # the `sample` run whose fixed batch this stage trains on (teachers of a pipeline share one)
+    batch_run_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    # outbox: set once the run's message is on the broker; a queued, ready run without it is
+    # republished by the reconciler (so a broker hiccup after the commit loses nothing)
+    enqueued_at: Mapped[datetime | None]
+    notify_url: Mapped[str | None] = mapped_column(String(2048))
 
     worker: Mapped[str | None] = mapped_column(String(255))
     device: Mapped[str | None] = mapped_column(String(64))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from server.db import Base, make_engine, migrate, session_factory
 from server.services import authenticate
@@ -104,3 +106,56 @@ def test_the_server_never_imports_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upgrades_keep_existing_rows(databases: Databases, backend) -> None:
+    """SQLite batch migrations rebuild tables; with foreign keys on, the rebuild's DROP TABLE
+    would cascade-delete (or refuse) every child row. Rows written at 0001 survive to head."""
+    engine = make_engine(databases.new_url(backend))
+    migrate.upgrade(engine, "0001")
+    model, dataset, run = (uuid.uuid4().hex for _ in range(3))
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with engine.begin() as conn:
+        for table, ident, name in (("models", model, "tiny"), ("datasets", dataset, "arith")):
+            conn.execute(
+                text(
+                    f"insert into {table} (id, name, kind, location, metadata, created_at) "
+                    "values (:i, :n, 'builtin', :n, '{}', :t)"
+                ),
+                {"i": ident, "n": name, "t": now},
+            )
+        conn.execute(
+            text(
+                "insert into runs (id, name, kind, round, status, attempt, max_attempts, config,"
+                " model_id, dataset_id, cancel_requested, created_at, summary) values (:i, 'r',"
+                " 'stage1', 0, 'queued', 0, 3, '{}', :m, :d, false, :t, '{}')"
+            ),
+            {"i": run, "m": model, "d": dataset, "t": now},
+        )
+        conn.execute(
+            text(
+                "insert into run_events (run_id, at, event, to_status, attempt, actor) "
+                "values (:i, :t, 'created', 'queued', 0, 'x')"
+            ),
+            {"i": run, "t": now},
+        )
+        conn.execute(
+            text(
+                "insert into metric_points (run_id, name, step, value, wall_time) "
+                "values (:i, 'loss', 1, 0.5, 1.0)"
+            ),
+            {"i": run},
+        )
+
+    def counts() -> dict[str, int]:
+        with engine.connect() as conn:
+            tables = ("models", "datasets", "runs", "run_events", "metric_points")
+            return {t: conn.execute(text(f"select count(*) from {t}")).scalar_one() for t in tables}
+
+    kept = dict.fromkeys(("models", "datasets", "runs", "run_events", "metric_points"), 1)
+    migrate.upgrade(engine)
+    assert counts() == kept
+    migrate.downgrade(engine, "0001")
+    assert counts() == kept
+    engine.dispose()
