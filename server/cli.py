@@ -119,5 +119,30 @@ def create_key(name: Annotated[str, typer.Argument(help="Who or what uses the ke
     _guard(body)
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default ERPD_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default ERPD_PORT).")] = None,
+) -> None:
+    """Run the REST API (uvicorn). Binds 127.0.0.1 unless told otherwise."""
+
+    def body() -> None:
+        import uvicorn
+
+        settings = get_settings()
+        engine = _engine()
+        _require_schema(engine)
+        engine.dispose()
+        uvicorn.run(
+            "server.main:create_app",
+            factory=True,
+            host=host or settings.host,
+            port=port or settings.port,
+            log_level="info",
+        )
+
+    _guard(body)
+
+
 def main() -> None:
     app()

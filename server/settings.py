@@ -24,12 +24,43 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the run store; unset = SQLite file `<home>/erpd.db`.",
     )
 
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker; unset = Celery's SQLAlchemy transport on "
+        "`<home>/broker.db` (no service needed). Production: redis://host:6379/0.",
+    )
+    queue: str = Field("gpu", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Queue of stage runs.")
+    host: str = Field("127.0.0.1", description="API bind address (loopback unless configured).")
+    port: int = Field(8000, ge=1, le=65535, description="API port.")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest JSON request body (413 above it)."
+    )
+    max_upload_bytes: int = Field(
+        64 << 20, ge=1024, description="Largest dataset upload (413 above it)."
+    )
+    max_active_runs: int = Field(
+        100, ge=1, description="Queued + running runs one API key may have (429 above it)."
+    )
+    webhook_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a run's notify_url may point at (JSON list); empty = no webhooks.",
+    )
+    stream_poll_s: float = Field(
+        0.5, gt=0, le=10, description="How often /stream looks for new points and statuses."
+    )
+
     @field_validator("database_url")
     @classmethod
     def _known_backend(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("sqlite", "postgresql")):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
         return url
+
+    @property
+    def broker(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.home / 'broker.db').resolve()}"
 
     @property
     def db_url(self) -> str:

@@ -104,3 +104,44 @@ def metric_series(
     for name, step, value in rows:
         series[name].append((step, value))
     return series
+
+
+def downsample(
+    points: Sequence[tuple[int, float | None]], max_points: int
+) -> tuple[list[tuple[int, float | None]], bool]:
+    """At most about `max_points` points that keep the shape of a series.
+
+    The series is cut into buckets of consecutive steps and each bucket keeps its minimum and
+    maximum (in step order), plus the first non-finite point if it has one, so a spike or a
+    collapse is never averaged away; the first and last points are always kept.
+    """
+    if len(points) <= max_points:
+        return list(points), False
+    first, inner, last = points[0], points[1:-1], points[-1]
+    buckets = max(1, (max_points - 2) // 2)
+    size = math.ceil(len(inner) / buckets)
+    kept = [first]
+    for start in range(0, len(inner), size):
+        bucket = inner[start : start + size]
+        finite = [p for p in bucket if p[1] is not None]
+        chosen = set()
+        if finite:
+            chosen.add(min(finite, key=lambda p: p[1]))  # type: ignore[arg-type,return-value]
+            chosen.add(max(finite, key=lambda p: p[1]))  # type: ignore[arg-type,return-value]
+        chosen.update(
+            p for p in bucket[:] if p[1] is None and not any(c[1] is None for c in chosen)
+        )
+        kept.extend(sorted(chosen))
+    kept.append(last)
+    return kept, True
+
+
+def series_names(session: Session, *, run_id: uuid.UUID) -> list[str]:
+    return list(
+        session.scalars(
+            select(MetricPoint.name)
+            .where(MetricPoint.run_id == run_id)
+            .distinct()
+            .order_by(MetricPoint.name)
+        )
+    )

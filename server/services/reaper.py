@@ -2,8 +2,8 @@
 
 A run is stale when its last heartbeat (or, if it never sent one, its start) is older than the
 timeout. It is requeued while it has attempts left, failed with `worker_lost` when it has none,
-and cancelled, never requeued, when a cancel was already requested. The caller republishes the
-requeued runs' messages after its commit.
+and cancelled, never requeued, when a cancel was already requested. A requeued run loses its
+`enqueued_at`, so the outbox (server/services/outbox.py) publishes it again.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def requeue_stale(
             reason = f"{silent} (attempt {run.attempt} of {run.max_attempts})"
             run.status = RunStatus.QUEUED
             run.heartbeat_at = None
+            run.enqueued_at = None  # the outbox publishes it again
             add_event(
                 session,
                 run,

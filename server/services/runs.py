@@ -61,7 +61,13 @@ def add_event(
     )
 
 
-def get_run(session: Session, *, run_id: uuid.UUID, lock: bool = False) -> Run:
+def get_run(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    lock: bool = False,
+    owner_id: uuid.UUID | None = None,
+) -> Run:
     """The run, or NotFoundError. `lock` takes the row lock on Postgres (SQLite transactions already
     hold the database's write lock, see server/db/session.py). The row is always re-read into
     the session: a Run the session already holds may predate another process's transition, and
@@ -70,7 +76,8 @@ def get_run(session: Session, *, run_id: uuid.UUID, lock: bool = False) -> Run:
     if lock:
         stmt = stmt.with_for_update()
     run = session.scalars(stmt).one_or_none()
-    if run is None:
+    # another key's run is "not found", never "forbidden": ids of others' runs leak nothing
+    if run is None or (owner_id is not None and run.owner_id != owner_id):
         raise NotFoundError("run", run_id)
     return run
 
@@ -138,6 +145,32 @@ def _teachers(
     return teachers
 
 
+def _check_batch(
+    session: Session,
+    batch_run_id: uuid.UUID,
+    *,
+    kind: RunKind,
+    model_id: uuid.UUID,
+    dataset_id: uuid.UUID,
+) -> None:
+    if kind is RunKind.SAMPLE:
+        raise InvalidInputError("batch_run_id", "a sample run draws its own batch")
+    batch = session.scalars(
+        select(Run)
+        .where(Run.id == batch_run_id)
+        .with_for_update(read=True)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if batch is None:
+        raise InvalidInputError("batch_run_id", f"run {batch_run_id} not found")
+    if batch.kind is not RunKind.SAMPLE:
+        raise InvalidInputError("batch_run_id", f"run {batch_run_id} is a {batch.kind} run")
+    if batch.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+        raise InvalidInputError("batch_run_id", f"run {batch_run_id} is {batch.status}")
+    if batch.model_id != model_id or batch.dataset_id != dataset_id:
+        raise InvalidInputError("batch_run_id", f"run {batch_run_id} has another model or dataset")
+
+
 def latest_teacher_checkpoint(session: Session, *, run_id: uuid.UUID) -> Checkpoint | None:
     return session.scalars(
         select(Checkpoint)
@@ -169,6 +202,8 @@ def create_run(
     pipeline_id: uuid.UUID | None = None,
     round: int = 0,
     teacher_ids: Sequence[uuid.UUID] = (),
+    batch_run_id: uuid.UUID | None = None,
+    notify_url: str | None = None,
     tags: Iterable[str] = (),
     max_attempts: int = 3,
     seed: int | None = None,
@@ -197,8 +232,12 @@ def create_run(
         dataset_id=dataset_id,
         config=normalised,
     )
+    if batch_run_id is not None:
+        _check_batch(session, batch_run_id, kind=kind, model_id=model_id, dataset_id=dataset_id)
     run = Run(
         id=uuid.uuid4(),
+        batch_run_id=batch_run_id,
+        notify_url=notify_url,
         name=name or f"{kind}-{now:%Y%m%d-%H%M%S}",
         owner_id=owner_id,
         kind=kind,
@@ -297,7 +336,23 @@ def list_runs(
 
 
 def run_events(session: Session, *, run_id: uuid.UUID) -> list[RunEvent]:
-    get_run(session, run_id=run_id)
     return list(
         session.scalars(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
     )
+
+
+def set_name_and_tags(
+    session: Session, *, run: Run, name: str | None = None, tags: Iterable[str] | None = None
+) -> Run:
+    """The only fields of a run a user may change after submitting it."""
+    if name is not None:
+        if not 1 <= len(name) <= 200:
+            raise InvalidInputError("name", "1-200 characters")
+        run.name = name
+    if tags is not None:
+        wanted = _check_tags(tags)
+        run.tag_rows = [row for row in run.tag_rows if row.tag in wanted]
+        have = {row.tag for row in run.tag_rows}
+        run.tag_rows += [RunTag(tag=t) for t in wanted if t not in have]
+    session.flush()
+    return run

@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 
-from sqlalchemy import and_, exists, not_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from erpd import metrics as M
 from server.db import (
@@ -46,6 +46,19 @@ def running_attempt(session: Session, *, run_id: uuid.UUID, attempt: int, action
     return run
 
 
+def inputs_ready() -> ColumnElement[bool]:
+    """A run's inputs exist: every teacher pinned (stage 2) and its batch run succeeded."""
+    batch = aliased(Run)
+    teachers_pinned = not_(
+        exists().where(RunTeacher.student_id == Run.id, RunTeacher.sha256.is_(None))
+    )
+    batch_done = or_(
+        Run.batch_run_id.is_(None),
+        exists().where(batch.id == Run.batch_run_id, batch.status == RunStatus.SUCCEEDED),
+    )
+    return and_(teachers_pinned, batch_done)
+
+
 def claim_run(
     session: Session,
     *,
@@ -56,20 +69,18 @@ def claim_run(
 ) -> Run | None:
     """Move a queued run to running in one conditional UPDATE; None if it was not claimable.
 
-    A second delivery of the same message, a cancelled run and a stage-2 run whose teachers are
-    not all pinned yet all come back None: the caller simply drops the message.
+    A second delivery of the same message, a cancelled run and a run whose inputs are not ready
+    (teachers not all pinned, batch not sampled yet) all come back None: the caller simply drops
+    the message; the run is published again once its inputs are ready.
     """
     now = now or utcnow()
-    teachers_ready = not_(
-        exists().where(RunTeacher.student_id == Run.id, RunTeacher.sha256.is_(None))
-    )
     stmt = (
         update(Run)
         .where(
             Run.id == run_id,
             Run.status == RunStatus.QUEUED,
             Run.cancel_requested.is_(False),
-            teachers_ready,
+            inputs_ready(),
         )
         .values(
             status=RunStatus.RUNNING,
@@ -236,18 +247,24 @@ def end_run(
 
 
 def _fail_waiting_students(session: Session, *, teacher: Run, now: datetime) -> None:
-    """A stage-2 run can never start once one of its teachers failed or was cancelled."""
-    if teacher.kind is not RunKind.STAGE1 or teacher.status is RunStatus.SUCCEEDED:
+    """A run can never start once one of its inputs failed or was cancelled: a stage-2 run
+    whose teacher did, or a stage run whose batch (`sample` run) did."""
+    if teacher.status is RunStatus.SUCCEEDED or teacher.kind is RunKind.STAGE2:
         return
+    depends = (
+        Run.id.in_(select(RunTeacher.student_id).where(RunTeacher.teacher_id == teacher.id))
+        if teacher.kind is RunKind.STAGE1
+        else Run.batch_run_id == teacher.id
+    )
     students = session.scalars(
         select(Run)
-        .join(RunTeacher, and_(RunTeacher.student_id == Run.id))
-        .where(RunTeacher.teacher_id == teacher.id, Run.status == RunStatus.QUEUED)
-        .order_by(Run.id)  # one lock order: two teachers failing at once cannot deadlock
-        .with_for_update(of=Run)
+        .where(depends, Run.status == RunStatus.QUEUED)
+        .order_by(Run.id)  # one lock order: two inputs failing at once cannot deadlock
+        .with_for_update()
         .execution_options(populate_existing=True)
     ).all()
-    reason = f"teacher run {teacher.id} {teacher.status}"
+    role = "teacher" if teacher.kind is RunKind.STAGE1 else "batch"
+    reason = f"{role} run {teacher.id} {teacher.status}"
     if teacher.error:
         reason += f": {teacher.error}"
     for student in students:
@@ -332,6 +349,7 @@ def retry_run(
     run.error = None
     run.finished_at = None
     run.heartbeat_at = None
+    run.enqueued_at = None  # the outbox publishes the new attempt
     run.progress_step = run.progress_total = None
     add_event(session, run, event=EventKind.RETRIED, from_status=before, actor=actor, now=now)
     session.flush()

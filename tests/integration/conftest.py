@@ -3,18 +3,25 @@ the machine's server and dropped afterwards) and a real SQLite file, both migrat
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import Base, Dataset, Model, make_engine, migrate, session_factory
-from server.services import ensure_builtins
+from server.main import create_app
+from server.services import create_api_key, ensure_builtins
+from server.settings import Settings
 
 # the machine's Postgres (scripts/services.sh starts it); override to point at another server
 POSTGRES_URL = os.environ.get(
@@ -79,3 +86,69 @@ def builtins(factory: sessionmaker[Session]) -> tuple[uuid.UUID, uuid.UUID]:
         model = s.query(Model).filter_by(name="tiny").one()
         dataset = s.query(Dataset).filter_by(name="arithmetic").one()
         return model.id, dataset.id
+
+
+# --- the REST API against real Postgres and Redis ---------------------------------------------
+REDIS_URL = os.environ.get("ERPD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+class Api:
+    """The app in-process (real ASGI stack, real Postgres, real Redis), with two users' keys."""
+
+    def __init__(self, client: TestClient, settings: Settings, alice: str, bob: str) -> None:
+        self.client, self.settings = client, settings
+        self.alice, self.bob = alice, bob
+
+    def headers(self, secret: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {secret or self.alice}"}
+
+    def get(self, path: str, key: str | None = None, **kw: Any) -> httpx.Response:
+        return self.client.get(f"/api/v1{path}", headers=self.headers(key), **kw)
+
+    def post(self, path: str, key: str | None = None, **kw: Any) -> httpx.Response:
+        headers = self.headers(key) | kw.pop("headers", {})
+        return self.client.post(f"/api/v1{path}", headers=headers, **kw)
+
+    def patch(self, path: str, key: str | None = None, **kw: Any) -> httpx.Response:
+        return self.client.patch(f"/api/v1{path}", headers=self.headers(key), **kw)
+
+    def published(self) -> list[tuple[str, list[str]]]:
+        """(task name, args) of every message waiting on the run queue, oldest first."""
+        import redis
+
+        conn = redis.Redis.from_url(REDIS_URL)
+        raw = conn.lrange(self.settings.queue, 0, -1)
+        conn.close()
+        messages = []
+        for item in reversed(raw):  # kombu LPUSHes; consumers BRPOP the oldest
+            msg = json.loads(item)
+            args = json.loads(base64.b64decode(msg["body"]))[0]
+            messages.append((msg["headers"]["task"], args))
+        return messages
+
+
+def make_api(databases: Databases, tmp: Path, **overrides: Any) -> Iterator[Api]:
+    url = databases.new_url("postgres")
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    with session_factory(engine).begin() as s:
+        _, alice = create_api_key(s, name="alice")
+        _, bob = create_api_key(s, name="bob")
+    engine.dispose()
+    values: dict[str, Any] = {
+        "home": tmp,
+        "database_url": url,
+        "broker_url": REDIS_URL,
+        "queue": f"test-{uuid.uuid4().hex[:10]}",
+    }
+    settings = Settings(**(values | overrides))
+    with TestClient(create_app(settings)) as client:
+        yield Api(client, settings, alice, bob)
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).delete(settings.queue)
+
+
+@pytest.fixture
+def api(databases: Databases, tmp_path: Path) -> Iterator[Api]:
+    yield from make_api(databases, tmp_path)

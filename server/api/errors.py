@@ -1,0 +1,91 @@
+"""One error shape for every failure: {"error": {"code", "message", "field"}}, never a trace."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.queue import BrokerUnavailableError
+from server.services import (
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+    ServiceError,
+)
+from server.services.idempotency import IdempotencyConflictError
+
+log = logging.getLogger("erpd.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "field": field}}
+    return JSONResponse(body, status_code=status)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    # ("body", "config", "stage", "lr") -> "config.stage.lr"; the discriminator tag is dropped
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in parts if p not in ("sample", "stage1", "stage2") or parts[:1] != [p]]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        field = _field(tuple(first.get("loc", ())))
+        if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+            tag = str(first.get("ctx", {}).get("discriminator", "kind")).strip("'")
+            field = tag if field == "body" else f"{field}.{tag}"
+        return error_response(422, "invalid", f"{field}: {first.get('msg')}", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, NotFoundError):
+            return error_response(404, "not_found", str(exc))
+        if isinstance(exc, IllegalTransitionError):
+            return error_response(409, "conflict", str(exc))
+        if isinstance(exc, InvalidInputError):
+            return error_response(422, "invalid", str(exc), exc.field)
+        if isinstance(exc, IdempotencyConflictError):
+            return error_response(422, "idempotency_conflict", str(exc), exc.field)
+        return error_response(400, "bad_request", str(exc))
+
+    @app.exception_handler(BrokerUnavailableError)
+    async def _broker(_: Request, exc: BrokerUnavailableError) -> JSONResponse:
+        return error_response(503, "unavailable", "the job broker is unreachable; retry later")
+
+    @app.exception_handler(OperationalError)
+    async def _db(_: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", exc.orig)
+        return error_response(503, "unavailable", "the database is unreachable; retry later")
+
+    @app.exception_handler(DBAPIError)
+    async def _dbapi(_: Request, exc: DBAPIError) -> JSONResponse:
+        log.exception("database error")
+        return error_response(500, "internal", "internal error")
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal", "internal error")

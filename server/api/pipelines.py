@@ -1,0 +1,59 @@
+"""Pipelines: a whole ERPD round (sample -> teachers -> student) in one request."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from server.api.deps import KeyDep, StateDep
+from server.api.runs import IdempotencyKey, actor, check_notify_url, resolve
+from server.api.submit import check_quota, create_and_publish
+from server.schemas import PipelineCreate, PipelineOut
+from server.services.pipelines import create_pipeline
+
+router = APIRouter(prefix="/pipelines", tags=["pipelines"])
+
+EXAMPLE = {
+    "model": "tiny",
+    "dataset": "arithmetic",
+    "sample": {"num_prompts": 128, "group_size": 8},
+    "teachers": [{"objective": "sapo", "epochs": 20}, {"objective": "ce", "epochs": 20}],
+    "stage2": {"signal": "logratio", "region": "top_frac", "top_frac": 0.2},
+    "rounds": 1,
+}
+
+
+@router.post("", status_code=201, response_model=PipelineOut, summary="Submit an ERPD pipeline")
+def submit_pipeline(
+    request: Request,
+    state: StateDep,
+    key: KeyDep,
+    body: Annotated[PipelineCreate, Body(openapi_examples={"two teachers": {"value": EXAMPLE}})],
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    notify = check_notify_url(state.settings, body.notify_url)
+    spec = body.model_dump(mode="json") | {"notify_url": notify}
+
+    def create(session: Session) -> tuple[dict[str, Any], list[uuid.UUID]]:
+        check_quota(session, state, key, adding=len(body.teachers) + 2)
+        model_id, dataset_id = resolve(session, key, model=body.model, dataset=body.dataset)
+        pipeline, runs = create_pipeline(
+            session,
+            spec=spec,
+            model_id=model_id,
+            dataset_id=dataset_id,
+            owner_id=key.id,
+            actor=actor(key),
+        )
+        out = PipelineOut(
+            id=pipeline.id, name=pipeline.name, rounds=pipeline.rounds, runs=[r.id for r in runs]
+        )
+        return out.model_dump(mode="json"), [r.id for r in runs]
+
+    return create_and_publish(
+        request, state, key, body=spec, idempotency_key=idempotency_key, create=create
+    )

@@ -1,0 +1,196 @@
+"""Runs: submit one stage, list, read, follow the audit trail, cancel, retry, rename/tag."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import HttpUrl
+from sqlalchemy.orm import Session
+
+from server.api.deps import KeyDep, ReadSession, StateDep
+from server.api.errors import ApiError
+from server.api.submit import check_quota, create_and_publish, publish_ready
+from server.api.views import event_out, run_json, run_out
+from server.db import ApiKey, Dataset, Model, RunKind, RunStatus
+from server.schemas import EventOut, RunCreate, RunOut, RunPage, RunPatch
+from server.services import (
+    NotFoundError,
+    create_run,
+    get_run,
+    list_runs,
+    request_cancel,
+    retry_run,
+    run_events,
+)
+from server.services.registry import find
+from server.services.runs import set_name_and_tags
+from server.settings import Settings
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=200, description="Retry-safe submission."),
+]
+
+EXAMPLE = {
+    "kind": "stage1",
+    "model": "tiny",
+    "dataset": "arithmetic",
+    "config": {"stage": {"objective": "sapo", "epochs": 20}, "sample": {"num_prompts": 128}},
+    "tags": ["sweep"],
+}
+
+
+def actor(key: ApiKey) -> str:
+    return f"api:{key.prefix}"
+
+
+def resolve(
+    session: Session, key: ApiKey, *, model: str, dataset: str
+) -> tuple[uuid.UUID, uuid.UUID]:
+    found_model = find(session, Model, name=model)
+    if found_model is None:
+        raise ApiError(422, "invalid", f"model: {model!r} is not registered (GET /models)", "model")
+    found = find(session, Dataset, name=dataset)
+    if found is None or (found.owner_id is not None and found.owner_id != key.id):
+        raise ApiError(
+            422, "invalid", f"dataset: {dataset!r} is not registered (GET /datasets)", "dataset"
+        )
+    return found_model.id, found.id
+
+
+def check_notify_url(settings: Settings, url: HttpUrl | None) -> str | None:
+    if url is None:
+        return None
+    if url.host not in settings.webhook_hosts:
+        raise ApiError(
+            422, "invalid", f"notify_url: host {url.host!r} is not on the allow-list", "notify_url"
+        )
+    return str(url)
+
+
+@router.post("", status_code=201, response_model=RunOut, summary="Submit one stage run")
+def submit_run(
+    request: Request,
+    state: StateDep,
+    key: KeyDep,
+    body: Annotated[RunCreate, Body(openapi_examples={"stage1": {"value": EXAMPLE}})],
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    notify = check_notify_url(state.settings, body.notify_url)
+
+    def create(session: Session) -> tuple[dict[str, Any], list[uuid.UUID]]:
+        check_quota(session, state, key, adding=1)
+        model_id, dataset_id = resolve(session, key, model=body.model, dataset=body.dataset)
+        teachers = list(getattr(body, "teachers", ()))
+        batch = getattr(body, "batch_run", None)
+        _owned_inputs(session, key, batch, teachers)  # before any check that could describe them
+        run = create_run(
+            session,
+            kind=RunKind(body.kind),
+            model_id=model_id,
+            dataset_id=dataset_id,
+            config=body.config.model_dump(mode="json"),
+            name=body.name,
+            owner_id=key.id,
+            teacher_ids=teachers,
+            batch_run_id=batch,
+            notify_url=notify,
+            tags=body.tags,
+            max_attempts=body.max_attempts,
+            actor=actor(key),
+        )
+        return run_json(run), [run.id]
+
+    payload = body.model_dump(mode="json")
+    return create_and_publish(
+        request, state, key, body=payload, idempotency_key=idempotency_key, create=create
+    )
+
+
+def _owned_inputs(
+    session: Session, key: ApiKey, batch: uuid.UUID | None, teachers: list[uuid.UUID]
+) -> None:
+    """Teachers and batch runs must be the caller's own (another key's run is not found)."""
+    for i, teacher in enumerate(teachers):
+        try:
+            get_run(session, run_id=teacher, owner_id=key.id)
+        except NotFoundError as exc:
+            field = f"teachers.{i}"
+            raise ApiError(422, "invalid", f"{field}: run {teacher} not found", field) from exc
+    if batch is not None:
+        try:
+            get_run(session, run_id=batch, owner_id=key.id)
+        except Exception as exc:
+            raise ApiError(
+                422, "invalid", f"batch_run: run {batch} not found", "batch_run"
+            ) from exc
+
+
+@router.get("", response_model=RunPage, summary="List your runs, newest first")
+def list_(
+    session: ReadSession,
+    key: KeyDep,
+    status: Annotated[list[RunStatus] | None, Query()] = None,
+    kind: Annotated[list[RunKind] | None, Query()] = None,
+    tag: Annotated[str | None, Query(max_length=64)] = None,
+    pipeline: uuid.UUID | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> RunPage:
+    page = list_runs(
+        session,
+        status=status,
+        kind=kind,
+        tag=tag,
+        owner_id=key.id,
+        pipeline_id=pipeline,
+        created_after=created_after,
+        created_before=created_before,
+        limit=limit,
+        cursor=cursor,
+    )
+    return RunPage(items=[run_out(r) for r in page.items], next=page.next_cursor)
+
+
+@router.get("/{run_id}", response_model=RunOut, summary="One run with its lineage")
+def read(run_id: uuid.UUID, session: ReadSession, key: KeyDep) -> RunOut:
+    return run_out(get_run(session, run_id=run_id, owner_id=key.id))
+
+
+@router.get("/{run_id}/events", response_model=list[EventOut], summary="The audit trail")
+def events(run_id: uuid.UUID, session: ReadSession, key: KeyDep) -> list[EventOut]:
+    get_run(session, run_id=run_id, owner_id=key.id)
+    return [event_out(e) for e in run_events(session, run_id=run_id)]
+
+
+@router.post("/{run_id}/cancel", response_model=RunOut, summary="Cancel (409 if finished)")
+def cancel(run_id: uuid.UUID, state: StateDep, key: KeyDep) -> RunOut:
+    with state.writes.begin() as session:
+        get_run(session, run_id=run_id, owner_id=key.id)
+        return run_out(request_cancel(session, run_id=run_id, actor=actor(key)))
+
+
+@router.post("/{run_id}/retry", response_model=RunOut, summary="New attempt, same config")
+def retry(run_id: uuid.UUID, state: StateDep, key: KeyDep) -> RunOut:
+    state.broker.ping()
+    with state.writes.begin() as session:
+        get_run(session, run_id=run_id, owner_id=key.id)
+        check_quota(session, state, key, adding=1)
+        out = run_out(retry_run(session, run_id=run_id, actor=actor(key)))
+    publish_ready(state, [run_id])
+    return out
+
+
+@router.patch("/{run_id}", response_model=RunOut, summary="Rename or re-tag a run")
+def patch(run_id: uuid.UUID, body: RunPatch, state: StateDep, key: KeyDep) -> RunOut:
+    with state.writes.begin() as session:
+        run = get_run(session, run_id=run_id, owner_id=key.id)
+        set_name_and_tags(session, run=run, name=body.name, tags=body.tags)
+        return run_out(run)

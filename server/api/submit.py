@@ -1,0 +1,104 @@
+"""Create-then-publish: runs are committed first, their messages published after the commit."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from server.api.deps import AppState
+from server.api.errors import ApiError
+from server.db import ApiKey, Run, RunStatus
+from server.services import idempotency
+from server.services.outbox import is_ready, mark_enqueued
+
+log = logging.getLogger("erpd.api")
+
+Creator = Callable[[Session], tuple[dict[str, Any], Sequence[uuid.UUID]]]
+
+
+def check_quota(session: Session, state: AppState, key: ApiKey, adding: int) -> None:
+    active = session.scalar(
+        select(func.count())
+        .select_from(Run)
+        .where(Run.owner_id == key.id, Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]))
+    )
+    limit = state.settings.max_active_runs
+    if (active or 0) + adding > limit:
+        raise ApiError(
+            429, "too_many_runs", f"{active} runs queued or running for this key (limit {limit})"
+        )
+
+
+def publish_ready(state: AppState, run_ids: Sequence[uuid.UUID]) -> None:
+    """Publish the runs whose inputs are ready; the others wait for their inputs (the scheduler
+    publishes them then). A failed publish is left to the outbox reconciler: the run is safe."""
+    with state.reads() as session:
+        ready = [r for r in run_ids if is_ready(session, run_id=r)]
+    published = []
+    for run_id in ready:
+        try:
+            state.broker.publish(run_id)
+        except Exception:
+            log.warning("publishing run %s failed; the outbox will retry", run_id)
+            continue
+        published.append(run_id)
+    with state.writes.begin() as session:
+        mark_enqueued(session, run_ids=published)
+
+
+def create_and_publish(
+    request: Request,
+    state: AppState,
+    key: ApiKey,
+    *,
+    body: Any,
+    idempotency_key: str | None,
+    create: Creator,
+) -> JSONResponse:
+    """Run `create` in one transaction (with the Idempotency-Key row, if any), then publish.
+
+    The broker is checked first, so a request while it is down gets 503 and creates nothing.
+    """
+    digest = idempotency.body_hash(request.url.path, body)
+    if idempotency_key is not None:
+        with state.reads() as session:
+            earlier = idempotency.replay(
+                session, owner_id=key.id, key=idempotency_key, request_sha256=digest
+            )
+        if earlier is not None:
+            status, response = earlier
+            return JSONResponse(
+                response, status_code=status, headers={"Idempotent-Replayed": "true"}
+            )
+    state.broker.ping()
+    try:
+        with state.writes.begin() as session:
+            response, run_ids = create(session)
+            if idempotency_key is not None:
+                idempotency.remember(
+                    session, owner_id=key.id, key=idempotency_key, request_sha256=digest,
+                    status_code=201, response=response,
+                )  # fmt: skip
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # a concurrent request with the same key committed first: answer as it did
+        with state.reads() as session:
+            earlier = idempotency.replay(
+                session, owner_id=key.id, key=idempotency_key, request_sha256=digest
+            )
+        if earlier is None:
+            raise
+        return JSONResponse(
+            earlier[1], status_code=earlier[0], headers={"Idempotent-Replayed": "true"}
+        )
+    publish_ready(state, run_ids)
+    return JSONResponse(response, status_code=201)

@@ -1,0 +1,98 @@
+"""The FastAPI app factory. Routes are thin (server/api/), logic lives in server/services/, and
+this process never imports torch: messages go to the workers by task name."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api import health, metrics, pipelines, registry, runs
+from server.api.deps import AppState
+from server.api.errors import error_response, install
+from server.db import make_engine, read_session_factory, session_factory
+from server.queue import Broker
+from server.services import ensure_builtins
+from server.settings import Settings, get_settings
+
+PREFIX = "/api/v1"
+
+
+class BodyLimit:
+    """413 for a request body over the limit, counted as it streams in (Content-Length can be
+    absent or lie). Uploads have their own, larger limit."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, upload_limit: int) -> None:
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload_limit if scope["path"].endswith("/datasets") else self.limit
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await error_response(413, "too_large", f"request body over {limit} bytes")(
+                scope, receive, send
+            )
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLargeError(limit)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLargeError as exc:
+            await error_response(413, "too_large", str(exc))(scope, receive, send)
+
+
+class _TooLargeError(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body over {limit} bytes")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.db_url)
+        writes = session_factory(engine)
+        with writes.begin() as session:
+            ensure_builtins(session)
+        broker = Broker(settings.broker, settings.queue)
+        app.state.erpd = AppState(settings, engine, writes, read_session_factory(engine), broker)
+        yield
+        broker.close()
+        engine.dispose()
+
+    app = FastAPI(
+        title="erpd-hub",
+        version="0.1.0",
+        summary="Extreme Region Policy Distillation as a service",
+        description="Submit ERPD stage runs and pipelines, follow them, download checkpoints. "
+        "Every endpoint but /healthz and /readyz needs `Authorization: Bearer <API key>` "
+        '(`erpd-hub create-key NAME`). Errors are `{"error": {"code", "message", "field"}}`.',
+        lifespan=lifespan,
+        openapi_url=f"{PREFIX}/openapi.json",
+        docs_url=f"{PREFIX}/docs",
+        redoc_url=None,
+    )
+    install(app)
+    api = APIRouter(prefix=PREFIX)
+    for module in (health, runs, pipelines, metrics, registry):
+        api.include_router(module.router)
+    app.include_router(api)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes
+    )
+    return app

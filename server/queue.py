@@ -1,0 +1,56 @@
+"""Publishing run messages to the Celery broker, by task name (the API never imports the worker,
+whose tasks import torch). A message carries the run id only; the worker re-reads the run."""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import Celery
+
+# the worker registers its task under this name (worker/tasks.py)
+RUN_STAGE_TASK = "erpd.run_stage"
+
+
+class BrokerUnavailableError(Exception):
+    """The broker cannot be reached: the API answers 503 and creates nothing."""
+
+
+class Broker:
+    def __init__(self, url: str, queue: str) -> None:
+        self.queue = queue
+        self.app = Celery("erpd-hub-api", broker=url, set_as_current=False)
+        self.app.conf.update(
+            broker_connection_timeout=3,
+            broker_connection_retry=False,
+            broker_connection_max_retries=0,
+        )
+
+    def ping(self) -> None:
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=3)
+        except Exception as exc:  # kombu/redis/socket errors alike mean "unreachable"
+            raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc
+
+    def publish(self, run_id: uuid.UUID) -> None:
+        try:
+            self.app.send_task(
+                RUN_STAGE_TASK,
+                args=[str(run_id)],
+                queue=self.queue,
+                retry=False,
+            )
+        except Exception as exc:
+            raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc
+
+    def depth(self) -> int | None:
+        """Messages waiting on the queue (None when the broker cannot say)."""
+        try:
+            with self.app.connection_for_read() as conn:
+                declared = conn.default_channel.queue_declare(queue=self.queue, passive=True)
+                return int(declared.message_count)
+        except Exception:
+            return None
+
+    def close(self) -> None:
+        self.app.close()

@@ -1,0 +1,203 @@
+"""Request and response bodies of the REST API. Run configs embed erpd.config's models (through
+server/services/configs.py), never redefine them; every request model forbids unknown keys."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+from erpd.config import EvalConfig, RuntimeConfig, SampleConfig, Stage1Config, Stage2Config
+from server.db import RunKind, RunStatus
+from server.services.configs import (
+    SampleRunConfig,
+    Stage1RunConfig,
+    Stage2RunConfig,
+    TaskOptions,
+)
+
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+RegistryName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")]
+Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _RunCreateBase(Request):
+    name: Name | None = Field(None, description="Shown in listings; defaults to kind + time.")
+    model: RegistryName = Field("tiny", description="A registered model (GET /models).")
+    dataset: RegistryName = Field("arithmetic", description="A registered dataset (GET /datasets).")
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    max_attempts: int = Field(3, ge=1, le=10, description="Claims before a lost worker fails it.")
+    notify_url: HttpUrl | None = Field(
+        None, description="POSTed when the run ends; its host must be on the server's allow-list."
+    )
+
+
+class SampleRunCreate(_RunCreateBase):
+    kind: Literal["sample"]
+    config: SampleRunConfig = Field(default_factory=SampleRunConfig)
+
+
+class Stage1RunCreate(_RunCreateBase):
+    kind: Literal["stage1"]
+    config: Stage1RunConfig = Field(default_factory=Stage1RunConfig)
+    batch_run: uuid.UUID | None = Field(
+        None, description="A `sample` run whose fixed batch to train on; none = sample its own."
+    )
+
+
+class Stage2RunCreate(_RunCreateBase):
+    kind: Literal["stage2"]
+    config: Stage2RunConfig = Field(default_factory=Stage2RunConfig)
+    teachers: list[uuid.UUID] = Field(
+        min_length=1, max_length=8, description="Stage-1 runs to distil; waits until they succeed."
+    )
+    batch_run: uuid.UUID | None = Field(None, description="The teachers' `sample` run.")
+
+
+RunCreate = Annotated[
+    SampleRunCreate | Stage1RunCreate | Stage2RunCreate, Field(discriminator="kind")
+]
+
+
+class PipelineCreate(Request):
+    """One ERPD round (or several): sample once, train the teachers, distil them into the base."""
+
+    name: Name | None = None
+    model: RegistryName = "tiny"
+    dataset: RegistryName = "arithmetic"
+    task: TaskOptions = Field(default_factory=TaskOptions)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    teachers: list[Stage1Config] = Field(
+        default_factory=lambda: [Stage1Config()], min_length=1, max_length=8
+    )
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    rounds: int = Field(1, ge=1, le=20, description="Round k+1 starts from round k's student.")
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    notify_url: HttpUrl | None = None
+
+
+class RunPatch(Request):
+    name: Name | None = None
+    tags: list[Tag] | None = Field(None, max_length=32)
+
+
+class TeacherOut(BaseModel):
+    run: uuid.UUID
+    sha256: str | None = Field(description="Pinned when the teacher succeeded.")
+
+
+class RunOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    kind: RunKind
+    status: RunStatus
+    pipeline: uuid.UUID | None
+    round: int
+    attempt: int
+    max_attempts: int
+    model: uuid.UUID
+    dataset: uuid.UUID
+    batch_run: uuid.UUID | None
+    teachers: list[TeacherOut]
+    config: dict[str, Any]
+    tags: list[str]
+    cancel_requested: bool
+    worker: str | None
+    device: str | None
+    progress: dict[str, int | None]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    summary: dict[str, float | None]
+    final_accuracy: float | None
+    kl_spent: float | None
+    entropy: float | None
+    error: str | None
+
+
+class RunPage(BaseModel):
+    items: list[RunOut]
+    next: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    event: str
+    from_status: RunStatus | None
+    to_status: RunStatus
+    attempt: int
+    actor: str
+    reason: str | None
+
+
+class PipelineOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    rounds: int
+    runs: list[uuid.UUID] = Field(description="Round 0: the sample run, the teachers, the student.")
+
+
+class RegistryOut(BaseModel):
+    name: str
+    kind: str
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class MetricInfoOut(BaseModel):
+    name: str
+    estimator: str
+    direction: str
+    aggregation: str
+    scope: str
+    description: str
+
+
+class SeriesOut(BaseModel):
+    name: str
+    steps: list[int]
+    values: list[float | None]
+    downsampled: bool
+
+
+class MetricsOut(BaseModel):
+    run: uuid.UUID
+    series: list[SeriesOut]
+    last_step: int | None
+
+
+class CompareRow(BaseModel):
+    id: uuid.UUID
+    name: str
+    kind: RunKind
+    status: RunStatus
+    final_accuracy: float | None
+    kl_spent: float | None
+    entropy: float | None
+
+
+class CompareOut(BaseModel):
+    runs: list[CompareRow]
+    config_diff: dict[str, list[Any]] = Field(
+        description="Dotted config keys whose values differ, with one value per run."
+    )
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

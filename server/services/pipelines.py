@@ -1,0 +1,76 @@
+"""An ERPD pipeline as runs: per round, one `sample` run (the fixed batch), one stage-1 run per
+teacher on that batch, and one stage-2 run distilling them. Round 0 is created at once; later
+rounds start from the previous round's student and are created as rounds finish (the worker)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from server.db import Pipeline, Run, RunKind, utcnow
+from server.services.runs import create_run
+
+
+def create_pipeline(
+    session: Session,
+    *,
+    spec: dict[str, Any],
+    model_id: uuid.UUID,
+    dataset_id: uuid.UUID,
+    owner_id: uuid.UUID | None,
+    actor: str,
+) -> tuple[Pipeline, list[Run]]:
+    """`spec` is a validated PipelineCreate dumped to JSON (see server/schemas.py)."""
+    now = utcnow()
+    name = spec.get("name") or f"pipeline-{now:%Y%m%d-%H%M%S}"
+    pipeline = Pipeline(
+        id=uuid.uuid4(),
+        name=name,
+        owner_id=owner_id,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        rounds=spec["rounds"],
+        teacher_objectives=[t["objective"] for t in spec["teachers"]],
+        stage2=spec["stage2"],
+        config=spec,
+        created_at=now,
+    )
+    session.add(pipeline)
+    session.flush()
+    common = {"task": spec["task"], "sample": spec["sample"], "runtime": spec["runtime"]}
+    shared: dict[str, Any] = {
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "owner_id": owner_id,
+        "pipeline_id": pipeline.id,
+        "round": 0,
+        "tags": spec["tags"],
+        "actor": actor,
+    }
+    batch = create_run(
+        session, kind=RunKind.SAMPLE, name=f"{name}/r0/sample", config=common, **shared
+    )
+    teachers = [
+        create_run(
+            session,
+            kind=RunKind.STAGE1,
+            name=f"{name}/r0/teacher-{i}-{teacher['objective']}",
+            config={**common, "stage": teacher, "eval": spec["eval"]},
+            batch_run_id=batch.id,
+            **shared,
+        )
+        for i, teacher in enumerate(spec["teachers"])
+    ]
+    student = create_run(
+        session,
+        kind=RunKind.STAGE2,
+        name=f"{name}/r0/student",
+        config={**common, "stage": spec["stage2"], "eval": spec["eval"]},
+        batch_run_id=batch.id,
+        teacher_ids=[t.id for t in teachers],
+        notify_url=spec.get("notify_url"),
+        **shared,
+    )
+    return pipeline, [batch, *teachers, student]

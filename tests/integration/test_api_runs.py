@@ -1,0 +1,231 @@
+"""The REST API's run endpoints against real Postgres and Redis (no worker: the tests check the
+messages on the broker's queue)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.orm import Session
+
+from server.db import CheckpointRole, make_engine, session_factory
+from server.queue import RUN_STAGE_TASK
+from server.services import claim_run, complete_run, register_checkpoint, revoke_api_key
+from tests.integration.conftest import Api, Databases, make_api
+
+STAGE1 = {"kind": "stage1", "config": {"stage": {"objective": "sapo", "epochs": 4}}}
+
+
+def error(response) -> dict:  # type: ignore[no-untyped-def]
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
+    return body["error"]
+
+
+def db(api: Api) -> Session:
+    return session_factory(make_engine(api.settings.db_url))()
+
+
+def test_health_needs_no_key_and_everything_else_does(api: Api) -> None:
+    assert api.client.get("/api/v1/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/api/v1/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    for path in ("/runs", "/models", "/datasets", "/metrics/catalogue"):
+        missing = api.client.get(f"/api/v1{path}")
+        assert missing.status_code == 401 and error(missing)["code"] == "unauthorized"
+        wrong = api.client.get(f"/api/v1{path}", headers={"Authorization": "Bearer erpd_nope"})
+        assert wrong.status_code == 401
+
+
+def test_a_revoked_key_is_refused(api: Api) -> None:
+    assert api.get("/runs").status_code == 200
+    with db(api) as s, s.begin():
+        from server.services import authenticate
+
+        key = authenticate(s, secret=api.alice)
+        assert key is not None
+        revoke_api_key(s, key_id=key.id)
+    assert api.get("/runs").status_code == 401
+
+
+def test_submit_a_stage1_run_publishes_its_message_after_the_commit(api: Api) -> None:
+    made = api.post("/runs", json=STAGE1 | {"tags": ["sweep"]})
+    assert made.status_code == 201, made.text
+    run = made.json()
+    assert run["status"] == "queued" and run["kind"] == "stage1" and run["tags"] == ["sweep"]
+    assert run["config"]["stage"]["objective"] == "sapo" and run["config"]["stage"]["lr"] == 1e-4
+    assert api.published() == [(RUN_STAGE_TASK, [run["id"]])]
+    assert api.get(f"/runs/{run['id']}").json()["id"] == run["id"]
+    assert [e["event"] for e in api.get(f"/runs/{run['id']}/events").json()] == ["created"]
+
+
+def test_another_keys_runs_are_not_found(api: Api) -> None:
+    run = api.post("/runs", json=STAGE1).json()
+    for path in (f"/runs/{run['id']}", f"/runs/{run['id']}/events", f"/runs/{run['id']}/metrics"):
+        hidden = api.get(path, key=api.bob)
+        assert hidden.status_code == 404 and error(hidden)["code"] == "not_found"
+    assert api.post(f"/runs/{run['id']}/cancel", key=api.bob).status_code == 404
+    assert api.get("/runs", key=api.bob).json() == {"items": [], "next": None}
+    stolen = api.post("/runs", key=api.bob, json={"kind": "stage2", "teachers": [run["id"]]})
+    assert stolen.status_code == 422 and error(stolen)["field"] == "teachers.0"
+
+
+def test_bad_input_is_a_422_naming_the_field_and_creates_nothing(api: Api) -> None:
+    cases = [
+        ({"kind": "stage1", "config": {"stage": {"lr": -1}}}, "config.stage.lr"),
+        ({"kind": "stage1", "config": {"stage": {"epochs": 10**6}}}, "config.stage.epochs"),
+        ({"kind": "stage1", "config": {"model": {"path": "/etc"}}}, "config.model"),
+        ({"kind": "stage1", "model": "../../etc"}, "model"),
+        ({"kind": "stage1", "model": "llama-70b"}, "model"),
+        ({"kind": "stage1", "dataset": "nope"}, "dataset"),
+        ({"kind": "stage1", "notify_url": "http://evil.example/hook"}, "notify_url"),
+        ({"kind": "stage1", "trust_remote_code": True}, "trust_remote_code"),
+        ({"kind": "stage2", "teachers": []}, "teachers"),
+        ({"kind": "ppo"}, "kind"),
+    ]
+    for body, field in cases:
+        bad = api.post("/runs", json=body)
+        assert bad.status_code == 422, (body, bad.text)
+        assert error(bad)["field"].endswith(field), (body, error(bad))
+    nan = api.post(
+        "/runs",
+        content=b'{"kind": "stage1", "config": {"stage": {"lr": NaN}}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert nan.status_code == 422 and "stage.lr" in error(nan)["field"]
+    assert api.get("/runs").json()["items"] == [] and api.published() == []
+
+
+def test_stage2_waits_for_its_teacher_before_it_is_published(api: Api) -> None:
+    teacher = api.post("/runs", json=STAGE1).json()
+    student = api.post("/runs", json={"kind": "stage2", "teachers": [teacher["id"]]}).json()
+    assert student["teachers"] == [{"run": teacher["id"], "sha256": None}]
+    assert [args for _, args in api.published()] == [[teacher["id"]]]
+
+
+def test_a_pipeline_creates_its_round_and_publishes_only_the_sample_run(api: Api) -> None:
+    body = {
+        "teachers": [{"objective": "sapo", "epochs": 4}, {"objective": "ce", "epochs": 4}],
+        "stage2": {"signal": "logratio"},
+        "sample": {"num_prompts": 16},
+        "tags": ["exp"],
+    }
+    made = api.post("/pipelines", json=body)
+    assert made.status_code == 201, made.text
+    pipeline = made.json()
+    sample, t1, t2, student = pipeline["runs"]
+    assert api.published() == [(RUN_STAGE_TASK, [sample])]
+    listed = api.get("/runs", params={"pipeline": pipeline["id"]}).json()["items"]
+    kinds = {r["id"]: (r["kind"], r["batch_run"]) for r in listed}
+    assert kinds == {
+        sample: ("sample", None),
+        t1: ("stage1", sample),
+        t2: ("stage1", sample),
+        student: ("stage2", sample),
+    }
+    detail = api.get(f"/runs/{student}").json()
+    assert [t["run"] for t in detail["teachers"]] == [t1, t2]
+    assert detail["config"]["stage"]["signal"] == "logratio"
+    assert detail["config"]["sample"]["num_prompts"] == 16
+
+
+def test_idempotency_key_replays_and_refuses_another_body(api: Api) -> None:
+    headers = {"Idempotency-Key": "submit-42"}
+    first = api.post("/runs", json=STAGE1, headers=headers)
+    again = api.post("/runs", json=STAGE1, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(api.get("/runs").json()["items"]) == 1 and len(api.published()) == 1
+    other = api.post("/runs", json=STAGE1 | {"tags": ["x"]}, headers=headers)
+    assert other.status_code == 422 and error(other)["code"] == "idempotency_conflict"
+    # keys are per API key: bob's "submit-42" is his own
+    assert api.post("/runs", key=api.bob, json=STAGE1, headers=headers).status_code == 201
+
+
+def test_cancel_retry_and_patch(api: Api) -> None:
+    run = api.post("/runs", json=STAGE1).json()
+    cancelled = api.post(f"/runs/{run['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = api.post(f"/runs/{run['id']}/cancel")
+    assert again.status_code == 409 and error(again)["code"] == "conflict"
+    retried = api.post(f"/runs/{run['id']}/retry")
+    assert retried.status_code == 200 and retried.json()["status"] == "queued"
+    assert [args for _, args in api.published()] == [[run["id"]], [run["id"]]]
+    assert api.post(f"/runs/{run['id']}/retry").status_code == 409
+    patched = api.patch(f"/runs/{run['id']}", json={"name": "lr sweep a", "tags": ["b", "a"]})
+    assert patched.json()["name"] == "lr sweep a" and patched.json()["tags"] == ["a", "b"]
+    assert api.patch(f"/runs/{run['id']}", json={"status": "succeeded"}).status_code == 422
+    events = [e["event"] for e in api.get(f"/runs/{run['id']}/events").json()]
+    assert events == ["created", "cancelled", "retried"]
+
+
+def test_list_filters_and_pagination(api: Api) -> None:
+    ids = [api.post("/runs", json=STAGE1 | {"tags": [f"t{i % 2}"]}).json()["id"] for i in range(5)]
+    api.post(f"/runs/{ids[0]}/cancel")
+    seen, cursor = [], None
+    while True:
+        page = api.get("/runs", params={"limit": 2} | ({"cursor": cursor} if cursor else {}))
+        seen += [r["id"] for r in page.json()["items"]]
+        cursor = page.json()["next"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    assert [r["id"] for r in api.get("/runs", params={"tag": "t1"}).json()["items"]] == [
+        ids[3],
+        ids[1],
+    ]
+    cancelled = api.get("/runs", params={"status": ["cancelled"]}).json()["items"]
+    assert [r["id"] for r in cancelled] == [ids[0]]
+    bad = api.get("/runs", params={"cursor": "garbage"})
+    assert bad.status_code == 422 and error(bad)["field"] == "cursor"
+    assert api.get("/runs", params={"status": "exploded"}).status_code == 422
+
+
+def test_registries(api: Api) -> None:
+    assert [m["name"] for m in api.get("/models").json()] == ["tiny"]
+    assert [d["name"] for d in api.get("/datasets").json()] == ["arithmetic"]
+
+
+def test_body_limit_quota_and_broker_down(databases: Databases, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    small = make_api(databases, tmp_path, max_active_runs=2, max_body_bytes=2048)
+    api = next(small)
+    try:
+        assert api.post("/runs", json=STAGE1).status_code == 201
+        assert api.post("/runs", json=STAGE1).status_code == 201
+        over = api.post("/runs", json=STAGE1)
+        assert over.status_code == 429 and error(over)["code"] == "too_many_runs"
+        big = api.post("/runs", json=STAGE1 | {"name": "x" * 4000})
+        assert big.status_code == 413 and error(big)["code"] == "too_large"
+    finally:
+        next(small, None)
+    down = make_api(databases, tmp_path, broker_url="redis://127.0.0.1:1/0")
+    api = next(down)
+    try:
+        refused = api.post("/runs", json=STAGE1)
+        assert refused.status_code == 503 and error(refused)["code"] == "unavailable"
+        assert api.get("/runs").json()["items"] == []  # nothing half-created
+        assert api.client.get("/api/v1/readyz").status_code == 503
+    finally:
+        next(down, None)
+
+
+def test_a_teacher_that_succeeds_shows_its_pinned_sha256(api: Api) -> None:
+    teacher = api.post("/runs", json=STAGE1).json()
+    student = api.post("/runs", json={"kind": "stage2", "teachers": [teacher["id"]]}).json()
+    tid = uuid.UUID(teacher["id"])
+    with db(api) as s, s.begin():
+        claim_run(s, run_id=tid, worker="w", device="cpu")
+        register_checkpoint(
+            s,
+            run_id=tid,
+            attempt=1,
+            role=CheckpointRole.TEACHER,
+            step=4,
+            key=f"runs/{tid.hex}/teacher-4",
+            size=1,
+            sha256="9" * 64,
+            manifest={},
+        )
+        complete_run(s, run_id=tid, attempt=1, summary={}, actor="worker:w")
+    detail = api.get(f"/runs/{student['id']}").json()
+    assert detail["teachers"] == [{"run": teacher["id"], "sha256": "9" * 64}]
