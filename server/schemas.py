@@ -201,3 +201,18 @@ class ErrorBody(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorBody
+
+
+class CheckpointOut(BaseModel):
+    id: uuid.UUID
+    run: uuid.UUID
+    role: str
+    step: int
+    bytes: int
+    sha256: str
+    created_at: datetime
+    files: list[str] = Field(description="Downloadable one by one under /files/{name}.")
+
+
+class CheckpointDetail(CheckpointOut):
+    manifest: dict[str, Any]

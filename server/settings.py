@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         return url
 
     @property
+    def artifacts(self) -> Path:
+        """Where checkpoints live: `<home>/artifacts/<key>`, the key built from ids."""
+        return self.home / "artifacts"
+
+    @property
     def broker(self) -> str:
         if self.broker_url:
             return self.broker_url
