@@ -9,7 +9,16 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import checkpoints, health, metrics, pipelines, registry, runs, stream
+from server.api import (
+    checkpoints,
+    datasets,
+    health,
+    metrics,
+    pipelines,
+    registry,
+    runs,
+    stream,
+)
 from server.api.deps import AppState
 from server.api.errors import error_response, install
 from server.db import make_engine, read_session_factory, session_factory
@@ -89,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install(app)
     api = APIRouter(prefix=PREFIX)
-    for module in (health, runs, pipelines, metrics, stream, checkpoints, registry):
+    for module in (health, runs, pipelines, metrics, stream, checkpoints, registry, datasets):
         api.include_router(module.router)
     app.include_router(api)
     app.add_middleware(

@@ -187,7 +187,9 @@ def test_registries(api: Api) -> None:
 
 
 def test_body_limit_quota_and_broker_down(databases: Databases, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    small = make_api(databases, tmp_path, max_active_runs=2, max_body_bytes=2048)
+    small = make_api(
+        databases, tmp_path, max_active_runs=2, max_body_bytes=2048, max_upload_bytes=4096
+    )
     api = next(small)
     try:
         assert api.post("/runs", json=STAGE1).status_code == 201
@@ -196,6 +198,9 @@ def test_body_limit_quota_and_broker_down(databases: Databases, tmp_path) -> Non
         assert over.status_code == 429 and error(over)["code"] == "too_many_runs"
         big = api.post("/runs", json=STAGE1 | {"name": "x" * 4000})
         assert big.status_code == 413 and error(big)["code"] == "too_large"
+        rows = b'{"prompt": "1+1=", "answer": 2}\n' * 300
+        upload = api.post("/datasets", data={"name": "huge"}, files={"file": ("x", rows)})
+        assert upload.status_code == 413 and not list((tmp_path / "datasets").glob("*"))
     finally:
         next(small, None)
     down = make_api(databases, tmp_path, broker_url="redis://127.0.0.1:1/0")
@@ -229,3 +234,41 @@ def test_a_teacher_that_succeeds_shows_its_pinned_sha256(api: Api) -> None:
         complete_run(s, run_id=tid, attempt=1, summary={}, actor="worker:w")
     detail = api.get(f"/runs/{student['id']}").json()
     assert detail["teachers"] == [{"run": teacher["id"], "sha256": "9" * 64}]
+
+
+def test_upload_a_dataset_and_run_on_it(api: Api) -> None:
+    rows = b'{"prompt": "2+2=", "answer": 4}\n\n{"prompt": "3*3=", "answer": "9"}\n'
+    made = api.post("/datasets", data={"name": "my-math"}, files={"file": ("x.jsonl", rows)})
+    assert made.status_code == 201, made.text
+    assert made.json()["kind"] == "uploaded" and made.json()["metadata"]["rows"] == 2
+    stored = list((api.settings.home / "datasets").iterdir())
+    assert [p.suffix for p in stored] == [".jsonl"] and stored[0].read_bytes() == rows
+    assert "my-math" in [d["name"] for d in api.get("/datasets").json()]
+    assert "my-math" not in [d["name"] for d in api.get("/datasets", key=api.bob).json()]
+    assert api.post("/runs", json=STAGE1 | {"dataset": "my-math"}).status_code == 201
+    refused = api.post("/runs", key=api.bob, json=STAGE1 | {"dataset": "my-math"})
+    assert refused.status_code == 422 and error(refused)["field"] == "dataset"
+
+
+def test_bad_uploads_name_the_line_and_store_nothing(api: Api) -> None:
+    cases = [
+        (b'{"prompt": "a", "answer": 1}\n{"prompt": "b"}\n', 'line 2: missing "answer"'),
+        (b'{"prompt": "a", "answer": 1}\nnot json\n', "line 2: not valid JSON"),
+        (b"", "no rows"),
+        (b'{"prompt": "a", "answer": NaN}\n', "finite"),
+    ]
+    for body, message in cases:
+        bad = api.post("/datasets", data={"name": "bad"}, files={"file": ("x.jsonl", body)})
+        assert bad.status_code == 422 and message in error(bad)["message"], bad.text
+        assert error(bad)["field"] == "file" and "/" not in error(bad)["message"].split(":")[0]
+    assert (
+        api.post("/datasets", data={"name": "../x"}, files={"file": ("x", b"")}).status_code == 422
+    )
+    assert list((api.settings.home / "datasets").glob("*")) == []
+    ok = b'{"prompt": "a", "answer": 1}\n'
+    assert (
+        api.post("/datasets", data={"name": "twice"}, files={"file": ("x", ok)}).status_code == 201
+    )
+    taken = api.post("/datasets", data={"name": "twice"}, files={"file": ("x", ok)})
+    assert taken.status_code == 422 and error(taken)["field"] == "name"
+    assert len(list((api.settings.home / "datasets").glob("*.jsonl"))) == 1
