@@ -18,6 +18,7 @@ from server.api import (
     registry,
     runs,
     stream,
+    telemetry,
 )
 from server.api.deps import AppState
 from server.api.errors import error_response, install
@@ -79,7 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with writes.begin() as session:
             ensure_builtins(session)
         broker = Broker(settings.broker, settings.queue)
-        app.state.erpd = AppState(settings, engine, writes, read_session_factory(engine), broker)
+        state = AppState(settings, engine, writes, read_session_factory(engine), broker)
+        app.state.erpd = state
+        telemetry.watch_store(app, state)
         yield
         broker.close()
         engine.dispose()
@@ -97,8 +100,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install(app)
+    telemetry.install(app)
     api = APIRouter(prefix=PREFIX)
-    for module in (health, runs, pipelines, metrics, stream, checkpoints, registry, datasets):
+    for module in (
+        health,
+        telemetry,
+        runs,
+        pipelines,
+        metrics,
+        stream,
+        checkpoints,
+        registry,
+        datasets,
+    ):
         api.include_router(module.router)
     app.include_router(api)
     app.add_middleware(

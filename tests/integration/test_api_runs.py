@@ -272,3 +272,15 @@ def test_bad_uploads_name_the_line_and_store_nothing(api: Api) -> None:
     taken = api.post("/datasets", data={"name": "twice"}, files={"file": ("x", ok)})
     assert taken.status_code == 422 and error(taken)["field"] == "name"
     assert len(list((api.settings.home / "datasets").glob("*.jsonl"))) == 1
+
+
+def test_prometheus_metrics(api: Api) -> None:
+    run = api.post("/runs", json=STAGE1).json()
+    api.get(f"/runs/{run['id']}")
+    assert api.client.get("/api/v1/metrics").status_code == 401
+    text = api.get("/metrics").text
+    assert 'erpd_runs{status="queued"} 1.0' in text
+    assert "erpd_queue_depth 1.0" in text
+    assert 'erpd_http_requests_total{method="POST",route="/runs",status="201"} 1.0' in text
+    assert str(run["id"]) not in text and 'route="/runs/{run_id}"' in text  # templates
+    assert "erpd_http_request_seconds_bucket" in text
