@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         writes = session_factory(engine)
         with writes.begin() as session:
             ensure_builtins(session)
-        broker = Broker(settings.broker, settings.queue)
+        broker = Broker(settings.broker, settings.queue, settings.housekeeping_queue)
         state = AppState(settings, engine, writes, read_session_factory(engine), broker)
         app.state.erpd = state
         telemetry.watch_store(app, state)

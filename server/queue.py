@@ -16,8 +16,9 @@ class BrokerUnavailableError(Exception):
 
 
 class Broker:
-    def __init__(self, url: str, queue: str) -> None:
+    def __init__(self, url: str, queue: str, housekeeping: str = "cpu") -> None:
         self.queue = queue
+        self.housekeeping = housekeeping  # sampling-free tasks: reaper, webhooks
         self.app = Celery("erpd-hub-api", broker=url, set_as_current=False)
         self.app.conf.update(
             broker_connection_timeout=3,
@@ -39,6 +40,17 @@ class Broker:
                 args=[str(run_id)],
                 queue=self.queue,
                 retry=False,
+            )
+        except Exception as exc:
+            raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc
+
+    def notify(self, run_id: uuid.UUID) -> None:
+        """Queue the run-finished webhook for the housekeeping (`cpu`) workers."""
+        from server.services.webhooks import NOTIFY_TASK
+
+        try:
+            self.app.send_task(
+                NOTIFY_TASK, args=[str(run_id)], queue=self.housekeeping, retry=False
             )
         except Exception as exc:
             raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         "`<home>/broker.db` (no service needed). Production: redis://host:6379/0.",
     )
     queue: str = Field("gpu", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Queue of stage runs.")
+    housekeeping_queue: str = Field(
+        "cpu", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Queue of reaper and webhook tasks."
+    )
     host: str = Field("127.0.0.1", description="API bind address (loopback unless configured).")
     port: int = Field(8000, ge=1, le=65535, description="API port.")
     max_body_bytes: int = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from server.api.errors import ApiError
 from server.api.submit import check_quota, create_and_publish, publish_ready
 from server.api.views import event_out, run_json, run_out
 from server.db import ApiKey, Dataset, Model, RunKind, RunStatus
+from server.queue import BrokerUnavailableError
 from server.schemas import EventOut, RunCreate, RunOut, RunPage, RunPatch
 from server.services import (
     NotFoundError,
@@ -29,6 +31,8 @@ from server.services import (
 from server.services.registry import find
 from server.services.runs import set_name_and_tags
 from server.settings import Settings
+
+log = logging.getLogger("erpd.api")
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 IdempotencyKey = Annotated[
@@ -174,7 +178,14 @@ def events(run_id: uuid.UUID, session: ReadSession, key: KeyDep) -> list[EventOu
 def cancel(run_id: uuid.UUID, state: StateDep, key: KeyDep) -> RunOut:
     with state.writes.begin() as session:
         get_run(session, run_id=run_id, owner_id=key.id)
-        return run_out(request_cancel(session, run_id=run_id, actor=actor(key)))
+        run = request_cancel(session, run_id=run_id, actor=actor(key))
+        out = run_out(run)
+    if run.status is RunStatus.CANCELLED and run.notify_url:
+        try:
+            state.broker.notify(run.id)
+        except BrokerUnavailableError:
+            log.warning("run %s: webhook not queued (broker unreachable)", run.id)
+    return out
 
 
 @router.post("/{run_id}/retry", response_model=RunOut, summary="New attempt, same config")

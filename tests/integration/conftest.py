@@ -112,12 +112,12 @@ class Api:
     def patch(self, path: str, key: str | None = None, **kw: Any) -> httpx.Response:
         return self.client.patch(f"/api/v1{path}", headers=self.headers(key), **kw)
 
-    def published(self) -> list[tuple[str, list[str]]]:
+    def published(self, queue: str | None = None) -> list[tuple[str, list[str]]]:
         """(task name, args) of every message waiting on the run queue, oldest first."""
         import redis
 
         conn = redis.Redis.from_url(REDIS_URL)
-        raw = conn.lrange(self.settings.queue, 0, -1)
+        raw = conn.lrange(queue or self.settings.queue, 0, -1)
         conn.close()
         messages = []
         for item in reversed(raw):  # kombu LPUSHes; consumers BRPOP the oldest
@@ -140,13 +140,14 @@ def make_api(databases: Databases, tmp: Path, **overrides: Any) -> Iterator[Api]
         "database_url": url,
         "broker_url": REDIS_URL,
         "queue": f"test-{uuid.uuid4().hex[:10]}",
+        "housekeeping_queue": f"test-cpu-{uuid.uuid4().hex[:10]}",
     }
     settings = Settings(**(values | overrides))
     with TestClient(create_app(settings)) as client:
         yield Api(client, settings, alice, bob)
     import redis
 
-    redis.Redis.from_url(REDIS_URL).delete(settings.queue)
+    redis.Redis.from_url(REDIS_URL).delete(settings.queue, settings.housekeeping_queue)
 
 
 @pytest.fixture
