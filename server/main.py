@@ -24,10 +24,24 @@ from server.api.deps import AppState
 from server.api.errors import error_response, install
 from server.db import make_engine, read_session_factory, session_factory
 from server.queue import Broker
+from server.schemas import ErrorOut
 from server.services import ensure_builtins
 from server.settings import Settings, get_settings
 
 PREFIX = "/api/v1"
+# every route may answer these, always as {"error": {"code", "message", "field"}}
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorOut, "description": meaning}
+    for status, meaning in {
+        401: "Missing, unknown or revoked API key",
+        404: "Not found (or another key's)",
+        409: "Illegal state transition",
+        413: "Body too large",
+        422: "Invalid input; `field` names it",
+        429: "Too many active runs for this key",
+        503: "Database or broker unreachable",
+    }.items()
+}
 
 
 class BodyLimit:
@@ -101,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install(app)
     telemetry.install(app)
-    api = APIRouter(prefix=PREFIX)
+    api = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
     for module in (
         health,
         telemetry,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
@@ -153,3 +156,47 @@ def make_api(databases: Databases, tmp: Path, **overrides: Any) -> Iterator[Api]
 @pytest.fixture
 def api(databases: Databases, tmp_path: Path) -> Iterator[Api]:
     yield from make_api(databases, tmp_path)
+
+
+class Live:
+    def __init__(self, base: str, secret: str, settings: Settings) -> None:
+        self.base, self.secret, self.settings = base, secret, settings
+        self.http = httpx.Client(
+            base_url=f"{base}/api/v1", headers={"Authorization": f"Bearer {secret}"}, timeout=30
+        )
+
+
+def start_live(databases: Databases, tmp_path: Path) -> Iterator[Live]:
+    """The app under a real uvicorn server on a free port, with alice's key."""
+    url = databases.new_url("postgres")
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    with session_factory(engine).begin() as s:
+        _, secret = create_api_key(s, name="alice")
+    engine.dispose()
+    settings = Settings(
+        home=tmp_path,
+        database_url=url,
+        broker_url=REDIS_URL,
+        queue=f"test-{uuid.uuid4().hex[:10]}",
+        stream_poll_s=0.05,
+    )
+    # bind first: connections wait in the backlog until uvicorn accepts them (no start-up race)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    live = Live(f"http://127.0.0.1:{port}", secret, settings)
+    yield live
+    live.http.close()
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+@pytest.fixture
+def live(databases: Databases, tmp_path: Path) -> Iterator[Live]:
+    yield from start_live(databases, tmp_path)

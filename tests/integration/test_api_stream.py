@@ -4,61 +4,15 @@ points written after it connected, the status changes, and the end of the run.""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
-import uvicorn
 
 from erpd import metrics as M
-from server.db import make_engine, migrate, session_factory
-from server.main import create_app
-from server.services import Point, claim_run, complete_run, create_api_key, record_metrics
-from server.settings import Settings
-from tests.integration.conftest import REDIS_URL, Databases
-
-
-class Live:
-    def __init__(self, base: str, secret: str, settings: Settings) -> None:
-        self.base, self.secret, self.settings = base, secret, settings
-        self.http = httpx.Client(
-            base_url=f"{base}/api/v1", headers={"Authorization": f"Bearer {secret}"}, timeout=30
-        )
-
-
-@pytest.fixture
-def live(databases: Databases, tmp_path: Path) -> Iterator[Live]:
-    url = databases.new_url("postgres")
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    with session_factory(engine).begin() as s:
-        _, secret = create_api_key(s, name="alice")
-    engine.dispose()
-    settings = Settings(
-        home=tmp_path,
-        database_url=url,
-        broker_url=REDIS_URL,
-        queue=f"test-{uuid.uuid4().hex[:10]}",
-        stream_poll_s=0.05,
-    )
-    # bind first: connections wait in the backlog until uvicorn accepts them (no start-up race)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    live = Live(f"http://127.0.0.1:{port}", secret, settings)
-    yield live
-    live.http.close()
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+from server.db import make_engine, session_factory
+from server.services import Point, claim_run, complete_run, record_metrics
+from tests.integration.conftest import Live
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
