@@ -3,6 +3,7 @@ this process never imports torch: messages go to the workers by task name."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,12 +23,14 @@ from server.api import (
 )
 from server.api.deps import AppState
 from server.api.errors import error_response, install
+from server.api.submit import publish_pending
 from server.db import make_engine, read_session_factory, session_factory
 from server.queue import Broker
 from server.schemas import ErrorOut
 from server.services import ensure_builtins
 from server.settings import Settings, get_settings
 
+log = logging.getLogger("erpd.api")
 PREFIX = "/api/v1"
 # every route may answer these, always as {"error": {"code", "message", "field"}}
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -97,6 +100,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState(settings, engine, writes, read_session_factory(engine), broker)
         app.state.erpd = state
         telemetry.watch_store(app, state)
+        try:  # runs committed while the broker was away get their message now
+            publish_pending(state)
+        except Exception:
+            log.warning("outbox: could not publish pending runs at start-up", exc_info=True)
         yield
         broker.close()
         engine.dispose()

@@ -17,7 +17,7 @@ from server.api.deps import AppState
 from server.api.errors import ApiError
 from server.db import ApiKey, Run, RunStatus
 from server.services import idempotency
-from server.services.outbox import is_ready, mark_enqueued
+from server.services.outbox import is_ready, mark_enqueued, pending_publication
 
 log = logging.getLogger("erpd.api")
 
@@ -52,6 +52,23 @@ def publish_ready(state: AppState, run_ids: Sequence[uuid.UUID]) -> None:
         published.append(run_id)
     with state.writes.begin() as session:
         mark_enqueued(session, run_ids=published)
+
+
+def publish_pending(state: AppState) -> int:
+    """The outbox reconciler: publish every queued, ready run that has no message yet (its
+    publish failed after the commit, or the reaper requeued it). Returns how many it sent."""
+    sent = 0
+    while True:
+        with state.reads() as session:
+            pending = pending_publication(session, limit=100)
+        if not pending:
+            return sent
+        publish_ready(state, pending)
+        with state.reads() as session:
+            left = set(pending_publication(session, limit=100))
+        sent += len(set(pending) - left)
+        if left & set(pending):  # the broker refused some: try again on the next round
+            return sent
 
 
 def create_and_publish(

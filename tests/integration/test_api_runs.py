@@ -284,3 +284,44 @@ def test_prometheus_metrics(api: Api) -> None:
     assert 'erpd_http_requests_total{method="POST",route="/runs",status="201"} 1.0' in text
     assert str(run["id"]) not in text and 'route="/runs/{run_id}"' in text  # templates
     assert "erpd_http_request_seconds_bucket" in text
+
+
+def test_the_outbox_publishes_runs_committed_without_a_message(api: Api) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.db import Dataset, Model, RunKind
+    from server.main import create_app
+    from server.services import create_run
+
+    with db(api) as s, s.begin():  # as if the API crashed between its commit and its publish
+        model = s.query(Model).filter_by(name="tiny").one().id
+        dataset = s.query(Dataset).filter_by(name="arithmetic").one().id
+        run = create_run(s, kind=RunKind.SAMPLE, model_id=model, dataset_id=dataset, config={})
+    assert api.published() == []
+    with TestClient(create_app(api.settings)):
+        pass
+    assert api.published() == [(RUN_STAGE_TASK, [str(run.id)])]
+    with TestClient(create_app(api.settings)):
+        pass
+    assert len(api.published()) == 1  # sent once: enqueued_at is recorded
+
+
+def test_a_database_outage_is_a_503_not_a_trace(api: Api) -> None:
+    from server.db import make_engine, read_session_factory, session_factory
+
+    state = api.client.app.state.erpd  # type: ignore[attr-defined]
+    down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    saved = (state.engine, state.writes, state.reads)
+    state.engine, state.writes, state.reads = (
+        down,
+        session_factory(down),
+        read_session_factory(down),
+    )
+    try:
+        for response in (api.get("/runs"), api.post("/runs", json=STAGE1)):
+            assert response.status_code == 503 and error(response)["code"] == "unavailable"
+            assert "Traceback" not in response.text and "psycopg" not in response.text
+        assert api.client.get("/api/v1/readyz").json()["checks"]["database"].startswith("unre")
+    finally:
+        state.engine, state.writes, state.reads = saved
+    assert api.published() == []  # nothing was sent for a run that was never stored

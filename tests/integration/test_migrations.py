@@ -159,3 +159,42 @@ def test_upgrades_keep_existing_rows(databases: Databases, backend) -> None:
     migrate.downgrade(engine, "0001")
     assert counts() == kept
     engine.dispose()
+
+
+def test_erpd_hub_serve_binds_loopback_and_answers(databases: Databases, tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    import httpx
+
+    url = databases.new_url("sqlite")
+    refused = erpd_hub("serve", url=url, home=tmp_path)
+    assert refused.returncode == 1 and "run `erpd-hub migrate`" in refused.stderr
+    assert erpd_hub("migrate", url=url, home=tmp_path).returncode == 0
+    with socket.socket() as probe:  # a free port (released for the server to bind)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "ERPD_DATABASE_URL": url,
+        "ERPD_HOME": str(tmp_path),
+        "ERPD_PORT": str(port),
+        "ERPD_BROKER_URL": "redis://127.0.0.1:6379/0",
+    }
+    exe = Path(sys.executable).with_name("erpd-hub")
+    server = subprocess.Popen([str(exe), "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        lines = []
+        for line in server.stderr:  # wait for uvicorn's own "started" line, not a timer
+            lines.append(line)
+            if "Uvicorn running on" in line:
+                break
+        assert any(f"http://127.0.0.1:{port}" in line for line in lines), lines
+        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/runs").status_code == 401
+    finally:
+        server.send_signal(signal.SIGTERM)
+        rest = server.communicate(timeout=30)[1]
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15)
+    assert server.returncode in (0, -signal.SIGTERM) and "Finished server process" in rest
