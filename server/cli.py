@@ -119,6 +119,36 @@ def create_key(name: Annotated[str, typer.Argument(help="Who or what uses the ke
     _guard(body)
 
 
+@app.command("revoke-key")
+def revoke_key(
+    key: Annotated[str, typer.Argument(help="The key's id, or its shown prefix (erpd_...).")],
+) -> None:
+    """Revoke an API key: requests with it get 401 from now on."""
+
+    def body() -> None:
+        import uuid
+
+        from sqlalchemy import or_, select
+
+        from server.db import ApiKey, session_factory, transaction
+        from server.services import revoke_api_key
+
+        engine = _engine()
+        _require_schema(engine)
+        with transaction(session_factory(engine)) as session:
+            try:
+                match = ApiKey.id == uuid.UUID(key)
+            except ValueError:
+                match = ApiKey.prefix == key
+            found = session.scalars(select(ApiKey).where(or_(match))).all()
+            if len(found) != 1:
+                _fail(f"{key}: {'no' if not found else 'more than one'} key matches", 2)
+            revoked = revoke_api_key(session, key_id=found[0].id)
+        out.print(f"revoked key {revoked.id} ({revoked.name})", highlight=False, soft_wrap=True)
+
+    _guard(body)
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default ERPD_HOST).")] = None,

@@ -70,6 +70,14 @@ def test_erpd_hub_migrate_and_create_key(databases: Databases, tmp_path: Path, b
         key = authenticate(s, secret=secret)
         assert key is not None and key.name == "ci"
     engine.dispose()
+    prefix = secret[:12]
+    assert erpd_hub("revoke-key", "erpd_nomatch", url=url, home=tmp_path).returncode == 2
+    revoked = erpd_hub("revoke-key", prefix, url=url, home=tmp_path)
+    assert revoked.returncode == 0 and "revoked key" in revoked.stdout, revoked.stderr
+    engine = make_engine(url)
+    with session_factory(engine)() as s:
+        assert authenticate(s, secret=secret) is None
+    engine.dispose()
     down = erpd_hub("migrate", "--downgrade", "base", url=url, home=tmp_path)
     assert down.returncode == 0 and "-> empty" in down.stdout
 
