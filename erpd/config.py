@@ -74,7 +74,9 @@ class ArithmeticConfig(_Strict):
         "out (12+34+56=46+56=102), where token-level credit matters.",
     )
     eval_size: int = Field(500, ge=1, le=100_000, description="Held-out problems.")
-    seed: int = Field(0, description="Seed of the problem generator (eval split and batches).")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Seed of the problem generator (eval split and batches)."
+    )
 
 
 class JsonlConfig(_Strict):
@@ -85,7 +87,9 @@ class JsonlConfig(_Strict):
     eval_size: int = Field(
         200, ge=1, le=1_000_000, description="Rows held out when eval_path is None."
     )
-    seed: int = Field(0, description="Seed of the train/eval split and of batch sampling.")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Seed of the train/eval split and of batch sampling."
+    )
 
 
 class TaskSpec(_Strict):
@@ -132,7 +136,7 @@ class BaseTrainConfig(_Strict):
     eval_size: int = Field(200, ge=10, description="Held-out problems used for the stop check.")
     lr: PositiveFloat = Field(1e-3, description="Adam learning rate.")
     batch_size: int = Field(64, ge=1, le=65_536, description="Problems per step.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of pretraining.")
 
 
 class SampleConfig(_Strict):
@@ -145,7 +149,7 @@ class SampleConfig(_Strict):
     batch_size: int = Field(
         256, ge=1, le=65_536, description="Sequences per generation/log-prob batch."
     )
-    seed: int = Field(0, description="Seed of the prompt draw and of sampling.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of the prompt draw and of sampling.")
 
 
 class _StageCommon(_Strict):
@@ -173,7 +177,7 @@ class _StageCommon(_Strict):
     checkpoint_every_steps: int = Field(
         0, ge=0, description="Save a resume checkpoint every k steps (0: only when stopped)."
     )
-    seed: int = Field(0, description="Seed of minibatch order and eval sampling.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of minibatch order and eval sampling.")
 
     @property
     def forward_batch_size(self) -> int:
@@ -264,7 +268,7 @@ class RuntimeConfig(_Strict):
     precision: Precision = Field(
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 forces autocast."
     )
-    seed: int = Field(0, description="Global seed (model init, pretraining).")
+    seed: int = Field(0, ge=0, lt=2**63, description="Global seed (model init, pretraining).")
 
 
 class PipelineConfig(_Strict):

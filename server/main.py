@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api import (
     checkpoints,
     datasets,
+    docs,
     health,
     metrics,
     pipelines,
@@ -76,15 +78,15 @@ class BodyLimit:
                     raise _TooLargeError(limit)
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLargeError as exc:
-            await error_response(413, "too_large", str(exc))(scope, receive, send)
+        await self.app(scope, counted, send)
 
 
-class _TooLargeError(Exception):
+class _TooLargeError(StarletteHTTPException):
+    """An HTTPException, so that FastAPI's body parser re-raises it as it is (it turns any other
+    error while reading the body into a 400)."""
+
     def __init__(self, limit: int) -> None:
-        super().__init__(f"request body over {limit} bytes")
+        super().__init__(413, f"request body over {limit} bytes")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -116,8 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "Every endpoint but /healthz and /readyz needs `Authorization: Bearer <API key>` "
         '(`erpd-hub create-key NAME`). Errors are `{"error": {"code", "message", "field"}}`.',
         lifespan=lifespan,
-        openapi_url=f"{PREFIX}/openapi.json",
-        docs_url=f"{PREFIX}/docs",
+        openapi_url=None,  # served below, behind a key unless ERPD_PUBLIC_DOCS
+        docs_url=None,
         redoc_url=None,
     )
     install(app)
@@ -136,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         api.include_router(module.router)
     app.include_router(api)
+    docs.install(app, prefix=PREFIX, public=settings.public_docs)
     app.add_middleware(
         BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes
     )

@@ -18,7 +18,8 @@ from server.services.configs import (
     TaskOptions,
 )
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+# no control characters (Postgres cannot store NUL in text; none belongs in a name anyway)
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 RegistryName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")]
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")]
 

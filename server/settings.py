@@ -48,6 +48,14 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Hosts a run's notify_url may point at (JSON list); empty = no webhooks.",
     )
+    public_docs: bool = Field(
+        False,
+        description="Serve the OpenAPI document and /docs without a key (off: they need one too).",
+    )
+    operator_keys: list[str] = Field(
+        default_factory=list,
+        description="Names of API keys that may read /metrics (counts across all users).",
+    )
     stream_poll_s: float = Field(
         0.5, gt=0, le=10, description="How often /stream looks for new points and statuses."
     )

@@ -81,6 +81,8 @@ def _parse_row(path: Path, line_number: int, line: str) -> Problem:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise _row_error(path, line_number, f"not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number, nesting 100k deep
+        raise _row_error(path, line_number, f"not usable JSON ({type(exc).__name__})") from None
     if not isinstance(row, dict):
         kind = _json_type(row)
         raise _row_error(path, line_number, f"expected a JSON object, got {kind}")

@@ -1,5 +1,5 @@
 """What the REST API needs: the outbox column, a stage's batch run, webhooks, idempotency keys,
-dataset owners.
+dataset owners (and dataset names unique per owner).
 
 Revision ID: 0002
 Revises: 0001
@@ -45,6 +45,9 @@ def upgrade() -> None:
         batch.create_foreign_key(
             op.f("fk_datasets_owner_id_api_keys"), "api_keys", ["owner_id"], ["id"]
         )
+        # names become unique per owner: another key's upload does not take (or reveal) a name
+        batch.drop_constraint(op.f("uq_datasets_name"), type_="unique")
+        batch.create_unique_constraint(op.f("uq_datasets_owner_id_name"), ["owner_id", "name"])
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("batch_run_id", sa.Uuid(), nullable=True))
         batch.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
@@ -63,6 +66,8 @@ def downgrade() -> None:
         batch.drop_column("enqueued_at")
         batch.drop_column("batch_run_id")
     with op.batch_alter_table("datasets") as batch:
+        batch.drop_constraint(op.f("uq_datasets_owner_id_name"), type_="unique")
+        batch.create_unique_constraint(op.f("uq_datasets_name"), ["name"])
         batch.drop_constraint(op.f("fk_datasets_owner_id_api_keys"), type_="foreignkey")
         batch.drop_column("owner_id")
     op.drop_table("idempotency_keys")

@@ -15,7 +15,7 @@ from server.api.deps import KeyDep, ReadSession, StateDep
 from server.api.errors import ApiError, error_response
 from server.db import ApiKey, Checkpoint
 from server.schemas import CheckpointDetail, CheckpointOut
-from server.services import get_run
+from server.services import NotFoundError, get_run
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -35,9 +35,12 @@ def _out(ckpt: Checkpoint) -> dict[str, object]:
 
 def _owned(session: Session, key: ApiKey, checkpoint_id: uuid.UUID) -> Checkpoint:
     ckpt = session.get(Checkpoint, checkpoint_id)
-    if ckpt is None:
-        raise ApiError(404, "not_found", f"checkpoint {checkpoint_id} not found")
-    get_run(session, run_id=ckpt.run_id, owner_id=key.id)  # another key's: 404 as well
+    try:
+        if ckpt is None:
+            raise NotFoundError("checkpoint", checkpoint_id)
+        get_run(session, run_id=ckpt.run_id, owner_id=key.id)
+    except NotFoundError as exc:  # another key's checkpoint reads exactly like a missing one
+        raise ApiError(404, "not_found", f"checkpoint {checkpoint_id} not found") from exc
     return ckpt
 
 

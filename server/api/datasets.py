@@ -61,8 +61,8 @@ async def upload_dataset(
                     kind=RegistryKind.UPLOADED,
                     location=stored,
                     meta=meta,
+                    owner_id=key.id,
                 )
-                entry.owner_id = key.id
         except BaseException as exc:
             final.unlink(missing_ok=True)
             if isinstance(exc, IntegrityError):  # a concurrent upload took the name first

@@ -7,11 +7,12 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.queue import BrokerUnavailableError
 from server.services import (
+    ConflictError,
     IllegalTransitionError,
     InvalidInputError,
     NotFoundError,
@@ -49,6 +50,8 @@ def install(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         field = _field(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            field = "body"
         if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             tag = str(first.get("ctx", {}).get("discriminator", "kind")).strip("'")
             field = tag if field == "body" else f"{field}.{tag}"
@@ -56,7 +59,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        code = codes.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(ServiceError)
@@ -65,6 +69,8 @@ def install(app: FastAPI) -> None:
             return error_response(404, "not_found", str(exc))
         if isinstance(exc, IllegalTransitionError):
             return error_response(409, "conflict", str(exc))
+        if isinstance(exc, ConflictError):
+            return error_response(409, "conflict", str(exc), exc.field)
         if isinstance(exc, InvalidInputError):
             return error_response(422, "invalid", str(exc), exc.field)
         if isinstance(exc, IdempotencyConflictError):
@@ -79,6 +85,11 @@ def install(app: FastAPI) -> None:
     async def _db(_: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.orig)
         return error_response(503, "unavailable", "the database is unreachable; retry later")
+
+    @app.exception_handler(DataError)
+    async def _value(_: Request, exc: DataError) -> JSONResponse:
+        # a value the database cannot store (e.g. a NUL character in text) is the caller's error
+        return error_response(422, "invalid", "a value in the request cannot be stored")
 
     @app.exception_handler(DBAPIError)
     async def _dbapi(_: Request, exc: DBAPIError) -> JSONResponse:

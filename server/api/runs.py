@@ -16,7 +16,7 @@ from server.api.deps import KeyDep, ReadSession, StateDep
 from server.api.errors import ApiError
 from server.api.submit import check_quota, create_and_publish, publish_ready
 from server.api.views import event_out, run_json, run_out
-from server.db import ApiKey, Dataset, Model, RunKind, RunStatus
+from server.db import ApiKey, Model, RunKind, RunStatus
 from server.queue import BrokerUnavailableError
 from server.schemas import EventOut, RunCreate, RunOut, RunPage, RunPatch
 from server.services import (
@@ -28,8 +28,8 @@ from server.services import (
     retry_run,
     run_events,
 )
-from server.services.registry import find
-from server.services.runs import set_name_and_tags
+from server.services.registry import find, find_dataset
+from server.services.runs import TAG, set_name_and_tags
 from server.settings import Settings
 
 log = logging.getLogger("erpd.api")
@@ -59,8 +59,8 @@ def resolve(
     found_model = find(session, Model, name=model)
     if found_model is None:
         raise ApiError(422, "invalid", f"model: {model!r} is not registered (GET /models)", "model")
-    found = find(session, Dataset, name=dataset)
-    if found is None or (found.owner_id is not None and found.owner_id != key.id):
+    found = find_dataset(session, name=dataset, owner_id=key.id)
+    if found is None:
         raise ApiError(
             422, "invalid", f"dataset: {dataset!r} is not registered (GET /datasets)", "dataset"
         )
@@ -141,7 +141,7 @@ def list_(
     key: KeyDep,
     status: Annotated[list[RunStatus] | None, Query()] = None,
     kind: Annotated[list[RunKind] | None, Query()] = None,
-    tag: Annotated[str | None, Query(max_length=64)] = None,
+    tag: Annotated[str | None, Query(pattern=TAG.pattern)] = None,
     pipeline: uuid.UUID | None = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,

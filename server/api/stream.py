@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.api.deps import KeyDep, ReadSession, StateDep
-from server.db import FINISHED, MetricPoint, Run
+from server.db import FINISHED, ApiKey, MetricPoint, Run
 
 router = APIRouter(tags=["metrics"])
 MAX_POINTS_PER_EVENT = 5_000
@@ -54,10 +54,14 @@ async def stream(
     session.close()
     last: dict[str, int] = {}
 
-    def poll() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def poll() -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         with state.reads() as s:
+            live_key = s.get(ApiKey, key.id)
+            if live_key is None or live_key.revoked_at is not None:
+                return None  # the key was revoked while streaming: stop
             run = s.get(Run, run_id)
-            assert run is not None
+            if run is None:
+                return None
             rows = s.execute(
                 select(MetricPoint.name, MetricPoint.step, MetricPoint.value)
                 .where(
@@ -77,7 +81,11 @@ async def stream(
     async def events() -> AsyncIterator[ServerSentEvent]:
         sent_status: dict[str, Any] | None = None
         while True:
-            status, points = await anyio.to_thread.run_sync(poll)
+            polled = await anyio.to_thread.run_sync(poll)
+            if polled is None:
+                yield ServerSentEvent("{}", event="end")
+                return
+            status, points = polled
             if status != sent_status:
                 yield ServerSentEvent(json.dumps(status), event="status")
                 sent_status = status

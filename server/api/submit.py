@@ -25,6 +25,9 @@ Creator = Callable[[Session], tuple[dict[str, Any], Sequence[uuid.UUID]]]
 
 
 def check_quota(session: Session, state: AppState, key: ApiKey, adding: int) -> None:
+    """429 past the key's active-run limit. The key's row is locked first, so one key's
+    concurrent submissions count one after another (SQLite: BEGIN IMMEDIATE does the same)."""
+    session.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
     active = session.scalar(
         select(func.count())
         .select_from(Run)

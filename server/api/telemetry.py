@@ -4,7 +4,7 @@ status). Each app has its own registry, so several apps in one process never col
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -12,8 +12,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.deps import AppState, KeyDep
+from server.api.deps import AppState, KeyDep, StateDep
+from server.api.errors import ApiError
 from server.db import Run, RunStatus
 
 router = APIRouter(tags=["health"])
@@ -48,19 +50,37 @@ def install(app: FastAPI) -> CollectorRegistry:
         "erpd_http_request_seconds", "HTTP request latency.", ["method", "route"], registry=registry
     )
 
-    @app.middleware("http")
-    async def measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = _route(request)
-        latency.labels(request.method, route).observe(time.perf_counter() - started)
-        requests.labels(request.method, route, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(_Measure, requests=requests, latency=latency)
     app.state.prometheus = registry
     return registry
+
+
+class _Measure:
+    """Pure ASGI (not BaseHTTPMiddleware, which runs the app in a task group and would wrap a
+    body-limit error raised while reading the request into an ExceptionGroup)."""
+
+    def __init__(self, app: ASGIApp, *, requests: Counter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # the route's template (/runs/{run_id}), never the raw path: bounded label values
+            route = str(getattr(scope.get("route"), "path", "unmatched"))
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            self.requests.labels(scope["method"], route, str(status)).inc()
 
 
 def watch_store(app: FastAPI, state: AppState) -> None:
@@ -68,14 +88,10 @@ def watch_store(app: FastAPI, state: AppState) -> None:
     app.state.prometheus.register(_StoreCollector(state))
 
 
-def _route(request: Request) -> str:
-    """The route's template (/api/v1/runs/{run_id}), never the raw path: bounded label values.
-    The router records the matched route in the (shared) scope while handling the request."""
-    route = request.scope.get("route")
-    return str(getattr(route, "path", "unmatched"))
-
-
 @router.get("/metrics", summary="Prometheus metrics of the API", response_class=Response)
-def metrics(request: Request, key: KeyDep) -> Response:
+def metrics(request: Request, state: StateDep, key: KeyDep) -> Response:
+    # counts across every user's runs: operators only (ERPD_OPERATOR_KEYS); others see nothing
+    if key.name not in state.settings.operator_keys:
+        raise ApiError(404, "not_found", "no such endpoint for this key")
     registry: CollectorRegistry = request.app.state.prometheus
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

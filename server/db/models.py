@@ -116,7 +116,7 @@ class _Registered:
     """
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    name: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(100))
     kind: Mapped[RegistryKind] = mapped_column(_enum(RegistryKind, "registry_kind"))
     location: Mapped[str] = mapped_column(String(1024))
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
@@ -125,12 +125,17 @@ class _Registered:
 
 class Model(_Registered, Base):
     __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name"),)
 
 
 class Dataset(_Registered, Base):
-    __tablename__ = "datasets"
+    """Uploaded datasets belong to the key that uploaded them, built-in and registered ones to
+    all (owner NULL). Names are unique per owner, so a name another key chose is not taken for
+    you (and cannot be probed); a shared name cannot be reused by anyone."""
 
-    # uploaded datasets belong to the key that uploaded them; built-in and registered ones to all
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+
     owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
 
 

@@ -3,6 +3,7 @@ arguments that take a Session and never commit (the caller owns the transaction)
 
 from server.services.checkpoints import register_checkpoint
 from server.services.errors import (
+    ConflictError,
     IllegalTransitionError,
     InvalidInputError,
     NotFoundError,
@@ -25,6 +26,7 @@ from server.services.transitions import (
 )
 
 __all__ = [
+    "ConflictError",
     "IllegalTransitionError",
     "InvalidInputError",
     "NotFoundError",

@@ -37,6 +37,14 @@ class StaleAttemptError(IllegalTransitionError):  # 409
         self.current = current
 
 
+class ConflictError(ServiceError):  # 409
+    """The request collides with what exists (a name that is taken); `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class InvalidInputError(ServiceError):  # 422
     """A value the caller can fix; `field` is its dotted path."""
 

@@ -7,11 +7,11 @@ import re
 import uuid
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from server.db import Dataset, Model, RegistryKind, utcnow
-from server.services.errors import InvalidInputError
+from server.services.errors import ConflictError, InvalidInputError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
@@ -31,11 +31,17 @@ def register(
     kind: RegistryKind,
     location: str,
     meta: dict[str, Any] | None = None,
+    owner_id: uuid.UUID | None = None,
 ) -> Entry:
+    """A new model or dataset. A dataset may belong to one key (`owner_id`); its name must be
+    free among that key's and the shared ones. A shared entry's name must be free everywhere."""
     if not NAME.match(name):
         raise InvalidInputError("name", "1-100 of a-z 0-9 . _ -, starting with a letter or digit")
-    if session.scalars(select(table).where(table.name == name)).one_or_none() is not None:
-        raise InvalidInputError("name", f"{name!r} is already registered")
+    clash = select(table.id).where(table.name == name)
+    if table is Dataset and owner_id is not None:
+        clash = clash.where(or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id))
+    if session.scalars(clash.limit(1)).first() is not None:
+        raise ConflictError("name", f"{name!r} is taken")
     entry = table(
         id=uuid.uuid4(),
         name=name,
@@ -44,6 +50,8 @@ def register(
         meta=meta or {},
         created_at=utcnow(),
     )
+    if isinstance(entry, Dataset):
+        entry.owner_id = owner_id
     session.add(entry)
     session.flush()
     return entry
@@ -63,4 +71,13 @@ def _ensure(session: Session, table: type[Entry], builtins: dict[str, dict[str, 
 
 
 def find(session: Session, table: type[Entry], *, name: str) -> Entry | None:
-    return session.scalars(select(table).where(table.name == name)).one_or_none()
+    return session.scalars(select(table).where(table.name == name)).first()
+
+
+def find_dataset(session: Session, *, name: str, owner_id: uuid.UUID) -> Dataset | None:
+    """The dataset this key means by `name`: its own upload or a shared one."""
+    return session.scalars(
+        select(Dataset).where(
+            Dataset.name == name, or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id)
+        )
+    ).first()

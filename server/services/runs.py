@@ -9,7 +9,7 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import exists, literal, select, tuple_
@@ -270,6 +270,17 @@ class Page:
     next_cursor: str | None
 
 
+def _utc(field: str, value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise InvalidInputError(field, "needs a time zone (e.g. 2026-11-25T12:00:00Z)")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00+14:00 is before year 1 in UTC
+        raise InvalidInputError(field, "out of range") from exc
+
+
 def _encode_cursor(run: Run) -> str:
     raw = json.dumps([run.created_at.isoformat(), run.id.hex]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -281,10 +292,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         created, ident = json.loads(raw)
         if not isinstance(created, str) or not isinstance(ident, str):
             raise TypeError("cursor fields are strings")
-        at = datetime.fromisoformat(created)
-        if at.tzinfo is None:
-            raise ValueError("naive timestamp")
+        at = _utc("cursor", datetime.fromisoformat(created))
+        assert at is not None
         return at, uuid.UUID(hex=ident)
+    except InvalidInputError:
+        raise
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise InvalidInputError("cursor", "malformed cursor: pass back the `next` value") from exc
 
@@ -306,9 +318,8 @@ def list_runs(
     scan however deep it is, and rows inserted meanwhile never shift or repeat a page."""
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidInputError("limit", f"must be between 1 and {MAX_PAGE}")
-    for field, value in (("created_after", created_after), ("created_before", created_before)):
-        if value is not None and value.tzinfo is None:
-            raise InvalidInputError(field, "needs a time zone (e.g. 2026-11-25T12:00:00Z)")
+    created_after = _utc("created_after", created_after)
+    created_before = _utc("created_before", created_before)
     stmt = select(Run)
     if status is not None:
         stmt = stmt.where(Run.status.in_([RunStatus(s) for s in status]))

@@ -166,7 +166,7 @@ class Live:
         )
 
 
-def start_live(databases: Databases, tmp_path: Path) -> Iterator[Live]:
+def start_live(databases: Databases, tmp_path: Path, **overrides: Any) -> Iterator[Live]:
     """The app under a real uvicorn server on a free port, with alice's key."""
     url = databases.new_url("postgres")
     engine = make_engine(url)
@@ -175,6 +175,7 @@ def start_live(databases: Databases, tmp_path: Path) -> Iterator[Live]:
         _, secret = create_api_key(s, name="alice")
     engine.dispose()
     settings = Settings(
+        **overrides,
         home=tmp_path,
         database_url=url,
         broker_url=REDIS_URL,

@@ -270,11 +270,30 @@ def test_bad_uploads_name_the_line_and_store_nothing(api: Api) -> None:
         api.post("/datasets", data={"name": "twice"}, files={"file": ("x", ok)}).status_code == 201
     )
     taken = api.post("/datasets", data={"name": "twice"}, files={"file": ("x", ok)})
-    assert taken.status_code == 422 and error(taken)["field"] == "name"
-    assert len(list((api.settings.home / "datasets").glob("*.jsonl"))) == 1
+    assert taken.status_code == 409 and error(taken)["field"] == "name"
+    shared = api.post("/datasets", data={"name": "arithmetic"}, files={"file": ("x", ok)})
+    assert shared.status_code == 409
+    # another key's names are its own: bob may use "twice" too, and learns nothing about alice's
+    mine = api.post("/datasets", key=api.bob, data={"name": "twice"}, files={"file": ("x", ok)})
+    assert mine.status_code == 201
+    assert len(list((api.settings.home / "datasets").glob("*.jsonl"))) == 2
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b', "answer": 1}\n'
+    for body in (deep, b'{"prompt": "a", "answer": ' + b"9" * 5000 + b"}\n"):
+        bad = api.post("/datasets", data={"name": "odd"}, files={"file": ("x", body)})
+        assert bad.status_code == 422 and error(bad)["field"] == "file"
 
 
-def test_prometheus_metrics(api: Api) -> None:
+def test_prometheus_metrics(databases: Databases, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    apis = make_api(databases, tmp_path, operator_keys=["alice"])
+    api = next(apis)
+    try:
+        _prometheus(api)
+    finally:
+        next(apis, None)
+
+
+def _prometheus(api: Api) -> None:
+    assert api.get("/metrics", key=api.bob).status_code == 404  # counts across users: operators
     run = api.post("/runs", json=STAGE1).json()
     api.get(f"/runs/{run['id']}")
     assert api.client.get("/api/v1/metrics").status_code == 401
@@ -325,3 +344,73 @@ def test_a_database_outage_is_a_503_not_a_trace(api: Api) -> None:
     finally:
         state.engine, state.writes, state.reads = saved
     assert api.published() == []  # nothing was sent for a run that was never stored
+
+
+def test_crafted_input_is_refused_not_a_500(api: Api) -> None:
+    run = api.post("/runs", json=STAGE1).json()
+    cases = [
+        api.get("/runs", params={"tag": "a\x00b"}),
+        api.patch(f"/runs/{run['id']}", json={"name": "x\u0000y"}),
+        api.post("/runs", json=STAGE1 | {"name": "a\u0000"}),
+        api.post("/pipelines", json={"name": "p\u0000"}),
+        api.get("/runs", params={"created_after": "0001-01-01T00:00:00+14:00"}),
+        api.get("/runs", params={"created_before": "9999-12-31T23:59:59-14:00"}),
+        api.post("/runs", json={"kind": "sample", "config": {"sample": {"seed": 10**4000}}}),
+        api.post("/runs", json={"kind": "sample", "config": {"runtime": {"seed": -1}}}),
+    ]
+    for response in cases:
+        assert response.status_code == 422, response.text
+    broken = api.post("/runs", content=b'{"kind":', headers={"Content-Type": "application/json"})
+    assert broken.status_code == 422 and error(broken)["field"] == "body"
+
+
+def test_a_chunked_body_over_the_limit_is_413(databases: Databases, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    apis = make_api(databases, tmp_path, max_body_bytes=2048, max_upload_bytes=4096)
+    api = next(apis)
+    try:
+
+        def chunks(n: int):  # type: ignore[no-untyped-def]  # no Content-Length: chunked
+            yield b'{"kind": "stage1", "name": "'
+            for _ in range(n):
+                yield b"x" * 1000
+            yield b'"}'
+
+        big = api.post("/runs", content=chunks(10), headers={"Content-Type": "application/json"})
+        assert big.status_code == 413 and error(big)["code"] == "too_large"
+        assert api.get("/runs").json()["items"] == []
+    finally:
+        next(apis, None)
+
+
+def test_another_keys_checkpoint_reads_like_a_missing_one(api: Api) -> None:
+    from server.db import CheckpointRole
+
+    run = api.post("/runs", json=STAGE1).json()
+    rid = uuid.UUID(run["id"])
+    with db(api) as s, s.begin():
+        claim_run(s, run_id=rid, worker="w", device="cpu")
+        ckpt = register_checkpoint(
+            s,
+            run_id=rid,
+            attempt=1,
+            role=CheckpointRole.TEACHER,
+            step=1,
+            key=f"runs/{rid.hex}/teacher-1",
+            size=1,
+            sha256="1" * 64,
+            manifest={},
+        )
+    theirs = api.get(f"/checkpoints/{ckpt.id}", key=api.bob)
+    nobody = api.get(f"/checkpoints/{uuid.uuid4()}", key=api.bob)
+    assert theirs.status_code == nobody.status_code == 404
+    assert run["id"] not in theirs.text
+    assert error(theirs)["message"].replace(str(ckpt.id), "X") == error(nobody)["message"].replace(
+        nobody.url.path.split("/")[-1], "X"
+    )
+
+
+def test_the_openapi_document_needs_a_key(api: Api) -> None:
+    assert api.client.get("/api/v1/openapi.json").status_code == 401
+    assert api.client.get("/api/v1/docs").status_code in (401, 404)
+    spec = api.get("/openapi.json").json()
+    assert "/api/v1/runs" in spec["paths"]

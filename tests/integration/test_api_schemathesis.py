@@ -21,8 +21,8 @@ EXAMPLES = 12  # per operation; ~20 operations
 
 
 def test_no_server_errors_and_documented_responses(live: Live) -> None:
-    schema = schemathesis.openapi.from_url(f"{live.base}/api/v1/openapi.json")
     headers = {"Authorization": f"Bearer {live.secret}"}
+    schema = schemathesis.openapi.from_url(f"{live.base}/api/v1/openapi.json", headers=headers)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
     for operation in operations:

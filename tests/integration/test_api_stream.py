@@ -4,6 +4,7 @@ points written after it connected, the status changes, and the end of the run.""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -72,3 +73,42 @@ def test_stream_delivers_points_written_after_connecting(live: Live) -> None:
 def test_stream_of_another_keys_run_is_not_found(live: Live) -> None:
     missing = live.http.get(f"/runs/{uuid.uuid4()}/stream")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_parallel_submissions_cannot_beat_the_quota(databases, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration.conftest import start_live
+
+    servers = start_live(databases, tmp_path, max_active_runs=3)
+    live = next(servers)
+    try:
+        barrier = threading.Barrier(12)
+
+        def submit(_: int) -> int:
+            with httpx.Client(base_url=f"{live.base}/api/v1", timeout=60) as client:
+                barrier.wait()
+                headers = {"Authorization": f"Bearer {live.secret}"}
+                return client.post("/runs", json={"kind": "sample"}, headers=headers).status_code
+
+        with ThreadPoolExecutor(12) as pool:
+            statuses = sorted(pool.map(submit, range(12)))
+        assert statuses == [201] * 3 + [429] * 9
+        assert len(live.http.get("/runs").json()["items"]) == 3
+    finally:
+        next(servers, None)
+
+
+def test_a_stream_ends_when_its_key_is_revoked(live: Live) -> None:
+    from server.services import authenticate, revoke_api_key
+
+    run = live.http.post("/runs", json={"kind": "sample"}).json()
+    factory = session_factory(make_engine(live.settings.db_url))
+    with live.http.stream("GET", f"/runs/{run['id']}/stream") as response:
+        events = sse_events(response)
+        assert next(events)[0] == "status"
+        with factory.begin() as s:
+            key = authenticate(s, secret=live.secret)
+            assert key is not None
+            revoke_api_key(s, key_id=key.id)
+        assert list(events) == [("end", {})]
