@@ -130,7 +130,9 @@ class Api:
         return messages
 
 
-def make_api(databases: Databases, tmp: Path, **overrides: Any) -> Iterator[Api]:
+def api_settings(databases: Databases, tmp: Path, **overrides: Any) -> tuple[Settings, str, str]:
+    """A migrated Postgres database with alice's and bob's keys, and settings for an app on it
+    (its own Redis queues, so tests never see each other's messages)."""
     url = databases.new_url("postgres")
     engine = make_engine(url)
     migrate.upgrade(engine)
@@ -145,7 +147,11 @@ def make_api(databases: Databases, tmp: Path, **overrides: Any) -> Iterator[Api]
         "queue": f"test-{uuid.uuid4().hex[:10]}",
         "housekeeping_queue": f"test-cpu-{uuid.uuid4().hex[:10]}",
     }
-    settings = Settings(**(values | overrides))
+    return Settings(**(values | overrides)), alice, bob
+
+
+def make_api(databases: Databases, tmp: Path, **overrides: Any) -> Iterator[Api]:
+    settings, alice, bob = api_settings(databases, tmp, **overrides)
     with TestClient(create_app(settings)) as client:
         yield Api(client, settings, alice, bob)
     import redis
@@ -168,20 +174,7 @@ class Live:
 
 def start_live(databases: Databases, tmp_path: Path, **overrides: Any) -> Iterator[Live]:
     """The app under a real uvicorn server on a free port, with alice's key."""
-    url = databases.new_url("postgres")
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    with session_factory(engine).begin() as s:
-        _, secret = create_api_key(s, name="alice")
-    engine.dispose()
-    settings = Settings(
-        **overrides,
-        home=tmp_path,
-        database_url=url,
-        broker_url=REDIS_URL,
-        queue=f"test-{uuid.uuid4().hex[:10]}",
-        stream_poll_s=0.05,
-    )
+    settings, secret, _ = api_settings(databases, tmp_path, stream_poll_s=0.05, **overrides)
     # bind first: connections wait in the backlog until uvicorn accepts them (no start-up race)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -196,6 +189,9 @@ def start_live(databases: Databases, tmp_path: Path, **overrides: Any) -> Iterat
     server.should_exit = True
     thread.join(timeout=30)
     sock.close()
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).delete(settings.queue, settings.housekeeping_queue)
 
 
 @pytest.fixture
