@@ -174,5 +174,69 @@ def serve(
     _guard(body)
 
 
+@app.command()
+def worker(
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="GPU indices, e.g. 0,1: one solo-pool worker per GPU. None = CPU."),
+    ] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Start the workers that run queued stages (and the housekeeping tasks), supervised."""
+
+    def body() -> None:
+        import signal
+        import subprocess
+        import sys
+
+        settings = get_settings()
+        engine = _engine()
+        _require_schema(engine)
+        engine.dispose()
+        slots = [None] if gpus is None else [g.strip() for g in gpus.split(",") if g.strip()]
+        children = []
+        for slot in slots:
+            env = dict(os.environ)
+            queues = [settings.queue, settings.housekeeping_queue]
+            name = "erpd-cpu"
+            if slot is not None:
+                if not slot.isdigit():
+                    _fail(f"--gpus: {slot!r} is not a GPU index", 2)
+                env["CUDA_VISIBLE_DEVICES"] = slot
+                queues.append(f"{settings.queue}.{slot}")
+                name = f"erpd-gpu{slot}"
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--pool",
+                "solo",
+                "--concurrency",
+                "1",
+                "--queues",
+                ",".join(queues),
+                "--hostname",
+                f"{name}@%h",
+                "--loglevel",
+                loglevel,
+            ]
+            children.append(subprocess.Popen(argv, env=env))
+
+        def forward(signum: int, _frame: object) -> None:
+            for child in children:
+                child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        codes = [child.wait() for child in children]
+        if any(codes):
+            raise typer.Exit(1)
+
+    _guard(body)
+
+
 def main() -> None:
     app()

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Hosts a run's notify_url may point at (JSON list); empty = no webhooks.",
     )
+    heartbeat_s: float = Field(5.0, gt=0, description="How often a running stage heartbeats.")
+    heartbeat_timeout_s: float = Field(
+        120.0, gt=0, description="The reaper requeues a run whose heartbeat is this old."
+    )
     public_docs: bool = Field(
         False,
         description="Serve the OpenAPI document and /docs without a key (off: they need one too).",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,10 +15,7 @@ from sqlalchemy.orm import Session
 from server.api.deps import AppState
 from server.api.errors import ApiError
 from server.db import ApiKey, Run, RunStatus
-from server.services import idempotency
-from server.services.outbox import is_ready, mark_enqueued, pending_publication
-
-log = logging.getLogger("erpd.api")
+from server.services import idempotency, outbox
 
 Creator = Callable[[Session], tuple[dict[str, Any], Sequence[uuid.UUID]]]
 
@@ -41,37 +37,11 @@ def check_quota(session: Session, state: AppState, key: ApiKey, adding: int) -> 
 
 
 def publish_ready(state: AppState, run_ids: Sequence[uuid.UUID]) -> None:
-    """Publish the runs whose inputs are ready; the others wait for their inputs (the scheduler
-    publishes them then). A failed publish is left to the outbox reconciler: the run is safe."""
-    with state.reads() as session:
-        ready = [r for r in run_ids if is_ready(session, run_id=r)]
-    published = []
-    for run_id in ready:
-        try:
-            state.broker.publish(run_id)
-        except Exception:
-            log.warning("publishing run %s failed; the outbox will retry", run_id)
-            continue
-        published.append(run_id)
-    with state.writes.begin() as session:
-        mark_enqueued(session, run_ids=published)
+    outbox.publish_ready(state.writes, state.reads, state.broker, run_ids)
 
 
 def publish_pending(state: AppState) -> int:
-    """The outbox reconciler: publish every queued, ready run that has no message yet (its
-    publish failed after the commit, or the reaper requeued it). Returns how many it sent."""
-    sent = 0
-    while True:
-        with state.reads() as session:
-            pending = pending_publication(session, limit=100)
-        if not pending:
-            return sent
-        publish_ready(state, pending)
-        with state.reads() as session:
-            left = set(pending_publication(session, limit=100))
-        sent += len(set(pending) - left)
-        if left & set(pending):  # the broker refused some: try again on the next round
-            return sent
+    return outbox.publish_pending(state.writes, state.reads, state.broker)
 
 
 def create_and_publish(

@@ -8,15 +8,19 @@ so a run published twice still runs once.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import Run, RunStatus, utcnow
 from server.services.transitions import inputs_ready
+
+log = logging.getLogger("erpd.outbox")
 
 
 def pending_publication(session: Session, *, limit: int = 100) -> list[uuid.UUID]:
@@ -50,3 +54,48 @@ def mark_enqueued(
 
 def is_ready(session: Session, *, run_id: uuid.UUID) -> bool:
     return session.scalar(select(Run.id).where(Run.id == run_id, inputs_ready())) is not None
+
+
+class Publisher(Protocol):
+    def publish(self, run_id: uuid.UUID) -> None: ...
+
+
+def publish_ready(
+    writes: sessionmaker[Session],
+    reads: sessionmaker[Session],
+    broker: Publisher,
+    run_ids: Sequence[uuid.UUID],
+) -> None:
+    """Publish the runs whose inputs are ready; the others wait for their inputs (published when
+    those finish). A failed publish is left to the reconciler: the run is safe in the store."""
+    with reads() as session:
+        ready = [r for r in run_ids if is_ready(session, run_id=r)]
+    published = []
+    for run_id in ready:
+        try:
+            broker.publish(run_id)
+        except Exception:
+            log.warning("publishing run %s failed; the outbox will retry", run_id)
+            continue
+        published.append(run_id)
+    with writes.begin() as session:
+        mark_enqueued(session, run_ids=published)
+
+
+def publish_pending(
+    writes: sessionmaker[Session], reads: sessionmaker[Session], broker: Publisher
+) -> int:
+    """The reconciler: publish every queued, ready run that has no message yet (its publish
+    failed after the commit, the reaper requeued it, or its inputs just finished)."""
+    sent = 0
+    while True:
+        with reads() as session:
+            pending = pending_publication(session, limit=100)
+        if not pending:
+            return sent
+        publish_ready(writes, reads, broker, pending)
+        with reads() as session:
+            left = set(pending_publication(session, limit=100))
+        sent += len(set(pending) - left)
+        if left & set(pending):  # the broker refused some: the next round tries again
+            return sent

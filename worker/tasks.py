@@ -1,0 +1,128 @@
+"""Thin Celery tasks: each takes a run id, re-reads everything from the store, and calls erpd."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from functools import cache
+
+from sqlalchemy.orm import Session
+
+from server.db import Dataset, Model, Run, make_engine, read_session_factory, session_factory
+from server.queue import RUN_STAGE_TASK, Broker
+from server.services import (
+    StaleAttemptError,
+    cancel_run,
+    claim_run,
+    fail_run,
+    get_run,
+    requeue_stale,
+)
+from server.services.outbox import publish_pending
+from server.services.webhooks import NOTIFY_TASK, deliver, payload
+from worker.celery_app import app, settings
+from worker.runner import Inputs, Store, execute, finish, run_dir
+from worker.sinks import DbSink, retrying
+
+log = logging.getLogger("erpd.worker")
+
+
+@cache
+def store() -> Store:
+    engine = make_engine(settings.db_url)
+    broker = Broker(settings.broker, settings.queue, settings.housekeeping_queue)
+    return Store(settings, session_factory(engine), read_session_factory(engine), broker)
+
+
+def _device() -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(session: Session, run: Run) -> Inputs:
+    model, dataset = session.get(Model, run.model_id), session.get(Dataset, run.dataset_id)
+    assert model is not None and dataset is not None
+    teachers = []
+    for link in run.teachers:
+        teacher = get_run(session, run_id=link.teacher_id)
+        teachers.append((run_dir(settings, teacher.id) / "checkpoint", link.sha256))
+    batch = None if run.batch_run_id is None else run_dir(settings, run.batch_run_id) / "batch"
+    return Inputs(run, model, dataset, batch, teachers)
+
+
+@app.task(name=RUN_STAGE_TASK)
+def run_stage(run_id: str) -> None:
+    """Claim the run (a second delivery of the message does nothing), run it, record the end."""
+    s = store()
+    with s.writes.begin() as session:
+        run = claim_run(
+            session, run_id=uuid.UUID(run_id), worker=socket.gethostname(), device=_device()
+        )
+        if run is None:
+            log.info("run %s: not claimable (done, running elsewhere or waiting)", run_id)
+            return
+        inputs = _inputs(session, run)
+    sink = DbSink(s.writes, run.id, run.attempt, heartbeat_s=settings.heartbeat_s)
+    sink.start()
+    try:
+        outcome = execute(s, inputs, sink)
+        sink.close()
+        if outcome is not None:
+            finish(s, inputs, outcome)
+        elif not sink.lost.is_set():
+            _record(
+                lambda session: cancel_run(
+                    session, run_id=run.id, attempt=run.attempt, actor=f"worker:{run.worker}"
+                )
+            )
+    except StaleAttemptError:
+        log.warning("run %s: attempt %d was given up by the reaper; stopping", run.id, run.attempt)
+    except Exception as exc:  # the run failed: record why, in one line
+        log.exception("run %s failed", run.id)
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        _record(
+            lambda session: fail_run(
+                session,
+                run_id=run.id,
+                attempt=run.attempt,
+                reason=reason,
+                actor=f"worker:{run.worker}",
+            )
+        )
+    finally:
+        sink.stop()
+
+
+def _record(change: Callable[[Session], object]) -> None:
+    """A final transition, retried through a database outage; a fenced-off attempt is moot."""
+
+    def write() -> None:
+        with store().writes.begin() as session:
+            change(session)
+
+    with contextlib.suppress(StaleAttemptError):
+        retrying(write)
+
+
+@app.task(name="erpd.reap")
+def reap() -> int:
+    """Requeue runs whose worker went silent, then publish every ready run without a message."""
+    s = store()
+    with s.writes.begin() as session:
+        reaped = requeue_stale(session, timeout=timedelta(seconds=settings.heartbeat_timeout_s))
+    for r in reaped:
+        log.warning("reaper: run %s -> %s (%s)", r.run_id, r.status, r.reason)
+    return publish_pending(s.writes, s.reads, s.broker) + len(reaped)
+
+
+@app.task(name=NOTIFY_TASK)
+def notify(run_id: str) -> bool:
+    with store().reads() as session:
+        run = get_run(session, run_id=uuid.UUID(run_id))
+        url, body = run.notify_url, payload(run)
+    return bool(url) and deliver(url, body)  # type: ignore[arg-type]
