@@ -238,5 +238,50 @@ def worker(
     _guard(body)
 
 
+@app.command()
+def reaper(
+    every: Annotated[float, typer.Option(help="Seconds between rounds.", min=0.1)] = 30.0,
+    once: Annotated[bool, typer.Option(help="One round, then exit.")] = False,
+) -> None:
+    """Requeue runs whose worker went silent (ERPD_HEARTBEAT_TIMEOUT_S), fail them after
+    max_attempts, and publish every queued, ready run that has no message (the outbox)."""
+
+    def body() -> None:
+        import signal
+        import threading
+        from datetime import timedelta
+
+        from server.db import read_session_factory, session_factory
+        from server.queue import Broker
+        from server.services import requeue_stale
+        from server.services.outbox import publish_pending
+
+        settings = get_settings()
+        engine = _engine()
+        _require_schema(engine)
+        writes, reads = session_factory(engine), read_session_factory(engine)
+        broker = Broker(settings.broker, settings.queue, settings.housekeeping_queue)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        timeout = timedelta(seconds=settings.heartbeat_timeout_s)
+        err.print(f"reaper: every {every:g} s, heartbeat timeout {timeout}", highlight=False)
+        while True:
+            try:
+                with writes.begin() as session:
+                    reaped = requeue_stale(session, timeout=timeout)
+                for r in reaped:
+                    err.print(f"reaper: run {r.run_id} -> {r.status}: {r.reason}", highlight=False)
+                publish_pending(writes, reads, broker)
+            except OperationalError as exc:  # the store is away: try again next round
+                err.print(f"reaper: database unreachable ({type(exc.orig).__name__})")
+            if once or stop.wait(every):
+                break
+        broker.close()
+        engine.dispose()
+
+    _guard(body)
+
+
 def main() -> None:
     app()

@@ -8,10 +8,12 @@ checkpoints and resume points; `<home>/models/tiny-<hash>/` for a pretrained bui
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +119,10 @@ def base_model(inputs: Inputs, pcfg: PipelineConfig, env: StageEnv, settings: Se
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = completed(out)
         if done is None:
+            # its points would share the run's step axis with the stage's: keep them out
+            quiet = dataclasses.replace(env, sink=M.NullSink())
             done = pretrain_base(
-                shape=pcfg.model.tiny, cfg=base_cfg, env=env, out_dir=out, seed=pcfg.runtime.seed
+                shape=pcfg.model.tiny, cfg=base_cfg, env=quiet, out_dir=out, seed=pcfg.runtime.seed
             )
     assert done.checkpoint is not None
     return done.checkpoint
@@ -135,9 +139,24 @@ def fixed_batch(
     return sample_batch(base, own, pcfg, env, inputs.run.round)
 
 
+def clean_partial(directory: Path) -> int:
+    """Remove what a killed attempt left mid-write (erpd's atomic_dir temp and old copies).
+    Only the claiming attempt owns the run's directory, so nothing else can be writing there."""
+    removed = 0
+    for leftover in [*directory.rglob(".*.tmp-*"), *directory.rglob(".*.old-*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[str, float] | None:
     """Run the stage; returns its result (a summary for a sample run), or None if it stopped."""
     run, settings = inputs.run, store.settings
+    if clean_partial(run_dir(settings, run.id)):
+        log.info("run %s: removed partial files of an earlier attempt", run.id)
     pcfg = pipeline_config(inputs, settings)
     env = make_env(pcfg, sink, sink.progress)
     env.should_stop = sink.should_stop

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import threading
+import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 from transformers import AutoModelForCausalLM
 
 from server.db import Model, RegistryKind, make_engine, session_factory
@@ -71,7 +75,12 @@ class WorkerLog:
 def start_worker(env: dict[str, str]) -> tuple[subprocess.Popen[str], WorkerLog]:
     exe = Path(sys.executable).with_name("erpd-hub")
     worker = subprocess.Popen(
-        [str(exe), "worker"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        [str(exe), "worker"],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own process group: SIGKILL takes all of it
     )
     log = WorkerLog(worker)
     log.wait_for(" ready.", timeout=120)  # celery's own "ready." line, not a timer
@@ -94,6 +103,7 @@ class Stack:
             "ERPD_QUEUE": s.queue,
             "ERPD_HOUSEKEEPING_QUEUE": s.housekeeping_queue,
             "ERPD_HEARTBEAT_S": "1",
+            "ERPD_HEARTBEAT_TIMEOUT_S": "4",
         }
 
     def start_worker(self) -> None:
@@ -103,6 +113,25 @@ class Stack:
         if self.worker is not None and self.worker.poll() is None:
             self.worker.terminate()
             self.worker.wait(timeout=60)
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker and its Celery child at once: no cleanup, no goodbye."""
+        assert self.worker is not None
+        os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait(timeout=60)
+
+    def wait_for_step(self, run_id: str, step: int) -> None:
+        """Until the run's stream shows the stage's loss at `step` or later."""
+        with self.live.http.stream(
+            "GET", f"/runs/{run_id}/stream", timeout=httpx.Timeout(30, read=600)
+        ) as response:
+            for kind, body in sse_events(response):
+                if kind == "metrics":
+                    steps = [p["step"] for p in body["points"] if p["name"] == "loss"]
+                    if steps and max(steps) >= step:
+                        return
+                if kind == "end":
+                    raise AssertionError(f"run {run_id} ended before step {step}")
 
     def wait_until_finished(self, run_id: str) -> str:
         """The run's final status, awaited on its server-sent event stream."""
@@ -117,9 +146,12 @@ class Stack:
         return status
 
 
-@pytest.fixture
-def stack(databases: Databases, tmp_path: Path) -> Iterator[Stack]:
-    servers = start_live(databases, tmp_path)
+@pytest.fixture(scope="module")
+def stack(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One API server, one worker and one reaper for the module (the base is pretrained once)."""
+    servers = start_live(
+        databases, tmp_path_factory.mktemp("stack"), heartbeat_s=1, heartbeat_timeout_s=4
+    )
     live = next(servers)
     engine = make_engine(live.settings.db_url)
     with session_factory(engine).begin() as s:
@@ -134,7 +166,16 @@ def stack(databases: Databases, tmp_path: Path) -> Iterator[Stack]:
     engine.dispose()
     stack = Stack(live)
     stack.start_worker()
+    exe = Path(sys.executable).with_name("erpd-hub")
+    reaper = subprocess.Popen(
+        [str(exe), "reaper", "--every", "0.5"],
+        env=stack.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     yield stack
+    reaper.terminate()
+    reaper.wait(timeout=30)
     stack.stop_worker()
     next(servers, None)
 
@@ -178,3 +219,69 @@ def test_a_second_delivery_of_the_same_message_does_nothing(stack: Stack) -> Non
     stack.log.wait_for(f"run {run['id']}: not claimable")  # the copy was delivered and refused
     events = stack.live.http.get(f"/runs/{run['id']}/events").json()
     assert [e["event"] for e in events] == ["created", "claimed", "succeeded"]
+
+
+LONG_STAGE1 = {
+    "kind": "stage1",
+    "model": "tiny-test",
+    "config": {
+        "sample": {"num_prompts": 32, "group_size": 8},
+        "stage": {
+            "epochs": 30,
+            "minibatch_size": 64,
+            "eval_every_epochs": 30,
+            "checkpoint_every_steps": 2,
+        },
+        "eval": {"size": 50},
+        "runtime": {"device": "cpu"},
+    },
+}
+
+
+def test_cancel_stops_a_running_run_within_a_step(stack: Stack) -> None:
+    run = stack.live.http.post("/runs", json=LONG_STAGE1).json()
+    stack.wait_for_step(run["id"], 2)
+    assert stack.live.http.post(f"/runs/{run['id']}/cancel").json()["cancel_requested"]
+    assert stack.wait_until_finished(run["id"]) == "cancelled"
+    detail = stack.live.http.get(f"/runs/{run['id']}").json()
+    events = [e["event"] for e in stack.live.http.get(f"/runs/{run['id']}/events").json()]
+    assert events[-2:] == ["cancel_requested", "cancelled"] and detail["attempt"] == 1
+    total = 30 * (32 * 8 // 64)
+    assert detail["progress"]["step"] is None or detail["progress"]["step"] < total
+
+
+def test_a_killed_worker_is_replaced_and_the_run_resumes(stack: Stack) -> None:
+    run = stack.live.http.post("/runs", json=LONG_STAGE1).json()
+    stack.wait_for_step(run["id"], 5)  # resume points exist at steps 2 and 4
+    stack.kill_worker()
+    stack.start_worker()  # the reaper requeues the silent run; the new worker resumes it
+    assert stack.wait_until_finished(run["id"]) == "succeeded"
+    detail = stack.live.http.get(f"/runs/{run['id']}").json()
+    assert detail["attempt"] == 2
+    events = [e["event"] for e in stack.live.http.get(f"/runs/{run['id']}/events").json()]
+    assert events == ["created", "claimed", "requeued", "claimed", "succeeded"]
+    loss = next(
+        s
+        for s in stack.live.http.get(
+            f"/runs/{run['id']}/metrics", params={"names": "loss", "max_points": 100_000}
+        ).json()["series"]
+    )
+    assert loss["steps"] == sorted(set(loss["steps"]))  # one row per step, before and after
+    assert loss["steps"][-1] == 30 * (32 * 8 // 64) - 1 or loss["steps"][-1] >= 100
+    # resumed, not restarted: the first steps' points are still those the killed attempt wrote
+    claims = [
+        e
+        for e in stack.live.http.get(f"/runs/{run['id']}/events").json()
+        if e["event"] == "claimed"
+    ]
+    second_claim = datetime.fromisoformat(claims[1]["at"]).timestamp()
+    engine = make_engine(stack.live.settings.db_url)
+    with engine.connect() as conn:
+        first_step_written = conn.execute(
+            text("select wall_time from metric_points where run_id = :r and step = 1 limit 1"),
+            {"r": uuid.UUID(run["id"])},
+        ).scalar_one()
+    engine.dispose()
+    assert first_step_written < second_claim
+    directory = stack.live.settings.artifacts / "runs" / uuid.UUID(run["id"]).hex
+    assert [p for p in directory.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] == []
