@@ -33,6 +33,7 @@ reproduce-full: $(VENV)/.installed
 # benchmarks print rates against a baseline measured in the same run (never timed tests)
 bench: $(VENV)/.installed services
 	$(BIN)/python benchmarks/metric_inserts.py
+	$(BIN)/python benchmarks/worker_sink.py
 
 test: lint services
 	$(BIN)/python -m pytest

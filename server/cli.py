@@ -283,5 +283,55 @@ def reaper(
     _guard(body)
 
 
+@app.command()
+def status() -> None:
+    """Workers (Celery ping), queue depths, and the runs running now (from the store)."""
+
+    def body() -> None:
+        from celery import Celery
+        from sqlalchemy import select
+
+        from server.db import Run, RunStatus, read_session_factory, utcnow
+        from server.queue import Broker
+
+        settings = get_settings()
+        engine = _engine()
+        _require_schema(engine)
+        app_ = Celery("erpd-hub-status", broker=settings.broker, set_as_current=False)
+        # a solo-pool worker busy with a run cannot answer a ping: busy ones come from the store
+        replies = app_.control.ping(timeout=1.0) or []
+        idle = sorted(name for reply in replies for name in reply)
+        out.print(
+            f"idle workers ({len(idle)}): {', '.join(idle) or 'none answering'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        broker = Broker(settings.broker, settings.queue, settings.housekeeping_queue)
+        for queue in (settings.queue, settings.housekeeping_queue):
+            broker.queue = queue
+            depth = broker.depth()
+            out.print(f"queue {queue}: {'?' if depth is None else depth} waiting", highlight=False)
+        now = utcnow()
+        with read_session_factory(engine)() as session:
+            running = session.scalars(
+                select(Run).where(Run.status == RunStatus.RUNNING).order_by(Run.started_at)
+            ).all()
+        busy = sorted({run.worker for run in running if run.worker})
+        out.print(f"busy workers ({len(busy)}): {', '.join(busy) or 'none'}", highlight=False)
+        out.print(f"running runs: {len(running)}", highlight=False)
+        for run in running:  # one plain line each: easy to grep
+            beat = (now - (run.heartbeat_at or run.started_at or now)).total_seconds()
+            out.print(
+                f"  {run.id}  {run.name}  on {run.worker}  attempt {run.attempt}/"
+                f"{run.max_attempts}  step {run.progress_step or 0}/{run.progress_total or '?'}"
+                f"  heartbeat {beat:.0f} s ago",
+                highlight=False,
+                soft_wrap=True,
+            )
+        engine.dispose()
+
+    _guard(body)
+
+
 def main() -> None:
     app()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 # the worker registers its task under this name (worker/tasks.py)
 RUN_STAGE_TASK = "erpd.run_stage"
@@ -61,6 +62,8 @@ class Broker:
             with self.app.connection_for_read() as conn:
                 declared = conn.default_channel.queue_declare(queue=self.queue, passive=True)
                 return int(declared.message_count)
+        except ChannelError:  # never declared (no worker consumed it yet, nothing sent): empty
+            return 0
         except Exception:
             return None
 

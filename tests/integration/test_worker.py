@@ -285,3 +285,18 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(stack: Stack) -> None:
     assert first_step_written < second_claim
     directory = stack.live.settings.artifacts / "runs" / uuid.UUID(run["id"]).hex
     assert [p for p in directory.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] == []
+
+
+def test_status_shows_workers_queues_and_running_runs(stack: Stack) -> None:
+    run = stack.live.http.post("/runs", json=LONG_STAGE1).json()
+    stack.wait_for_step(run["id"], 2)
+    exe = Path(sys.executable).with_name("erpd-hub")
+    shown = subprocess.run(
+        [str(exe), "status"], env=stack.env(), capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "busy workers (1)" in shown.stdout  # a busy solo worker cannot answer a ping
+    assert f"queue {stack.live.settings.queue}: 0 waiting" in shown.stdout
+    assert "running runs: 1" in shown.stdout and run["id"] in shown.stdout
+    stack.live.http.post(f"/runs/{run['id']}/cancel")
+    assert stack.wait_until_finished(run["id"]) == "cancelled"
