@@ -120,18 +120,23 @@ class Stack:
         os.killpg(self.worker.pid, signal.SIGKILL)
         self.worker.wait(timeout=60)
 
-    def wait_for_step(self, run_id: str, step: int) -> None:
-        """Until the run's stream shows the stage's loss at `step` or later."""
+    def wait_for_step(self, run_id: str, step: int, since: int = -1) -> int:
+        """Until the run's stream shows the stage's loss at `step` or later, counting only points
+        after `since` (a resumed attempt's new steps); returns the step seen."""
         with self.live.http.stream(
-            "GET", f"/runs/{run_id}/stream", timeout=httpx.Timeout(30, read=600)
+            "GET",
+            f"/runs/{run_id}/stream",
+            params={"since_step": since},
+            timeout=httpx.Timeout(30, read=600),
         ) as response:
             for kind, body in sse_events(response):
                 if kind == "metrics":
                     steps = [p["step"] for p in body["points"] if p["name"] == "loss"]
                     if steps and max(steps) >= step:
-                        return
+                        return max(steps)
                 if kind == "end":
                     raise AssertionError(f"run {run_id} ended before step {step}")
+        raise AssertionError(f"stream of {run_id} closed")
 
     def wait_until_finished(self, run_id: str) -> str:
         """The run's final status, awaited on its server-sent event stream."""
@@ -300,3 +305,20 @@ def test_status_shows_workers_queues_and_running_runs(stack: Stack) -> None:
     assert "running runs: 1" in shown.stdout and run["id"] in shown.stdout
     stack.live.http.post(f"/runs/{run['id']}/cancel")
     assert stack.wait_until_finished(run["id"]) == "cancelled"
+
+
+def test_a_run_that_kills_its_worker_every_time_fails_after_max_attempts(stack: Stack) -> None:
+    poison = stack.live.http.post("/runs", json=LONG_STAGE1 | {"max_attempts": 2}).json()
+    seen = -1
+    for _ in range(2):  # each attempt dies mid-run, as if the run crashed its process
+        seen = stack.wait_for_step(poison["id"], seen + 2, since=seen)
+        stack.kill_worker()
+        stack.start_worker()
+    assert stack.wait_until_finished(poison["id"]) == "failed"
+    detail = stack.live.http.get(f"/runs/{poison['id']}").json()
+    assert detail["attempt"] == 2 and detail["error"].startswith("worker_lost")
+    healthy = stack.live.http.post(
+        "/runs",
+        json={"kind": "sample", "model": "tiny-test", "config": {"sample": {"num_prompts": 4}}},
+    ).json()
+    assert stack.wait_until_finished(healthy["id"]) == "succeeded"  # the worker still serves
