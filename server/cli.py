@@ -308,8 +308,7 @@ def status() -> None:
         )
         broker = Broker(settings.broker, settings.queue, settings.housekeeping_queue)
         for queue in (settings.queue, settings.housekeeping_queue):
-            broker.queue = queue
-            depth = broker.depth()
+            depth = broker.depth(queue)
             out.print(f"queue {queue}: {'?' if depth is None else depth} waiting", highlight=False)
         now = utcnow()
         with read_session_factory(engine)() as session:

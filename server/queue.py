@@ -56,11 +56,13 @@ class Broker:
         except Exception as exc:
             raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc
 
-    def depth(self) -> int | None:
-        """Messages waiting on the queue (None when the broker cannot say)."""
+    def depth(self, queue: str | None = None) -> int | None:
+        """Messages waiting on `queue` (default: the run queue); None when the broker cannot
+        say."""
         try:
             with self.app.connection_for_read() as conn:
-                declared = conn.default_channel.queue_declare(queue=self.queue, passive=True)
+                channel = conn.default_channel
+                declared = channel.queue_declare(queue=queue or self.queue, passive=True)
                 return int(declared.message_count)
         except ChannelError:  # never declared (no worker consumed it yet, nothing sent): empty
             return 0

@@ -162,12 +162,11 @@ def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[st
     env.should_stop = sink.should_stop
     base = base_model(inputs, pcfg, env, settings)
     here = run_dir(settings, run.id)
+    batch = fixed_batch(inputs, base, pcfg, env, here / "batch")
     if run.kind is RunKind.SAMPLE:
-        batch = fixed_batch(inputs, base, pcfg, env, here / "batch")
         reward = float(batch.rewards.mean().item())
         sink.log(run.name, 0, {M.REWARD_MEAN: reward})
         return {M.REWARD_MEAN: reward}
-    batch = fixed_batch(inputs, base, pcfg, env, here / "batch")
     stage = run.config["stage"]
     if run.kind is RunKind.STAGE1:
         result = completed(here) or run_stage1(

@@ -58,37 +58,39 @@ def create_and_publish(
     The broker is checked first, so a request while it is down gets 503 and creates nothing.
     """
     digest = idempotency.body_hash(request.url.path, body)
-    if idempotency_key is not None:
+
+    def replayed() -> JSONResponse | None:
+        """The earlier answer to this Idempotency-Key, if a request with it committed."""
+        if idempotency_key is None:
+            return None
         with state.reads() as session:
             earlier = idempotency.replay(
                 session, owner_id=key.id, key=idempotency_key, request_sha256=digest
             )
-        if earlier is not None:
-            status, response = earlier
-            return JSONResponse(
-                response, status_code=status, headers={"Idempotent-Replayed": "true"}
-            )
+        if earlier is None:
+            return None
+        status, response = earlier
+        return JSONResponse(response, status_code=status, headers={"Idempotent-Replayed": "true"})
+
+    if (earlier := replayed()) is not None:
+        return earlier
     state.broker.ping()
     try:
         with state.writes.begin() as session:
             response, run_ids = create(session)
             if idempotency_key is not None:
                 idempotency.remember(
-                    session, owner_id=key.id, key=idempotency_key, request_sha256=digest,
-                    status_code=201, response=response,
-                )  # fmt: skip
+                    session,
+                    owner_id=key.id,
+                    key=idempotency_key,
+                    request_sha256=digest,
+                    status_code=201,
+                    response=response,
+                )
     except IntegrityError:
-        if idempotency_key is None:
-            raise
         # a concurrent request with the same key committed first: answer as it did
-        with state.reads() as session:
-            earlier = idempotency.replay(
-                session, owner_id=key.id, key=idempotency_key, request_sha256=digest
-            )
-        if earlier is None:
+        if (earlier := replayed()) is None:
             raise
-        return JSONResponse(
-            earlier[1], status_code=earlier[0], headers={"Idempotent-Replayed": "true"}
-        )
+        return earlier
     publish_ready(state, run_ids)
     return JSONResponse(response, status_code=201)
