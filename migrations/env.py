@@ -52,9 +52,17 @@ def run_migrations_online() -> None:
                     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                     if broken:
                         raise RuntimeError(f"migration left dangling foreign keys: {broken[:5]}")
+            # Alembic leaves the commit to us when the connection had already begun (it has:
+            # reading the version table autobegins); the pragma below is a no-op inside one
+            if connection.in_transaction():
+                connection.commit()
         finally:
+            if connection.in_transaction():  # the migration failed: keep nothing of it
+                connection.rollback()
             if sqlite:
                 raw.execute("PRAGMA foreign_keys=ON")
+                # this connection goes back to the pool: it must hold the app's settings again
+                assert raw.execute("PRAGMA foreign_keys").fetchone() == (1,)
 
 
 if context.is_offline_mode():

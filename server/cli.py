@@ -180,9 +180,14 @@ def worker(
         str | None,
         typer.Option(help="GPU indices, e.g. 0,1: one solo-pool worker per GPU. None = CPU."),
     ] = None,
+    housekeeping: Annotated[
+        bool,
+        typer.Option(help="Also start a worker for the cpu queue (webhooks, reaper tasks)."),
+    ] = True,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
-    """Start the workers that run queued stages (and the housekeeping tasks), supervised."""
+    """Start the workers that run queued stages (one per GPU, or one on CPU) and a housekeeping
+    worker, supervised: a signal reaches them all, and the command exits when they have."""
 
     def body() -> None:
         import signal
@@ -194,18 +199,12 @@ def worker(
         _require_schema(engine)
         engine.dispose()
         slots = [None] if gpus is None else [g.strip() for g in gpus.split(",") if g.strip()]
-        children = []
         for slot in slots:
-            env = dict(os.environ)
-            queues = [settings.queue, settings.housekeeping_queue]
-            name = "erpd-cpu"
-            if slot is not None:
-                if not slot.isdigit():
-                    _fail(f"--gpus: {slot!r} is not a GPU index", 2)
-                env["CUDA_VISIBLE_DEVICES"] = slot
-                queues.append(f"{settings.queue}.{slot}")
-                name = f"erpd-gpu{slot}"
-            argv = [
+            if slot is not None and not slot.isdigit():
+                _fail(f"--gpus: {slot!r} is not a GPU index", 2)
+
+        def celery(name: str, queues: list[str], pool: str, concurrency: int) -> list[str]:
+            return [
                 sys.executable,
                 "-m",
                 "celery",
@@ -213,9 +212,9 @@ def worker(
                 "worker.celery_app",
                 "worker",
                 "--pool",
-                "solo",
+                pool,
                 "--concurrency",
-                "1",
+                str(concurrency),
                 "--queues",
                 ",".join(queues),
                 "--hostname",
@@ -223,6 +222,21 @@ def worker(
                 "--loglevel",
                 loglevel,
             ]
+
+        children = []
+        for slot in slots:
+            env = dict(os.environ)
+            # a stage runs for hours: housekeeping messages must not wait behind one
+            queues, name = [settings.queue], "erpd-cpu"
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+                queues.append(f"{settings.queue}.{slot}")
+                name = f"erpd-gpu{slot}"
+            children.append(subprocess.Popen(celery(name, queues, "solo", 1), env=env))
+        if housekeeping:
+            # webhook deliveries wait on remote hosts: a few threads, no GPU
+            env = dict(os.environ) | {"CUDA_VISIBLE_DEVICES": ""}
+            argv = celery("erpd-housekeeping", [settings.housekeeping_queue], "threads", 4)
             children.append(subprocess.Popen(argv, env=env))
 
         def forward(signum: int, _frame: object) -> None:
@@ -253,8 +267,7 @@ def reaper(
 
         from server.db import read_session_factory, session_factory
         from server.queue import Broker
-        from server.services import requeue_stale
-        from server.services.outbox import publish_pending
+        from server.services.reaper import reap
 
         settings = get_settings()
         engine = _engine()
@@ -268,11 +281,8 @@ def reaper(
         err.print(f"reaper: every {every:g} s, heartbeat timeout {timeout}", highlight=False)
         while True:
             try:
-                with writes.begin() as session:
-                    reaped = requeue_stale(session, timeout=timeout)
-                for r in reaped:
+                for r in reap(writes, reads, broker, timeout=timeout):
                     err.print(f"reaper: run {r.run_id} -> {r.status}: {r.reason}", highlight=False)
-                publish_pending(writes, reads, broker)
             except OperationalError as exc:  # the store is away: try again next round
                 err.print(f"reaper: database unreachable ({type(exc.orig).__name__})")
             if once or stop.wait(every):

@@ -37,6 +37,11 @@ class _RunCreateBase(Request):
     notify_url: HttpUrl | None = Field(
         None, description="POSTed when the run ends; its host must be on the server's allow-list."
     )
+    base_run: uuid.UUID | None = Field(
+        None,
+        description="A stage2 run whose student is this run's starting policy (pi_k of a later "
+        "round); the run waits until it succeeds. None = the registered model.",
+    )
 
 
 class SampleRunCreate(_RunCreateBase):
@@ -107,6 +112,8 @@ class RunOut(BaseModel):
     model: uuid.UUID
     dataset: uuid.UUID
     batch_run: uuid.UUID | None
+    base_run: uuid.UUID | None
+    base_sha256: str | None = Field(description="Pinned when the base run succeeded.")
     teachers: list[TeacherOut]
     config: dict[str, Any]
     tags: list[str]
@@ -145,7 +152,9 @@ class PipelineOut(BaseModel):
     id: uuid.UUID
     name: str
     rounds: int
-    runs: list[uuid.UUID] = Field(description="Round 0: the sample run, the teachers, the student.")
+    runs: list[uuid.UUID] = Field(
+        description="Round by round: the sample run, the teachers, the student."
+    )
 
 
 class RegistryOut(BaseModel):

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from erpd import metrics as M
+from erpd.checkpoint import verify_checkpoint
 from erpd.config import (
     BaseTrainConfig,
     JsonlConfig,
@@ -40,7 +41,7 @@ from erpd.stage2 import run_stage2
 from erpd.trainer import StageEnv, StageResult
 from server.db import CheckpointRole, Dataset, Model, RegistryKind, Run, RunKind
 from server.services import complete_run, register_checkpoint
-from server.services.outbox import Publisher, publish_pending
+from server.services.outbox import Publisher
 from server.settings import Settings
 from worker.sinks import DbSink, retrying
 
@@ -64,6 +65,8 @@ class Inputs:
     dataset: Dataset
     batch_dir: Path | None
     teachers: list[tuple[Path, str | None]]
+    # a later round's pi_k: the previous student's checkpoint and its pinned sha256
+    base: tuple[Path, str | None] | None = None
 
 
 def run_dir(settings: Settings, run_id: uuid.UUID) -> Path:
@@ -128,6 +131,16 @@ def base_model(inputs: Inputs, pcfg: PipelineConfig, env: StageEnv, settings: Se
     return done.checkpoint
 
 
+def current_policy(inputs: Inputs, initial: Path) -> Path:
+    """pi_k: the registered (or built-in) model in round 0, the previous round's student after;
+    a student whose files no longer match the sha256 pinned when it succeeded fails the run."""
+    if inputs.base is None:
+        return initial
+    path, pinned = inputs.base
+    verify_checkpoint(path, pinned)
+    return path
+
+
 def fixed_batch(
     inputs: Inputs, base: Path, pcfg: PipelineConfig, env: StageEnv, own: Path
 ) -> RolloutBatch:
@@ -160,7 +173,8 @@ def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[st
     pcfg = pipeline_config(inputs, settings)
     env = make_env(pcfg, sink, sink.progress)
     env.should_stop = sink.should_stop
-    base = base_model(inputs, pcfg, env, settings)
+    initial = base_model(inputs, pcfg, env, settings)
+    base = current_policy(inputs, initial)
     here = run_dir(settings, run.id)
     batch = fixed_batch(inputs, base, pcfg, env, here / "batch")
     if run.kind is RunKind.SAMPLE:
@@ -176,7 +190,7 @@ def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[st
             env=env,
             run_dir=here,
             run=run.name,
-            initial=base,
+            initial=initial,
         )
     else:
         result = completed(here) or run_stage2(
@@ -188,13 +202,14 @@ def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[st
             env=env,
             run_dir=here,
             run=run.name,
-            initial=base,
+            initial=initial,
         )
     return None if result.status == "stopped" or result.checkpoint is None else result
 
 
 def finish(store: Store, inputs: Inputs, outcome: StageResult | dict[str, float]) -> None:
-    """Register the checkpoint and complete the run in one transaction, then publish dependents."""
+    """Register the checkpoint and complete the run in one transaction (the caller then
+    publishes the runs that waited for it)."""
     run = inputs.run
     summary = outcome if isinstance(outcome, dict) else outcome.summary
 
@@ -225,5 +240,3 @@ def finish(store: Store, inputs: Inputs, outcome: StageResult | dict[str, float]
             )
 
     retrying(write)
-    # the runs waiting for this one (students of a teacher, stages of a batch) can start now
-    publish_pending(store.writes, store.reads, store.broker)

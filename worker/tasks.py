@@ -20,9 +20,9 @@ from server.services import (
     claim_run,
     fail_run,
     get_run,
-    requeue_stale,
 )
 from server.services.outbox import publish_pending
+from server.services.reaper import reap
 from server.services.webhooks import NOTIFY_TASK, deliver, payload
 from worker.celery_app import app, settings
 from worker.runner import Inputs, Store, execute, finish, run_dir
@@ -52,7 +52,10 @@ def _inputs(session: Session, run: Run) -> Inputs:
         teacher = get_run(session, run_id=link.teacher_id)
         teachers.append((run_dir(settings, teacher.id) / "checkpoint", link.sha256))
     batch = None if run.batch_run_id is None else run_dir(settings, run.batch_run_id) / "batch"
-    return Inputs(run, model, dataset, batch, teachers)
+    base = None
+    if run.base_run_id is not None:
+        base = (run_dir(settings, run.base_run_id) / "checkpoint", run.base_sha256)
+    return Inputs(run, model, dataset, batch, teachers, base)
 
 
 @app.task(name=RUN_STAGE_TASK)
@@ -96,6 +99,12 @@ def run_stage(run_id: str) -> None:
         )
     finally:
         sink.stop()
+    # whatever this run's end unblocked or ended (its dependents, webhooks) goes out now; the
+    # reaper's reconcile catches anything a broker or database hiccup leaves here
+    try:
+        publish_pending(s.writes, s.reads, s.broker)
+    except Exception:
+        log.warning("run %s: publishing what it unblocked failed; the reaper will", run.id)
 
 
 def _record(change: Callable[[Session], object]) -> None:
@@ -110,14 +119,15 @@ def _record(change: Callable[[Session], object]) -> None:
 
 
 @app.task(name="erpd.reap")
-def reap() -> int:
-    """Requeue runs whose worker went silent, then publish every ready run without a message."""
+def reap_task() -> int:
+    """One reaper round as a task (for Celery beat); `erpd-hub reaper` runs the same loop."""
     s = store()
-    with s.writes.begin() as session:
-        reaped = requeue_stale(session, timeout=timedelta(seconds=settings.heartbeat_timeout_s))
+    reaped = reap(
+        s.writes, s.reads, s.broker, timeout=timedelta(seconds=settings.heartbeat_timeout_s)
+    )
     for r in reaped:
         log.warning("reaper: run %s -> %s (%s)", r.run_id, r.status, r.reason)
-    return publish_pending(s.writes, s.reads, s.broker) + len(reaped)
+    return len(reaped)
 
 
 @app.task(name=NOTIFY_TASK)

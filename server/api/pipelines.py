@@ -13,7 +13,7 @@ from server.api.deps import KeyDep, StateDep
 from server.api.runs import IdempotencyKey, actor, check_notify_url, resolve
 from server.api.submit import check_quota, create_and_publish
 from server.schemas import PipelineCreate, PipelineOut
-from server.services.pipelines import create_pipeline
+from server.services.pipelines import create_pipeline, runs_per_pipeline
 
 router = APIRouter(prefix="/pipelines", tags=["pipelines"])
 
@@ -39,7 +39,7 @@ def submit_pipeline(
     spec = body.model_dump(mode="json") | {"notify_url": notify}
 
     def create(session: Session) -> tuple[dict[str, Any], list[uuid.UUID]]:
-        check_quota(session, state, key, adding=len(body.teachers) + 2)
+        check_quota(session, state, key, adding=runs_per_pipeline(body.rounds, len(body.teachers)))
         model_id, dataset_id = resolve(session, key, model=body.model, dataset=body.dataset)
         pipeline, runs = create_pipeline(
             session,

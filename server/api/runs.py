@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
@@ -17,13 +16,14 @@ from server.api.errors import ApiError
 from server.api.submit import check_quota, create_and_publish, publish_ready
 from server.api.views import event_out, run_json, run_out
 from server.db import ApiKey, Model, RunKind, RunStatus
-from server.queue import BrokerUnavailableError
 from server.schemas import EventOut, RunCreate, RunOut, RunPage, RunPatch
 from server.services import (
+    InvalidInputError,
     NotFoundError,
     create_run,
     get_run,
     list_runs,
+    outbox,
     request_cancel,
     retry_run,
     run_events,
@@ -31,8 +31,6 @@ from server.services import (
 from server.services.registry import find, find_dataset
 from server.services.runs import TAG, set_name_and_tags
 from server.settings import Settings
-
-log = logging.getLogger("erpd.api")
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 IdempotencyKey = Annotated[
@@ -92,22 +90,29 @@ def submit_run(
         model_id, dataset_id = resolve(session, key, model=body.model, dataset=body.dataset)
         teachers = list(getattr(body, "teachers", ()))
         batch = getattr(body, "batch_run", None)
-        _owned_inputs(session, key, batch, teachers)  # before any check that could describe them
-        run = create_run(
-            session,
-            kind=RunKind(body.kind),
-            model_id=model_id,
-            dataset_id=dataset_id,
-            config=body.config.model_dump(mode="json"),
-            name=body.name,
-            owner_id=key.id,
-            teacher_ids=teachers,
-            batch_run_id=batch,
-            notify_url=notify,
-            tags=body.tags,
-            max_attempts=body.max_attempts,
-            actor=actor(key),
-        )
+        # before any check that could describe another key's runs
+        _owned_inputs(session, key, teachers, batch_run=batch, base_run=body.base_run)
+        try:
+            run = create_run(
+                session,
+                kind=RunKind(body.kind),
+                model_id=model_id,
+                dataset_id=dataset_id,
+                config=body.config.model_dump(mode="json"),
+                name=body.name,
+                owner_id=key.id,
+                teacher_ids=teachers,
+                batch_run_id=batch,
+                base_run_id=body.base_run,
+                notify_url=notify,
+                tags=body.tags,
+                max_attempts=body.max_attempts,
+                actor=actor(key),
+            )
+        except InvalidInputError as exc:
+            field = _api_field(exc.field)
+            message = f"{field}: {str(exc).removeprefix(f'{exc.field}: ')}"
+            raise ApiError(422, "invalid", message, field) from exc
         return run_json(run), [run.id]
 
     payload = body.model_dump(mode="json")
@@ -117,22 +122,28 @@ def submit_run(
 
 
 def _owned_inputs(
-    session: Session, key: ApiKey, batch: uuid.UUID | None, teachers: list[uuid.UUID]
+    session: Session,
+    key: ApiKey,
+    teachers: list[uuid.UUID],
+    **runs: uuid.UUID | None,
 ) -> None:
-    """Teachers and batch runs must be the caller's own (another key's run is not found)."""
-    for i, teacher in enumerate(teachers):
+    """Teacher, batch and base runs must be the caller's own (another key's run is not found)."""
+    named = [(f"teachers.{i}", t) for i, t in enumerate(teachers)]
+    named += [(field, run) for field, run in runs.items() if run is not None]
+    for field, run_id in named:
         try:
-            get_run(session, run_id=teacher, owner_id=key.id)
+            get_run(session, run_id=run_id, owner_id=key.id)
         except NotFoundError as exc:
-            field = f"teachers.{i}"
-            raise ApiError(422, "invalid", f"{field}: run {teacher} not found", field) from exc
-    if batch is not None:
-        try:
-            get_run(session, run_id=batch, owner_id=key.id)
-        except Exception as exc:
-            raise ApiError(
-                422, "invalid", f"batch_run: run {batch} not found", "batch_run"
-            ) from exc
+            raise ApiError(422, "invalid", f"{field}: run {run_id} not found", field) from exc
+
+
+# the service layer names ids, the API names the runs: report the field the client sent
+_FIELDS = {"teacher_ids": "teachers", "batch_run_id": "batch_run", "base_run_id": "base_run"}
+
+
+def _api_field(field: str) -> str:
+    head, dot, rest = field.partition(".")
+    return _FIELDS.get(head, head) + dot + rest
 
 
 @router.get("", response_model=RunPage, summary="List your runs, newest first")
@@ -180,11 +191,8 @@ def cancel(run_id: uuid.UUID, state: StateDep, key: KeyDep) -> RunOut:
         get_run(session, run_id=run_id, owner_id=key.id)
         run = request_cancel(session, run_id=run_id, actor=actor(key))
         out = run_out(run)
-    if run.status is RunStatus.CANCELLED and run.notify_url:
-        try:
-            state.broker.notify(run.id)
-        except BrokerUnavailableError:
-            log.warning("run %s: webhook not queued (broker unreachable)", run.id)
+    if run.status is RunStatus.CANCELLED:  # its webhook, and those of runs that waited on it
+        outbox.publish_notifications(state.writes, state.reads, state.broker)
     return out
 
 

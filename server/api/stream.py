@@ -10,6 +10,7 @@ indexed reads in a read-only session, so a slow client never holds a lock.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -17,12 +18,14 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.api.deps import KeyDep, ReadSession, StateDep
 from server.db import FINISHED, ApiKey, MetricPoint, Run
 
 router = APIRouter(tags=["metrics"])
+log = logging.getLogger("erpd.api")
 MAX_POINTS_PER_EVENT = 5_000
 
 
@@ -71,17 +74,32 @@ async def stream(
                 .order_by(MetricPoint.step, MetricPoint.name)
                 .limit(MAX_POINTS_PER_EVENT * 4)
             ).all()
-            points = []
+            points: list[dict[str, Any]] = []
             for name, step, value in rows:
+                if len(points) == MAX_POINTS_PER_EVENT:
+                    break  # the rest is sent by the next poll: `last` has not moved past it
                 if step > last.get(name, since_step):
                     points.append({"name": name, "step": step, "value": value})
                     last[name] = step
-            return _status(run), points[:MAX_POINTS_PER_EVENT]
+            return _status(run), points
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         sent_status: dict[str, Any] | None = None
+        outage = 0
         while True:
-            polled = await anyio.to_thread.run_sync(poll)
+            try:
+                polled = await anyio.to_thread.run_sync(poll)
+            except OperationalError as exc:
+                # the store is away (a restart, a failover): keep the client's stream open (the
+                # pings go on) and poll again, backing off; nothing is skipped meanwhile
+                outage += 1
+                if outage == 1:
+                    log.warning("run %s stream: store unreachable (%s)", run_id, exc.orig)
+                if await request.is_disconnected():
+                    return
+                await anyio.sleep(min(5.0, state.settings.stream_poll_s * 2**outage))
+                continue
+            outage = 0
             if polled is None:
                 yield ServerSentEvent("{}", event="end")
                 return

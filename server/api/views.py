@@ -21,6 +21,8 @@ def run_out(run: Run) -> RunOut:
         model=run.model_id,
         dataset=run.dataset_id,
         batch_run=run.batch_run_id,
+        base_run=run.base_run_id,
+        base_sha256=run.base_sha256,
         teachers=[TeacherOut(run=t.teacher_id, sha256=t.sha256) for t in run.teachers],
         config=run.config,
         tags=run.tags,

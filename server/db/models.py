@@ -210,10 +210,18 @@ class Run(Base):
     batch_run_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("runs.id", ondelete="CASCADE"), index=True
     )
+    # pi_k of a later round: the previous round's stage-2 run (null = the registered model); its
+    # student checkpoint's sha256 is pinned here when it succeeds, and the run waits until then
+    base_run_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    base_sha256: Mapped[str | None] = mapped_column(String(64))
     # outbox: set once the run's message is on the broker; a queued, ready run without it is
     # republished by the reconciler (so a broker hiccup after the commit loses nothing)
     enqueued_at: Mapped[datetime | None]
     notify_url: Mapped[str | None] = mapped_column(String(2048))
+    # the webhook's outbox: set once its `notify` message is on the broker
+    notify_enqueued_at: Mapped[datetime | None]
 
     worker: Mapped[str | None] = mapped_column(String(255))
     device: Mapped[str | None] = mapped_column(String(64))

@@ -1,9 +1,12 @@
-"""The outbox: which queued runs still need a message on the broker.
+"""The outbox: which queued runs still need a message on the broker, and which finished runs
+still need their webhook queued.
 
 A run's message is published after the commit that created it, so a crash or a broker hiccup in
 between can leave a queued run without one. `enqueued_at` records a successful publish; the
 reconciler republishes every queued, ready run that lacks it. Workers claim runs in the database,
-so a run published twice still runs once.
+so a run published twice still runs once. Webhooks work the same way with `notify_enqueued_at`:
+whoever ends a run (worker, API, a failing input's cascade) leaves the flag unset, and the next
+reconcile queues the `notify` message (at least once: a receiver may see a repeat after a crash).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Protocol
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db import Run, RunStatus, utcnow
+from server.db import FINISHED, Run, RunStatus, utcnow
 from server.services.transitions import inputs_ready
 
 log = logging.getLogger("erpd.outbox")
@@ -59,6 +62,8 @@ def is_ready(session: Session, *, run_id: uuid.UUID) -> bool:
 class Publisher(Protocol):
     def publish(self, run_id: uuid.UUID) -> None: ...
 
+    def notify(self, run_id: uuid.UUID) -> None: ...
+
 
 def publish_ready(
     writes: sessionmaker[Session],
@@ -86,7 +91,14 @@ def publish_pending(
     writes: sessionmaker[Session], reads: sessionmaker[Session], broker: Publisher
 ) -> int:
     """The reconciler: publish every queued, ready run that has no message yet (its publish
-    failed after the commit, the reaper requeued it, or its inputs just finished)."""
+    failed after the commit, the reaper requeued it, or its inputs just finished), then queue the
+    webhooks of finished runs. Returns how many messages went out."""
+    return _publish_runs(writes, reads, broker) + publish_notifications(writes, reads, broker)
+
+
+def _publish_runs(
+    writes: sessionmaker[Session], reads: sessionmaker[Session], broker: Publisher
+) -> int:
     sent = 0
     while True:
         with reads() as session:
@@ -98,4 +110,48 @@ def publish_pending(
             left = set(pending_publication(session, limit=100))
         sent += len(set(pending) - left)
         if left & set(pending):  # the broker refused some: the next round tries again
+            return sent
+
+
+def pending_notifications(session: Session, *, limit: int = 100) -> list[uuid.UUID]:
+    """Finished runs with a webhook whose `notify` message is not on the broker yet."""
+    return list(
+        session.scalars(
+            select(Run.id)
+            .where(
+                Run.status.in_(FINISHED),
+                Run.notify_url.is_not(None),
+                Run.notify_enqueued_at.is_(None),
+            )
+            .order_by(Run.finished_at)
+            .limit(limit)
+        )
+    )
+
+
+def publish_notifications(
+    writes: sessionmaker[Session], reads: sessionmaker[Session], broker: Publisher
+) -> int:
+    sent = 0
+    while True:
+        with reads() as session:
+            pending = pending_notifications(session, limit=100)
+        done = []
+        for run_id in pending:
+            try:
+                broker.notify(run_id)
+            except Exception:
+                log.warning("queuing the webhook of run %s failed; the outbox will retry", run_id)
+                break
+            done.append(run_id)
+        if done:
+            with writes.begin() as session:
+                session.execute(
+                    update(Run)
+                    .where(Run.id.in_(done), Run.notify_enqueued_at.is_(None))
+                    .values(notify_enqueued_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+        sent += len(done)
+        if len(done) < 100:
             return sent

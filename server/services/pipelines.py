@@ -1,6 +1,7 @@
 """An ERPD pipeline as runs: per round, one `sample` run (the fixed batch), one stage-1 run per
-teacher on that batch, and one stage-2 run distilling them. Round 0 is created at once; later
-rounds start from the previous round's student and are created as rounds finish (the worker)."""
+teacher on that batch, and one stage-2 run distilling them. Every round is created at once, so the
+whole plan is visible (and counted against the quota) from the start; round k+1's runs name round
+k's student as their base and wait until it succeeds and is pinned, or fail when it fails."""
 
 from __future__ import annotations
 
@@ -40,37 +41,50 @@ def create_pipeline(
     session.add(pipeline)
     session.flush()
     common = {"task": spec["task"], "sample": spec["sample"], "runtime": spec["runtime"]}
-    shared: dict[str, Any] = {
-        "model_id": model_id,
-        "dataset_id": dataset_id,
-        "owner_id": owner_id,
-        "pipeline_id": pipeline.id,
-        "round": 0,
-        "tags": spec["tags"],
-        "actor": actor,
-    }
-    batch = create_run(
-        session, kind=RunKind.SAMPLE, name=f"{name}/r0/sample", config=common, **shared
-    )
-    teachers = [
-        create_run(
+    runs: list[Run] = []
+    base: Run | None = None
+    for k in range(spec["rounds"]):
+        shared: dict[str, Any] = {
+            "model_id": model_id,
+            "dataset_id": dataset_id,
+            "owner_id": owner_id,
+            "pipeline_id": pipeline.id,
+            "round": k,
+            "base_run_id": None if base is None else base.id,
+            "tags": spec["tags"],
+            "actor": actor,
+        }
+        batch = create_run(
+            session, kind=RunKind.SAMPLE, name=f"{name}/r{k}/sample", config=common, **shared
+        )
+        teachers = [
+            create_run(
+                session,
+                kind=RunKind.STAGE1,
+                name=f"{name}/r{k}/teacher-{i}-{teacher['objective']}",
+                config={**common, "stage": teacher, "eval": spec["eval"]},
+                batch_run_id=batch.id,
+                **shared,
+            )
+            for i, teacher in enumerate(spec["teachers"])
+        ]
+        last = k + 1 == spec["rounds"]
+        base = create_run(
             session,
-            kind=RunKind.STAGE1,
-            name=f"{name}/r0/teacher-{i}-{teacher['objective']}",
-            config={**common, "stage": teacher, "eval": spec["eval"]},
+            kind=RunKind.STAGE2,
+            name=f"{name}/r{k}/student",
+            config={**common, "stage": spec["stage2"], "eval": spec["eval"]},
             batch_run_id=batch.id,
+            teacher_ids=[t.id for t in teachers],
+            # the pipeline's webhook fires once, when its last student ends (any earlier failure
+            # reaches it through the dependency chain)
+            notify_url=spec.get("notify_url") if last else None,
             **shared,
         )
-        for i, teacher in enumerate(spec["teachers"])
-    ]
-    student = create_run(
-        session,
-        kind=RunKind.STAGE2,
-        name=f"{name}/r0/student",
-        config={**common, "stage": spec["stage2"], "eval": spec["eval"]},
-        batch_run_id=batch.id,
-        teacher_ids=[t.id for t in teachers],
-        notify_url=spec.get("notify_url"),
-        **shared,
-    )
-    return pipeline, [batch, *teachers, student]
+        runs += [batch, *teachers, base]
+    return pipeline, runs
+
+
+def runs_per_pipeline(rounds: int, teachers: int) -> int:
+    """What a pipeline adds to its owner's queued runs (the quota counts them all at once)."""
+    return rounds * (teachers + 2)

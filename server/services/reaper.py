@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import EventKind, Run, RunStatus, utcnow
+from server.services.outbox import Publisher, publish_pending
 from server.services.runs import add_event
 from server.services.transitions import end_run
 
@@ -89,4 +90,19 @@ def requeue_stale(
             )
         reaped.append(Reaped(run.id, run.status, reason))
     session.flush()
+    return reaped
+
+
+def reap(
+    writes: sessionmaker[Session],
+    reads: sessionmaker[Session],
+    broker: Publisher,
+    *,
+    timeout: timedelta,
+) -> list[Reaped]:
+    """One round of the reaper (`erpd-hub reaper`, or the `erpd.reap` task): requeue or fail
+    the silent runs, then publish what the outbox holds (runs and webhooks)."""
+    with writes.begin() as session:
+        reaped = requeue_stale(session, timeout=timeout)
+    publish_pending(writes, reads, broker)
     return reaped

@@ -171,20 +171,53 @@ def _check_batch(
         raise InvalidInputError("batch_run_id", f"run {batch_run_id} has another model or dataset")
 
 
-def latest_teacher_checkpoint(session: Session, *, run_id: uuid.UUID) -> Checkpoint | None:
+def latest_checkpoint(
+    session: Session, *, run_id: uuid.UUID, role: CheckpointRole
+) -> Checkpoint | None:
     return session.scalars(
         select(Checkpoint)
-        .where(Checkpoint.run_id == run_id, Checkpoint.role == CheckpointRole.TEACHER)
+        .where(Checkpoint.run_id == run_id, Checkpoint.role == role)
         .order_by(Checkpoint.step.desc())
         .limit(1)
     ).one_or_none()
+
+
+def _check_base(
+    session: Session,
+    base_run_id: uuid.UUID,
+    *,
+    model_id: uuid.UUID,
+    dataset_id: uuid.UUID,
+) -> str | None:
+    """A later round's pi_k is an earlier stage-2 run's student; returns its sha256 when that
+    run has already succeeded (else the run waits and complete_run pins it)."""
+    base = session.scalars(
+        select(Run)
+        .where(Run.id == base_run_id)
+        .with_for_update(read=True)  # as for teachers: a concurrent failure is seen, not missed
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if base is None:
+        raise InvalidInputError("base_run_id", f"run {base_run_id} not found")
+    if base.kind is not RunKind.STAGE2:
+        raise InvalidInputError(
+            "base_run_id", f"run {base_run_id} is a {base.kind} run, not stage2 (a student)"
+        )
+    if base.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+        raise InvalidInputError("base_run_id", f"run {base_run_id} is {base.status}")
+    if base.model_id != model_id or base.dataset_id != dataset_id:
+        raise InvalidInputError("base_run_id", f"run {base_run_id} has another model or dataset")
+    if base.status is not RunStatus.SUCCEEDED:
+        return None
+    ckpt = latest_checkpoint(session, run_id=base.id, role=CheckpointRole.STUDENT)
+    return None if ckpt is None else ckpt.sha256
 
 
 def _link(session: Session, teacher: Run, *, position: int) -> RunTeacher:
     """A teacher link, pinned at once when the teacher has already succeeded."""
     link = RunTeacher(teacher_id=teacher.id, position=position)
     if teacher.status is RunStatus.SUCCEEDED:
-        ckpt = latest_teacher_checkpoint(session, run_id=teacher.id)
+        ckpt = latest_checkpoint(session, run_id=teacher.id, role=CheckpointRole.TEACHER)
         if ckpt is not None:
             link.checkpoint_id, link.sha256 = ckpt.id, ckpt.sha256
     return link
@@ -203,6 +236,7 @@ def create_run(
     round: int = 0,
     teacher_ids: Sequence[uuid.UUID] = (),
     batch_run_id: uuid.UUID | None = None,
+    base_run_id: uuid.UUID | None = None,
     notify_url: str | None = None,
     tags: Iterable[str] = (),
     max_attempts: int = 3,
@@ -211,8 +245,9 @@ def create_run(
     actor: str = "system",
     now: datetime | None = None,
 ) -> Run:
-    """A queued run with its validated config. A stage2 run waits until every teacher has
-    succeeded (claim_run refuses it before); it fails if one of them fails."""
+    """A queued run with its validated config. A run waits until its inputs exist (claim_run
+    refuses it before): every teacher of a stage2 run, its batch run, its base run; it fails if
+    one of them fails."""
     now = now or utcnow()
     kind = RunKind(kind)
     normalised = validate_run_config(kind, config)
@@ -234,7 +269,12 @@ def create_run(
     )
     if batch_run_id is not None:
         _check_batch(session, batch_run_id, kind=kind, model_id=model_id, dataset_id=dataset_id)
+    base_sha256 = None
+    if base_run_id is not None:
+        base_sha256 = _check_base(session, base_run_id, model_id=model_id, dataset_id=dataset_id)
     run = Run(
+        base_run_id=base_run_id,
+        base_sha256=base_sha256,
         id=uuid.uuid4(),
         batch_run_id=batch_run_id,
         notify_url=notify_url,

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, aliased
 from erpd import metrics as M
 from server.db import (
     FINISHED,
+    CheckpointRole,
     EventKind,
     Run,
     RunKind,
@@ -27,7 +28,7 @@ from server.db import (
     utcnow,
 )
 from server.services.errors import IllegalTransitionError, InvalidInputError, StaleAttemptError
-from server.services.runs import add_event, get_run, latest_teacher_checkpoint
+from server.services.runs import add_event, get_run, latest_checkpoint
 
 # Summary metrics copied to their own columns (sortable, comparable across runs).
 SUMMARY_COLUMNS = {
@@ -47,7 +48,8 @@ def running_attempt(session: Session, *, run_id: uuid.UUID, attempt: int, action
 
 
 def inputs_ready() -> ColumnElement[bool]:
-    """A run's inputs exist: every teacher pinned (stage 2) and its batch run succeeded."""
+    """A run's inputs exist: every teacher pinned (stage 2), its batch run succeeded and its
+    base (a previous round's student) pinned."""
     batch = aliased(Run)
     teachers_pinned = not_(
         exists().where(RunTeacher.student_id == Run.id, RunTeacher.sha256.is_(None))
@@ -56,7 +58,8 @@ def inputs_ready() -> ColumnElement[bool]:
         Run.batch_run_id.is_(None),
         exists().where(batch.id == Run.batch_run_id, batch.status == RunStatus.SUCCEEDED),
     )
-    return and_(teachers_pinned, batch_done)
+    base_pinned = or_(Run.base_run_id.is_(None), Run.base_sha256.is_not(None))
+    return and_(teachers_pinned, batch_done, base_pinned)
 
 
 def claim_run(
@@ -162,12 +165,15 @@ def complete_run(
     now: datetime | None = None,
 ) -> Run:
     """running -> succeeded. A stage-1 run must have registered its teacher checkpoint: its
-    sha256 is pinned on every stage-2 run waiting for this teacher."""
+    sha256 is pinned on every stage-2 run waiting for this teacher. Likewise a stage-2 run's
+    student is pinned on the runs of the next round, whose base it is."""
     now = now or utcnow()
     run = running_attempt(session, run_id=run_id, attempt=attempt, action="complete")
     clean = _clean_summary(summary)
     if run.kind is RunKind.STAGE1:
         _pin_teacher(session, run)
+    elif run.kind is RunKind.STAGE2:
+        _pin_base(session, run)
     run.status = RunStatus.SUCCEEDED
     run.finished_at = now
     run.summary = clean
@@ -181,13 +187,25 @@ def complete_run(
 
 
 def _pin_teacher(session: Session, run: Run) -> None:
-    ckpt = latest_teacher_checkpoint(session, run_id=run.id)
+    ckpt = latest_checkpoint(session, run_id=run.id, role=CheckpointRole.TEACHER)
     if ckpt is None:
         raise IllegalTransitionError(run.id, run.status, "complete without a teacher checkpoint")
     session.execute(
         update(RunTeacher)
         .where(RunTeacher.teacher_id == run.id, RunTeacher.sha256.is_(None))
         .values(checkpoint_id=ckpt.id, sha256=ckpt.sha256)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def _pin_base(session: Session, run: Run) -> None:
+    ckpt = latest_checkpoint(session, run_id=run.id, role=CheckpointRole.STUDENT)
+    if ckpt is None:
+        raise IllegalTransitionError(run.id, run.status, "complete without a student checkpoint")
+    session.execute(
+        update(Run)
+        .where(Run.base_run_id == run.id, Run.base_sha256.is_(None))
+        .values(base_sha256=ckpt.sha256)
         .execution_options(synchronize_session="fetch")
     )
 
@@ -242,35 +260,36 @@ def end_run(
     if status is RunStatus.FAILED:
         run.error = reason
     add_event(session, run, event=event, from_status=before, actor=actor, reason=reason, now=now)
-    _fail_waiting_students(session, teacher=run, now=now)
+    _fail_dependents(session, source=run, now=now)
     session.flush()
 
 
-def _fail_waiting_students(session: Session, *, teacher: Run, now: datetime) -> None:
+def _fail_dependents(session: Session, *, source: Run, now: datetime) -> None:
     """A run can never start once one of its inputs failed or was cancelled: a stage-2 run
-    whose teacher did, or a stage run whose batch (`sample` run) did."""
-    if teacher.status is RunStatus.SUCCEEDED or teacher.kind is RunKind.STAGE2:
+    whose teacher did, a stage run whose batch (`sample` run) did, a later round's run whose
+    base (the previous student) did. Their own dependents follow, round after round."""
+    if source.status is RunStatus.SUCCEEDED:
         return
-    depends = (
-        Run.id.in_(select(RunTeacher.student_id).where(RunTeacher.teacher_id == teacher.id))
-        if teacher.kind is RunKind.STAGE1
-        else Run.batch_run_id == teacher.id
+    depends = or_(
+        Run.id.in_(select(RunTeacher.student_id).where(RunTeacher.teacher_id == source.id)),
+        Run.batch_run_id == source.id,
+        Run.base_run_id == source.id,
     )
-    students = session.scalars(
+    dependents = session.scalars(
         select(Run)
         .where(depends, Run.status == RunStatus.QUEUED)
         .order_by(Run.id)  # one lock order: two inputs failing at once cannot deadlock
         .with_for_update()
         .execution_options(populate_existing=True)
     ).all()
-    role = "teacher" if teacher.kind is RunKind.STAGE1 else "batch"
-    reason = f"{role} run {teacher.id} {teacher.status}"
-    if teacher.error:
-        reason += f": {teacher.error}"
-    for student in students:
+    role = {RunKind.STAGE1: "teacher", RunKind.SAMPLE: "batch", RunKind.STAGE2: "base"}
+    reason = f"{role[source.kind]} run {source.id} {source.status}"
+    if source.error:
+        reason += f": {source.error}"
+    for dependent in dependents:
         end_run(
             session,
-            student,
+            dependent,
             RunStatus.FAILED,
             EventKind.FAILED,
             actor="system",
@@ -334,13 +353,17 @@ def retry_run(
         raise IllegalTransitionError(run.id, run.status, "retry")
     if attempts < 1:
         raise InvalidInputError("attempts", "must be at least 1")
-    for link in run.teachers:
-        teacher = get_run(session, run_id=link.teacher_id, lock=True)
-        if teacher.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+    inputs: list[tuple[str, uuid.UUID | None]] = [("teacher", t.teacher_id) for t in run.teachers]
+    inputs += [("batch", run.batch_run_id), ("base", run.base_run_id)]
+    for role, input_id in inputs:
+        if input_id is None:
+            continue
+        source = get_run(session, run_id=input_id, lock=True)
+        if source.status in (RunStatus.FAILED, RunStatus.CANCELLED):
             raise IllegalTransitionError(
                 run.id,
                 run.status,
-                f"retry: teacher {teacher.id} is {teacher.status}, retry it first",
+                f"retry: {role} run {source.id} is {source.status}, retry it first",
             )
     before = run.status
     run.status = RunStatus.QUEUED
@@ -350,6 +373,7 @@ def retry_run(
     run.finished_at = None
     run.heartbeat_at = None
     run.enqueued_at = None  # the outbox publishes the new attempt
+    run.notify_enqueued_at = None  # and its end gets a webhook of its own
     run.progress_step = run.progress_total = None
     add_event(session, run, event=EventKind.RETRIED, from_status=before, actor=actor, now=now)
     session.flush()

@@ -36,9 +36,9 @@ BACKENDS = ["sqlite", "postgres"]
 class Databases:
     """Creates empty databases on demand and drops them at the end of the session."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    def __init__(self, tmp: Path, server_url: str = POSTGRES_URL) -> None:
+        self.tmp, self.server_url = tmp, server_url
+        self.admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
         self.created: list[str] = []
 
     def new_url(self, backend: str) -> str:
@@ -48,7 +48,7 @@ class Databases:
         with self.admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         self.created.append(name)
-        return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        return make_url(self.server_url).set(database=name).render_as_string(hide_password=False)
 
     def drop_all(self) -> None:
         with self.admin.connect() as conn:

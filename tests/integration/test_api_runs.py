@@ -67,6 +67,29 @@ def test_another_keys_runs_are_not_found(api: Api) -> None:
     assert api.get("/runs", key=api.bob).json() == {"items": [], "next": None}
     stolen = api.post("/runs", key=api.bob, json={"kind": "stage2", "teachers": [run["id"]]})
     assert stolen.status_code == 422 and error(stolen)["field"] == "teachers.0"
+    stolen = api.post("/runs", key=api.bob, json=STAGE1 | {"base_run": run["id"]})
+    assert stolen.status_code == 422 and error(stolen)["field"] == "base_run"
+
+
+def test_a_base_run_must_be_a_student_and_errors_name_the_api_field(api: Api) -> None:
+    teacher = api.post("/runs", json=STAGE1).json()
+    refused = api.post("/runs", json=STAGE1 | {"base_run": teacher["id"]})
+    assert refused.status_code == 422
+    assert error(refused)["field"] == "base_run"
+    assert error(refused)["message"].startswith("base_run: ") and "not stage2" in str(
+        error(refused)["message"]
+    )
+    sample = api.post("/runs", json={"kind": "sample"}).json()
+    refused = api.post("/runs", json=STAGE1 | {"batch_run": teacher["id"]})
+    assert error(refused)["field"] == "batch_run"
+    student = api.post(
+        "/runs", json={"kind": "stage2", "teachers": [teacher["id"]], "batch_run": sample["id"]}
+    ).json()
+    later = api.post("/runs", json={"kind": "sample", "base_run": student["id"]})
+    assert later.status_code == 201, later.text
+    assert later.json()["base_run"] == student["id"] and later.json()["base_sha256"] is None
+    # it waits for its base: nothing published for it yet
+    assert [args for _, args in api.published()] == [[teacher["id"]], [sample["id"]]]
 
 
 def test_bad_input_is_a_422_naming_the_field_and_creates_nothing(api: Api) -> None:

@@ -112,3 +112,22 @@ def test_a_stream_ends_when_its_key_is_revoked(live: Live) -> None:
             assert key is not None
             revoke_api_key(s, key_id=key.id)
         assert list(events) == [("end", {})]
+
+
+def test_a_backlog_larger_than_one_event_arrives_whole(live: Live) -> None:
+    """A client joining a long run gets every point, in events of at most 5,000."""
+    from server.api.stream import MAX_POINTS_PER_EVENT
+
+    run_id = uuid.UUID(live.http.post("/runs", json={"kind": "sample"}).json()["id"])
+    factory = session_factory(make_engine(live.settings.db_url))
+    steps = range(MAX_POINTS_PER_EVENT)  # two series: twice the largest event
+    with factory.begin() as s:
+        claim_run(s, run_id=run_id, worker="w", device="cpu")
+        points = [Point(i, name, float(i), 0.0) for i in steps for name in (M.LOSS, M.KL_K3)]
+        record_metrics(s, run_id=run_id, points=points)
+        complete_run(s, run_id=run_id, attempt=1, summary={}, actor="w")
+    with live.http.stream("GET", f"/runs/{run_id}/stream") as response:
+        got = [body["points"] for kind, body in sse_events(response) if kind == "metrics"]
+    assert all(len(event) <= MAX_POINTS_PER_EVENT for event in got) and len(got) >= 2
+    seen = sorted((p["name"], p["step"]) for event in got for p in event)
+    assert seen == sorted((name, i) for i in steps for name in (M.LOSS, M.KL_K3))

@@ -164,6 +164,9 @@ def test_upgrades_keep_existing_rows(databases: Databases, backend) -> None:
     kept = dict.fromkeys(("models", "datasets", "runs", "run_events", "metric_points"), 1)
     migrate.upgrade(engine)
     assert counts() == kept
+    if backend == "sqlite":  # the connection the migration used is back in the pool, as it was
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
     migrate.downgrade(engine, "0001")
     assert counts() == kept
     engine.dispose()

@@ -365,3 +365,86 @@ def test_deleting_a_pipeline_deletes_its_runs_and_their_rows(factory, builtins) 
     with factory() as s:
         assert s.scalars(select(Run)).all() == []
         assert s.scalars(select(RunEvent)).all() == []
+
+
+def finish_student(factory: sessionmaker[Session], run_id: uuid.UUID, sha: str) -> None:
+    run = claim(factory, run_id)
+    assert run is not None
+    with factory.begin() as s:
+        register_checkpoint(
+            s,
+            run_id=run_id,
+            attempt=run.attempt,
+            role=CheckpointRole.STUDENT,
+            step=8,
+            key=f"runs/{run_id.hex}/checkpoint",
+            size=123,
+            sha256=sha,
+            manifest={"step": 8},
+        )
+        complete_run(s, run_id=run_id, attempt=run.attempt, summary=SUMMARY, actor="worker:w1")
+
+
+def two_round_pipeline(factory: sessionmaker[Session], ids: Ids) -> list[Run]:
+    from server.schemas import PipelineCreate
+    from server.services.pipelines import create_pipeline
+
+    spec = PipelineCreate(rounds=2).model_dump(mode="json")  # one teacher per round
+    with factory.begin() as s:
+        _, runs = create_pipeline(
+            s, spec=spec, model_id=ids[0], dataset_id=ids[1], owner_id=None, actor="test"
+        )
+    return runs
+
+
+def test_round_two_starts_from_round_one_s_student_pinned_by_sha256(factory, builtins) -> None:
+    from server.services.outbox import pending_publication
+
+    sample0, teacher0, student0, sample1, teacher1, student1 = two_round_pipeline(factory, builtins)
+    assert [r.round for r in (sample0, student0, sample1, student1)] == [0, 0, 1, 1]
+    assert {sample1.base_run_id, teacher1.base_run_id, student1.base_run_id} == {student0.id}
+    assert sample0.base_run_id is None and teacher1.batch_run_id == sample1.id
+    with factory() as s:
+        assert pending_publication(s) == [sample0.id]
+    assert claim(factory, sample1.id) is None  # its base is not trained yet
+    finish_teacher(factory, sample0.id)  # (a sample run registers no checkpoint: harmless here)
+    finish_teacher(factory, teacher0.id, sha="1" * 64)
+    finish_student(factory, student0.id, sha="2" * 64)
+    with factory() as s:
+        bases = {get_run(s, run_id=r.id).base_sha256 for r in (sample1, teacher1, student1)}
+        assert bases == {"2" * 64}
+        assert pending_publication(s) == [sample1.id]  # the next round starts with its batch
+    assert claim(factory, sample1.id) is not None
+
+
+def test_a_failed_student_fails_every_later_round(factory, builtins) -> None:
+    sample0, teacher0, student0, *round1 = two_round_pipeline(factory, builtins)
+    finish_teacher(factory, sample0.id)
+    finish_teacher(factory, teacher0.id)
+    claim(factory, student0.id)
+    with factory.begin() as s:
+        fail_run(s, run_id=student0.id, attempt=1, reason="disk full", actor="worker:w1")
+    with factory() as s:
+        later = [get_run(s, run_id=r.id) for r in round1]
+    assert [r.status for r in later] == [RunStatus.FAILED] * 3
+    assert all(r.error is not None and "disk full" in r.error for r in later)
+    assert f"base run {student0.id} failed" in str(later[0].error)
+    refused = pytest.raises(IllegalTransitionError, match=f"base run {student0.id} is failed")
+    with refused, factory.begin() as s:
+        retry_run(s, run_id=round1[0].id, actor="api:k")
+
+
+def test_a_base_run_must_be_a_student_of_the_same_model(factory, builtins) -> None:
+    with factory.begin() as s:
+        teacher = new_run(s, builtins)
+    with pytest.raises(InvalidInputError, match="not stage2") as err, factory.begin() as s:
+        new_run(s, builtins, kind=RunKind.SAMPLE, base_run_id=teacher.id)
+    assert err.value.field == "base_run_id"
+    with pytest.raises(InvalidInputError, match="not found"), factory.begin() as s:
+        new_run(s, builtins, base_run_id=uuid.uuid4())
+    with factory.begin() as s:
+        student = new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher.id])
+    finish_teacher(factory, teacher.id)
+    finish_student(factory, student.id, sha="3" * 64)
+    with factory.begin() as s:  # created after its base succeeded: pinned at once
+        assert new_run(s, builtins, base_run_id=student.id).base_sha256 == "3" * 64

@@ -20,12 +20,15 @@ class Receiver:
 
     def __init__(self, statuses: list[int]) -> None:
         self.statuses, self.bodies = list(statuses), []
+        self.arrived = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers["Content-Length"])
-                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                with receiver.arrived:
+                    receiver.bodies.append(json.loads(self.rfile.read(length)))
+                    receiver.arrived.notify_all()
                 self.send_response(receiver.statuses.pop(0) if receiver.statuses else 200)
                 self.end_headers()
 
@@ -36,6 +39,13 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def wait_for(self, count: int, timeout: float = 120) -> list[dict]:
+        """The first `count` bodies, once that many have arrived."""
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: len(self.bodies) >= count, timeout):
+                raise AssertionError(f"{len(self.bodies)} of {count} webhooks arrived")
+            return list(self.bodies[:count])
 
     def close(self) -> None:
         self.server.shutdown()
@@ -82,5 +92,26 @@ def test_notify_url_must_be_allowed_and_cancel_queues_the_webhook(
         api.post(f"/runs/{run.json()['id']}/cancel")
         queue = api.settings.housekeeping_queue
         assert api.published(queue) == [(NOTIFY_TASK, [run.json()["id"]])]
+    finally:
+        next(apis, None)
+
+
+def test_a_cancelled_input_fails_the_whole_pipeline_and_queues_its_one_webhook(
+    databases: Databases, tmp_path: Path
+) -> None:
+    apis = make_api(databases, tmp_path, webhook_hosts=["127.0.0.1"])
+    api: Api = next(apis)
+    try:
+        made = api.post("/pipelines", json={"rounds": 2, "notify_url": "http://127.0.0.1:9/h"})
+        assert made.status_code == 201, made.text
+        runs = made.json()["runs"]
+        assert len(runs) == 2 * 3  # sample, one teacher, student per round
+        assert api.post(f"/runs/{runs[0]}/cancel").json()["status"] == "cancelled"
+        statuses = [api.get(f"/runs/{r}").json()["status"] for r in runs]
+        assert statuses == ["cancelled"] + ["failed"] * 5
+        last = api.get(f"/runs/{runs[-1]}").json()
+        assert last["error"].startswith(f"base run {runs[2]} failed")
+        # only the pipeline's last student carries the webhook: one message, queued at once
+        assert api.published(api.settings.housekeeping_queue) == [(NOTIFY_TASK, [runs[-1]])]
     finally:
         next(apis, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -23,7 +24,9 @@ from transformers import AutoModelForCausalLM
 from server.db import Model, RegistryKind, make_engine, session_factory
 from server.services import register
 from tests.integration.conftest import Databases, Live, start_live
+from tests.integration.private_postgres import PrivatePostgres
 from tests.integration.test_api_stream import sse_events
+from tests.integration.test_webhooks import Receiver
 
 # a small but real pipeline: the base is pretrained to 30% on the arithmetic task first
 BASE = {"target_acc": 0.3, "eval_size": 100}
@@ -72,10 +75,14 @@ class WorkerLog:
         return match
 
 
-def start_worker(env: dict[str, str]) -> tuple[subprocess.Popen[str], WorkerLog]:
+def start_worker(
+    env: dict[str, str],
+    *args: str,
+    names: tuple[str, ...] = ("erpd-cpu", "erpd-housekeeping"),
+) -> tuple[subprocess.Popen[str], WorkerLog]:
     exe = Path(sys.executable).with_name("erpd-hub")
     worker = subprocess.Popen(
-        [str(exe), "worker"],
+        [str(exe), "worker", *args],
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
@@ -83,7 +90,9 @@ def start_worker(env: dict[str, str]) -> tuple[subprocess.Popen[str], WorkerLog]
         start_new_session=True,  # its own process group: SIGKILL takes all of it
     )
     log = WorkerLog(worker)
-    log.wait_for(" ready.", timeout=120)  # celery's own "ready." line, not a timer
+    host = socket.gethostname()
+    for name in names:  # celery's own "ready." lines, not a timer
+        log.wait_for(f"{name}@{host} ready.", timeout=120)
     return worker, log
 
 
@@ -102,8 +111,8 @@ class Stack:
             "ERPD_BROKER_URL": s.broker,
             "ERPD_QUEUE": s.queue,
             "ERPD_HOUSEKEEPING_QUEUE": s.housekeeping_queue,
-            "ERPD_HEARTBEAT_S": "1",
-            "ERPD_HEARTBEAT_TIMEOUT_S": "4",
+            "ERPD_HEARTBEAT_S": str(s.heartbeat_s),
+            "ERPD_HEARTBEAT_TIMEOUT_S": str(s.heartbeat_timeout_s),
         }
 
     def start_worker(self) -> None:
@@ -155,7 +164,11 @@ class Stack:
 def stack(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One API server, one worker and one reaper for the module (the base is pretrained once)."""
     servers = start_live(
-        databases, tmp_path_factory.mktemp("stack"), heartbeat_s=1, heartbeat_timeout_s=4
+        databases,
+        tmp_path_factory.mktemp("stack"),
+        heartbeat_s=1,
+        heartbeat_timeout_s=4,
+        webhook_hosts=["127.0.0.1"],
     )
     live = next(servers)
     engine = make_engine(live.settings.db_url)
@@ -206,6 +219,43 @@ def test_a_pipeline_runs_to_a_student_that_loads(stack: Stack, tmp_path: Path) -
         archive.extractall(tmp_path / "student", filter="data")
     [folder] = list((tmp_path / "student").iterdir())
     assert AutoModelForCausalLM.from_pretrained(folder) is not None
+
+
+def test_round_two_trains_from_round_one_s_student_and_the_webhook_fires_once(
+    stack: Stack,
+) -> None:
+    receiver = Receiver([])
+    try:
+        made = stack.live.http.post(
+            "/pipelines",
+            json={
+                "model": "tiny-test",
+                "rounds": 2,
+                "sample": {"num_prompts": 16, "group_size": 4},
+                "teachers": [{"objective": "sapo", "epochs": 2, "eval_every_epochs": 2}],
+                "stage2": {"epochs": 1},
+                "eval": {"size": 50},
+                "runtime": {"device": "cpu"},
+                "notify_url": receiver.url,
+            },
+        )
+        assert made.status_code == 201, made.text
+        runs = made.json()["runs"]
+        student0, student1 = runs[2], runs[5]
+        [hook] = receiver.wait_for(1, timeout=600)  # sent when the last student ended
+        assert hook["run"] == student1 and hook["event"] == "run.succeeded", hook
+        shown = [stack.live.http.get(f"/runs/{r}").json() for r in runs]
+        assert [r["status"] for r in shown] == ["succeeded"] * 6
+        [ckpt0] = stack.live.http.get(f"/runs/{student0}/checkpoints").json()
+        for later in shown[3:]:
+            assert later["round"] == 1 and later["base_run"] == student0
+            assert later["base_sha256"] == ckpt0["sha256"]
+        [ckpt1] = stack.live.http.get(f"/runs/{student1}/checkpoints").json()
+        manifest = stack.live.http.get(f"/checkpoints/{ckpt1['id']}").json()["manifest"]
+        assert manifest["base"]["sha256"] == ckpt0["sha256"]  # pi_1 = round 0's student
+        assert len(receiver.bodies) == 1  # one webhook per pipeline, not one per run
+    finally:
+        receiver.close()
 
 
 def test_a_second_delivery_of_the_same_message_does_nothing(stack: Stack) -> None:
@@ -322,3 +372,69 @@ def test_a_run_that_kills_its_worker_every_time_fails_after_max_attempts(stack: 
         json={"kind": "sample", "model": "tiny-test", "config": {"sample": {"num_prompts": 4}}},
     ).json()
     assert stack.wait_until_finished(healthy["id"]) == "succeeded"  # the worker still serves
+
+
+def test_a_gpu_slot_on_a_machine_without_one_runs_on_the_cpu(stack: Stack) -> None:
+    exe = Path(sys.executable).with_name("erpd-hub")
+    bad = subprocess.run(
+        [str(exe), "worker", "--gpus", "0,x"], env=stack.env(), capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --gpus: 'x' is not a GPU index"
+    ]
+    stack.stop_worker()  # the queue's only consumer is now the GPU slot's worker
+    gpu, log = start_worker(stack.env(), "--gpus", "0", names=("erpd-gpu0",))
+    try:
+        run = stack.live.http.post(
+            "/runs",
+            json={"kind": "sample", "model": "tiny-test", "config": {"sample": {"num_prompts": 4}}},
+        ).json()
+        assert stack.wait_until_finished(run["id"]) == "succeeded"
+        assert stack.live.http.get(f"/runs/{run['id']}").json()["device"] == "cpu"
+        log.wait_for("erpd.run_stage[")  # this worker took it
+    finally:
+        os.killpg(gpu.pid, signal.SIGTERM)
+        gpu.wait(timeout=60)
+        stack.start_worker()
+
+
+def test_a_postgres_restart_mid_run_is_ridden_out(stack: Stack) -> None:
+    """A server of the test's own is stopped while a stage writes metrics and heartbeats: the
+    worker retries its writes, the run finishes in its first attempt and no point is lost."""
+    pg = PrivatePostgres()
+    pg.start()
+    dbs = Databases(stack.live.settings.home / "private-pg", pg.url)
+    # the same home as the module's stack: the pretrained base is cached there already
+    servers = start_live(dbs, stack.live.settings.home, heartbeat_s=1, heartbeat_timeout_s=300)
+    private = Stack(next(servers))
+    try:
+        engine = make_engine(private.live.settings.db_url)
+        with session_factory(engine).begin() as s:
+            register(
+                s,
+                Model,
+                name="tiny-test",
+                kind=RegistryKind.BUILTIN,
+                location="tiny",
+                meta={"base": BASE},
+            )
+        engine.dispose()
+        private.start_worker()
+        run = private.live.http.post("/runs", json=LONG_STAGE1).json()
+        private.wait_for_step(run["id"], 2)
+        pg.stop()
+        assert private.log is not None
+        private.log.wait_for("store unreachable; retrying")  # the worker saw the outage
+        pg.start()
+        assert private.wait_until_finished(run["id"]) == "succeeded"
+        detail = private.live.http.get(f"/runs/{run['id']}").json()
+        assert detail["attempt"] == 1
+        loss = private.live.http.get(
+            f"/runs/{run['id']}/metrics", params={"names": "loss", "max_points": 100_000}
+        ).json()["series"][0]
+        assert loss["steps"] == list(range(30 * (32 * 8 // 64)))  # every step, once
+    finally:
+        private.stop_worker()
+        next(servers, None)
+        dbs.admin.dispose()  # its databases go with the whole server
+        pg.close()
