@@ -87,7 +87,10 @@ def run_stage(run_id: str) -> None:
         log.warning("run %s: attempt %d was given up by the reaper; stopping", run.id, run.attempt)
     except Exception as exc:  # the run failed: record why, in one line
         log.exception("run %s failed", run.id)
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        # one line, and no server paths: the reason is shown to API users
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0].replace(
+            str(settings.home), "$ERPD_HOME"
+        )[:500]
         _record(
             lambda session: fail_run(
                 session,

@@ -258,6 +258,37 @@ def test_round_two_trains_from_round_one_s_student_and_the_webhook_fires_once(
         receiver.close()
 
 
+def test_a_teacher_changed_on_disk_fails_its_student_with_the_reason(stack: Stack) -> None:
+    small = {"sample": {"num_prompts": 8, "group_size": 4}, "runtime": {"device": "cpu"}}
+    teacher = stack.live.http.post(
+        "/runs",
+        json={
+            "kind": "stage1",
+            "model": "tiny-test",
+            "config": small | {"stage": {"epochs": 1}, "eval": {"size": 20}},
+        },
+    ).json()
+    assert stack.wait_until_finished(teacher["id"]) == "succeeded"
+    [ckpt] = stack.live.http.get(f"/runs/{teacher['id']}/checkpoints").json()
+    folder = stack.live.settings.artifacts / "runs" / uuid.UUID(teacher["id"]).hex / "checkpoint"
+    with (folder / "config.json").open("a") as f:  # after its sha256 was pinned
+        f.write(" ")
+    student = stack.live.http.post(
+        "/runs",
+        json={
+            "kind": "stage2",
+            "model": "tiny-test",
+            "teachers": [teacher["id"]],
+            "config": small | {"stage": {"epochs": 1}, "eval": {"size": 20}},
+        },
+    ).json()
+    assert student["teachers"] == [{"run": teacher["id"], "sha256": ckpt["sha256"]}]
+    assert stack.wait_until_finished(student["id"]) == "failed"
+    error = stack.live.http.get(f"/runs/{student['id']}").json()["error"]
+    assert error.startswith("CheckpointError: ") and "config.json" in error, error
+    assert str(stack.live.settings.home) not in error  # no server paths in what users see
+
+
 def test_a_second_delivery_of_the_same_message_does_nothing(stack: Stack) -> None:
     from celery import Celery
 
