@@ -34,12 +34,13 @@ class Broker:
         except Exception as exc:  # kombu/redis/socket errors alike mean "unreachable"
             raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc
 
-    def publish(self, run_id: uuid.UUID) -> None:
+    def publish(self, run_id: uuid.UUID, gpu: int | None = None) -> None:
+        """On the run queue, or on `<queue>.N` for a run pinned to GPU N."""
         try:
             self.app.send_task(
                 RUN_STAGE_TASK,
                 args=[str(run_id)],
-                queue=self.queue,
+                queue=self.queue if gpu is None else f"{self.queue}.{gpu}",
                 retry=False,
             )
         except Exception as exc:

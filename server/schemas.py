@@ -42,6 +42,13 @@ class _RunCreateBase(Request):
         description="A stage2 run whose student is this run's starting policy (pi_k of a later "
         "round); the run waits until it succeeds. None = the registered model.",
     )
+    gpu: int | None = Field(
+        None,
+        ge=0,
+        le=63,
+        description="Run only on the worker of GPU N (`erpd-hub worker --gpus N`); it waits "
+        "while none runs. None = any worker.",
+    )
 
 
 class SampleRunCreate(_RunCreateBase):
@@ -86,6 +93,7 @@ class PipelineCreate(Request):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     rounds: int = Field(1, ge=1, le=20, description="Round k+1 starts from round k's student.")
+    gpu: int | None = Field(None, ge=0, le=63, description="Pin every run to GPU N's worker.")
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     notify_url: HttpUrl | None = None
 
@@ -114,6 +122,7 @@ class RunOut(BaseModel):
     batch_run: uuid.UUID | None
     base_run: uuid.UUID | None
     base_sha256: str | None = Field(description="Pinned when the base run succeeded.")
+    gpu: int | None
     teachers: list[TeacherOut]
     config: dict[str, Any]
     tags: list[str]

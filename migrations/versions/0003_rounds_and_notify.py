@@ -1,5 +1,5 @@
 """Pipelines past round 0 and webhooks from workers: a run's base run (the previous round's
-student, pinned by sha256 when it succeeds) and the webhook outbox column.
+student, pinned by sha256 when it succeeds), the webhook outbox column, and a run's GPU pin.
 
 Revision ID: 0003
 Revises: 0002
@@ -22,6 +22,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("base_run_id", sa.Uuid(), nullable=True))
         batch.add_column(sa.Column("base_sha256", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("notify_enqueued_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("gpu", sa.Integer(), nullable=True))
+        batch.create_check_constraint(op.f("ck_runs_gpu_nonnegative"), "gpu >= 0")
         batch.create_index(op.f("ix_runs_base_run_id"), ["base_run_id"], unique=False)
         batch.create_foreign_key(
             op.f("fk_runs_base_run_id_runs"), "runs", ["base_run_id"], ["id"], ondelete="CASCADE"
@@ -32,6 +34,8 @@ def downgrade() -> None:
     with op.batch_alter_table("runs") as batch:
         batch.drop_constraint(op.f("fk_runs_base_run_id_runs"), type_="foreignkey")
         batch.drop_index(op.f("ix_runs_base_run_id"))
+        batch.drop_constraint(op.f("ck_runs_gpu_nonnegative"), type_="check")
+        batch.drop_column("gpu")
         batch.drop_column("notify_enqueued_at")
         batch.drop_column("base_sha256")
         batch.drop_column("base_run_id")

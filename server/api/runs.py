@@ -104,6 +104,7 @@ def submit_run(
                 teacher_ids=teachers,
                 batch_run_id=batch,
                 base_run_id=body.base_run,
+                gpu=body.gpu,
                 notify_url=notify,
                 tags=body.tags,
                 max_attempts=body.max_attempts,

@@ -23,6 +23,7 @@ def run_out(run: Run) -> RunOut:
         batch_run=run.batch_run_id,
         base_run=run.base_run_id,
         base_sha256=run.base_sha256,
+        gpu=run.gpu,
         teachers=[TeacherOut(run=t.teacher_id, sha256=t.sha256) for t in run.teachers],
         config=run.config,
         tags=run.tags,

@@ -222,6 +222,8 @@ class Run(Base):
     notify_url: Mapped[str | None] = mapped_column(String(2048))
     # the webhook's outbox: set once its `notify` message is on the broker
     notify_enqueued_at: Mapped[datetime | None]
+    # pinned to the worker of GPU N (its message goes to queue `<ERPD_QUEUE>.N`); None = any
+    gpu: Mapped[int | None]
 
     worker: Mapped[str | None] = mapped_column(String(255))
     device: Mapped[str | None] = mapped_column(String(64))
@@ -259,6 +261,7 @@ class Run(Base):
         CheckConstraint("attempt >= 0", name="attempt_nonnegative"),
         CheckConstraint("max_attempts >= 1", name="max_attempts_positive"),
         CheckConstraint("round >= 0", name="round_nonnegative"),
+        CheckConstraint("gpu >= 0", name="gpu_nonnegative"),
     )
 
     @property

@@ -55,12 +55,8 @@ def mark_enqueued(
         )
 
 
-def is_ready(session: Session, *, run_id: uuid.UUID) -> bool:
-    return session.scalar(select(Run.id).where(Run.id == run_id, inputs_ready())) is not None
-
-
 class Publisher(Protocol):
-    def publish(self, run_id: uuid.UUID) -> None: ...
+    def publish(self, run_id: uuid.UUID, gpu: int | None = None) -> None: ...
 
     def notify(self, run_id: uuid.UUID) -> None: ...
 
@@ -74,11 +70,16 @@ def publish_ready(
     """Publish the runs whose inputs are ready; the others wait for their inputs (published when
     those finish). A failed publish is left to the reconciler: the run is safe in the store."""
     with reads() as session:
-        ready = [r for r in run_ids if is_ready(session, run_id=r)]
+        pins = dict(
+            session.execute(
+                select(Run.id, Run.gpu).where(Run.id.in_(run_ids), inputs_ready())
+            ).all()
+        )
     published = []
-    for run_id in ready:
+    for run_id in (r for r in run_ids if r in pins):  # in the caller's order
+        gpu = pins[run_id]
         try:
-            broker.publish(run_id)
+            broker.publish(run_id, gpu)
         except Exception:
             log.warning("publishing run %s failed; the outbox will retry", run_id)
             continue

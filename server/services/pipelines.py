@@ -51,6 +51,7 @@ def create_pipeline(
             "pipeline_id": pipeline.id,
             "round": k,
             "base_run_id": None if base is None else base.id,
+            "gpu": spec.get("gpu"),
             "tags": spec["tags"],
             "actor": actor,
         }

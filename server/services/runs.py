@@ -237,6 +237,7 @@ def create_run(
     teacher_ids: Sequence[uuid.UUID] = (),
     batch_run_id: uuid.UUID | None = None,
     base_run_id: uuid.UUID | None = None,
+    gpu: int | None = None,
     notify_url: str | None = None,
     tags: Iterable[str] = (),
     max_attempts: int = 3,
@@ -259,6 +260,8 @@ def create_run(
         raise InvalidInputError("max_attempts", "must be at least 1")
     if round < 0:
         raise InvalidInputError("round", "must be >= 0")
+    if gpu is not None and gpu < 0:
+        raise InvalidInputError("gpu", "must be >= 0")
     teachers = _teachers(
         session,
         kind=kind,
@@ -273,6 +276,7 @@ def create_run(
     if base_run_id is not None:
         base_sha256 = _check_base(session, base_run_id, model_id=model_id, dataset_id=dataset_id)
     run = Run(
+        gpu=gpu,
         base_run_id=base_run_id,
         base_sha256=base_sha256,
         id=uuid.uuid4(),

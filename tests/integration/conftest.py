@@ -130,6 +130,16 @@ class Api:
         return messages
 
 
+def drop_queues(settings: Settings) -> None:
+    """The test's queues, its GPU-pinned ones (`<queue>.N`) included."""
+    import redis
+
+    conn = redis.Redis.from_url(REDIS_URL)
+    pinned = list(conn.scan_iter(f"{settings.queue}.*"))
+    conn.delete(settings.queue, settings.housekeeping_queue, *pinned)
+    conn.close()
+
+
 def api_settings(databases: Databases, tmp: Path, **overrides: Any) -> tuple[Settings, str, str]:
     """A migrated Postgres database with alice's and bob's keys, and settings for an app on it
     (its own Redis queues, so tests never see each other's messages)."""
@@ -154,9 +164,7 @@ def make_api(databases: Databases, tmp: Path, **overrides: Any) -> Iterator[Api]
     settings, alice, bob = api_settings(databases, tmp, **overrides)
     with TestClient(create_app(settings)) as client:
         yield Api(client, settings, alice, bob)
-    import redis
-
-    redis.Redis.from_url(REDIS_URL).delete(settings.queue, settings.housekeeping_queue)
+    drop_queues(settings)
 
 
 @pytest.fixture
@@ -189,9 +197,7 @@ def start_live(databases: Databases, tmp_path: Path, **overrides: Any) -> Iterat
     server.should_exit = True
     thread.join(timeout=30)
     sock.close()
-    import redis
-
-    redis.Redis.from_url(REDIS_URL).delete(settings.queue, settings.housekeeping_queue)
+    drop_queues(settings)
 
 
 @pytest.fixture

@@ -71,6 +71,15 @@ def test_another_keys_runs_are_not_found(api: Api) -> None:
     assert stolen.status_code == 422 and error(stolen)["field"] == "base_run"
 
 
+def test_a_run_pinned_to_a_gpu_goes_to_that_gpu_s_queue(api: Api) -> None:
+    pinned = api.post("/runs", json=STAGE1 | {"gpu": 1}).json()
+    assert pinned["gpu"] == 1
+    assert api.published() == []
+    assert api.published(f"{api.settings.queue}.1") == [(RUN_STAGE_TASK, [pinned["id"]])]
+    refused = api.post("/runs", json=STAGE1 | {"gpu": -1})
+    assert refused.status_code == 422 and error(refused)["field"] == "gpu"
+
+
 def test_a_base_run_must_be_a_student_and_errors_name_the_api_field(api: Api) -> None:
     teacher = api.post("/runs", json=STAGE1).json()
     refused = api.post("/runs", json=STAGE1 | {"base_run": teacher["id"]})

@@ -418,7 +418,12 @@ def test_a_gpu_slot_on_a_machine_without_one_runs_on_the_cpu(stack: Stack) -> No
     try:
         run = stack.live.http.post(
             "/runs",
-            json={"kind": "sample", "model": "tiny-test", "config": {"sample": {"num_prompts": 4}}},
+            json={
+                "kind": "sample",
+                "model": "tiny-test",
+                "gpu": 0,  # through queue <queue>.0, which only this worker reads
+                "config": {"sample": {"num_prompts": 4}},
+            },
         ).json()
         assert stack.wait_until_finished(run["id"]) == "succeeded"
         assert stack.live.http.get(f"/runs/{run['id']}").json()["device"] == "cpu"
