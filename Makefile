@@ -34,6 +34,7 @@ reproduce-full: $(VENV)/.installed
 bench: $(VENV)/.installed services
 	$(BIN)/python benchmarks/metric_inserts.py
 	$(BIN)/python benchmarks/worker_sink.py
+	$(BIN)/python benchmarks/dispatch.py
 
 test: lint services
 	$(BIN)/python -m pytest

@@ -182,7 +182,7 @@ def worker(
     ] = None,
     housekeeping: Annotated[
         bool,
-        typer.Option(help="Also start a worker for the cpu queue (webhooks, reaper tasks)."),
+        typer.Option(help="Also start a worker for the cpu queue (webhook deliveries)."),
     ] = True,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
@@ -278,10 +278,11 @@ def reaper(
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         timeout = timedelta(seconds=settings.heartbeat_timeout_s)
+        republish = timedelta(seconds=settings.republish_after_s)
         err.print(f"reaper: every {every:g} s, heartbeat timeout {timeout}", highlight=False)
         while True:
             try:
-                for r in reap(writes, reads, broker, timeout=timeout):
+                for r in reap(writes, reads, broker, timeout=timeout, republish_after=republish):
                     err.print(f"reaper: run {r.run_id} -> {r.status}: {r.reason}", highlight=False)
             except OperationalError as exc:  # the store is away: try again next round
                 err.print(f"reaper: database unreachable ({type(exc.orig).__name__})")

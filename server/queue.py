@@ -19,7 +19,7 @@ class BrokerUnavailableError(Exception):
 class Broker:
     def __init__(self, url: str, queue: str, housekeeping: str = "cpu") -> None:
         self.queue = queue
-        self.housekeeping = housekeeping  # sampling-free tasks: reaper, webhooks
+        self.housekeeping = housekeeping  # tasks that need no GPU: webhooks
         self.app = Celery("erpd-hub-api", broker=url, set_as_current=False)
         self.app.conf.update(
             broker_connection_timeout=3,
@@ -34,14 +34,14 @@ class Broker:
         except Exception as exc:  # kombu/redis/socket errors alike mean "unreachable"
             raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc
 
+    def run_queue(self, gpu: int | None = None) -> str:
+        """The run queue, or `<queue>.N` for runs pinned to GPU N."""
+        return self.queue if gpu is None else f"{self.queue}.{gpu}"
+
     def publish(self, run_id: uuid.UUID, gpu: int | None = None) -> None:
-        """On the run queue, or on `<queue>.N` for a run pinned to GPU N."""
         try:
             self.app.send_task(
-                RUN_STAGE_TASK,
-                args=[str(run_id)],
-                queue=self.queue if gpu is None else f"{self.queue}.{gpu}",
-                retry=False,
+                RUN_STAGE_TASK, args=[str(run_id)], queue=self.run_queue(gpu), retry=False
             )
         except Exception as exc:
             raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc
@@ -69,6 +69,9 @@ class Broker:
             return 0
         except Exception:
             return None
+
+    def run_queue_depth(self, gpu: int | None = None) -> int | None:
+        return self.depth(self.run_queue(gpu))
 
     def close(self) -> None:
         self.app.close()

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     )
     queue: str = Field("gpu", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Queue of stage runs.")
     housekeeping_queue: str = Field(
-        "cpu", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Queue of reaper and webhook tasks."
+        "cpu",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Queue of housekeeping tasks (webhooks).",
     )
     host: str = Field("127.0.0.1", description="API bind address (loopback unless configured).")
     port: int = Field(8000, ge=1, le=65535, description="API port.")
@@ -51,6 +53,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="How often a running stage heartbeats.")
     heartbeat_timeout_s: float = Field(
         120.0, gt=0, description="The reaper requeues a run whose heartbeat is this old."
+    )
+    republish_after_s: float = Field(
+        300.0,
+        gt=0,
+        description="The reaper republishes a queued run published this long ago when its queue "
+        "is empty (its message was lost, e.g. with a worker killed before it claimed the run).",
     )
     public_docs: bool = Field(
         False,

@@ -7,7 +7,6 @@ import logging
 import socket
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
 from functools import cache
 
 from sqlalchemy.orm import Session
@@ -22,7 +21,6 @@ from server.services import (
     get_run,
 )
 from server.services.outbox import publish_pending
-from server.services.reaper import reap
 from server.services.webhooks import NOTIFY_TASK, deliver, payload
 from worker.celery_app import app, settings
 from worker.runner import Inputs, Store, execute, finish, run_dir
@@ -102,12 +100,25 @@ def run_stage(run_id: str) -> None:
         )
     finally:
         sink.stop()
+        _release_device_memory()
     # whatever this run's end unblocked or ended (its dependents, webhooks) goes out now; the
     # reaper's reconcile catches anything a broker or database hiccup leaves here
     try:
         publish_pending(s.writes, s.reads, s.broker)
     except Exception:
         log.warning("run %s: publishing what it unblocked failed; the reaper will", run.id)
+
+
+def _release_device_memory() -> None:
+    """The stage's tensors are garbage now; hand the cached CUDA blocks back to the driver so
+    the GPU shows free between runs (a cancelled run's memory included)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _record(change: Callable[[Session], object]) -> None:
@@ -119,18 +130,6 @@ def _record(change: Callable[[Session], object]) -> None:
 
     with contextlib.suppress(StaleAttemptError):
         retrying(write)
-
-
-@app.task(name="erpd.reap")
-def reap_task() -> int:
-    """One reaper round as a task (for Celery beat); `erpd-hub reaper` runs the same loop."""
-    s = store()
-    reaped = reap(
-        s.writes, s.reads, s.broker, timeout=timedelta(seconds=settings.heartbeat_timeout_s)
-    )
-    for r in reaped:
-        log.warning("reaper: run %s -> %s (%s)", r.run_id, r.status, r.reason)
-    return len(reaped)
 
 
 @app.task(name=NOTIFY_TASK)

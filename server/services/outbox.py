@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import select, update
@@ -55,10 +55,50 @@ def mark_enqueued(
         )
 
 
+def forget_lost_messages(
+    session: Session,
+    *,
+    older_than: timedelta,
+    depth: Callable[[int | None], int | None],
+    now: datetime | None = None,
+) -> list[uuid.UUID]:
+    """Queued, ready runs published more than `older_than` ago whose queue is empty: the message
+    is gone (a worker takes one message at a time and claims its run at once, so an empty queue
+    and an unclaimed run mean it died in between, or the broker lost it). Their `enqueued_at` is
+    cleared for the reconciler to publish them again; a queue whose depth the broker cannot tell
+    is left alone. At worst a message is duplicated, and the claim makes that harmless."""
+    cutoff = (now or utcnow()) - older_than
+    stale = session.execute(
+        select(Run.id, Run.gpu).where(
+            Run.status == RunStatus.QUEUED,
+            Run.enqueued_at < cutoff,
+            Run.cancel_requested.is_(False),
+            inputs_ready(),
+        )
+    ).all()
+    empty: dict[int | None, bool] = {}
+    lost = []
+    for run_id, gpu in stale:
+        if gpu not in empty:
+            empty[gpu] = depth(gpu) == 0
+        if empty[gpu]:
+            lost.append(run_id)
+    if lost:
+        session.execute(
+            update(Run)
+            .where(Run.id.in_(lost), Run.status == RunStatus.QUEUED)
+            .values(enqueued_at=None)
+            .execution_options(synchronize_session=False)
+        )
+    return lost
+
+
 class Publisher(Protocol):
     def publish(self, run_id: uuid.UUID, gpu: int | None = None) -> None: ...
 
     def notify(self, run_id: uuid.UUID) -> None: ...
+
+    def run_queue_depth(self, gpu: int | None = None) -> int | None: ...
 
 
 def publish_ready(

@@ -8,6 +8,7 @@ and cancelled, never requeued, when a cancel was already requested. A requeued r
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,11 +17,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import EventKind, Run, RunStatus, utcnow
-from server.services.outbox import Publisher, publish_pending
+from server.services.outbox import Publisher, forget_lost_messages, publish_pending
 from server.services.runs import add_event
 from server.services.transitions import end_run
 
 WORKER_LOST = "worker_lost"
+log = logging.getLogger("erpd.reaper")
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,16 @@ def reap(
     broker: Publisher,
     *,
     timeout: timedelta,
+    republish_after: timedelta,
 ) -> list[Reaped]:
-    """One round of the reaper (`erpd-hub reaper`, or the `erpd.reap` task): requeue or fail
-    the silent runs, then publish what the outbox holds (runs and webhooks)."""
+    """One round of `erpd-hub reaper`: requeue or fail the silent runs, find the queued runs
+    whose message was lost, then publish what the outbox holds (runs and webhooks)."""
     with writes.begin() as session:
         reaped = requeue_stale(session, timeout=timeout)
+        lost = forget_lost_messages(
+            session, older_than=republish_after, depth=broker.run_queue_depth
+        )
+    for run_id in lost:
+        log.warning("reaper: run %s was published but its message is gone; republishing", run_id)
     publish_pending(writes, reads, broker)
     return reaped

@@ -357,6 +357,39 @@ def test_the_outbox_publishes_runs_committed_without_a_message(api: Api) -> None
     assert len(api.published()) == 1  # sent once: enqueued_at is recorded
 
 
+def test_the_reaper_republishes_a_run_whose_message_was_lost(api: Api) -> None:
+    from datetime import timedelta
+
+    import redis
+
+    from server.db import read_session_factory
+    from server.queue import Broker
+    from server.services.reaper import reap
+
+    run = api.post("/runs", json=STAGE1).json()
+    pinned = api.post("/runs", json=STAGE1 | {"gpu": 2}).json()
+    engine = make_engine(api.settings.db_url)
+    writes, reads = session_factory(engine), read_session_factory(engine)
+    broker = Broker(api.settings.broker, api.settings.queue, api.settings.housekeeping_queue)
+
+    def reap_once(after: timedelta) -> None:
+        reap(writes, reads, broker, timeout=timedelta(minutes=2), republish_after=after)
+
+    reap_once(timedelta(0))  # both messages are still on their queues: nothing is duplicated
+    assert api.published() == [(RUN_STAGE_TASK, [run["id"]])]
+    # a worker took the message and died before it claimed the run: the queue is empty
+    conn = redis.Redis.from_url(api.settings.broker)
+    conn.delete(api.settings.queue)
+    reap_once(timedelta(minutes=5))  # published too recently to call it lost
+    assert api.published() == []
+    reap_once(timedelta(0))
+    assert api.published() == [(RUN_STAGE_TASK, [run["id"]])]
+    assert api.published(f"{api.settings.queue}.2") == [(RUN_STAGE_TASK, [pinned["id"]])]
+    conn.close()
+    broker.close()
+    engine.dispose()
+
+
 def test_a_database_outage_is_a_503_not_a_trace(api: Api) -> None:
     from server.db import make_engine, read_session_factory, session_factory
 

@@ -22,7 +22,7 @@ from sqlalchemy import text
 from transformers import AutoModelForCausalLM
 
 from server.db import Model, RegistryKind, make_engine, session_factory
-from server.services import register
+from server.services import create_api_key, register
 from tests.integration.conftest import Databases, Live, start_live
 from tests.integration.private_postgres import PrivatePostgres
 from tests.integration.test_api_stream import sse_events
@@ -474,3 +474,55 @@ def test_a_postgres_restart_mid_run_is_ridden_out(stack: Stack) -> None:
         next(servers, None)
         dbs.admin.dispose()  # its databases go with the whole server
         pg.close()
+
+
+def test_the_embedded_default_runs_stages_with_no_services(tmp_path: Path) -> None:
+    """ERPD_HOME alone: SQLite store, Celery's SQLAlchemy transport on SQLite as the broker."""
+    exe = str(Path(sys.executable).with_name("erpd-hub"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ERPD_")}
+    env["ERPD_HOME"] = str(tmp_path)
+    subprocess.run([exe, "migrate"], env=env, check=True, capture_output=True)
+    engine = make_engine(f"sqlite:///{tmp_path}/erpd.db")
+    with session_factory(engine).begin() as s:
+        _, key = create_api_key(s, name="me")
+        quick = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
+        register(
+            s, Model, name="quick", kind=RegistryKind.BUILTIN, location="tiny", meta={"base": quick}
+        )
+    engine.dispose()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    api = subprocess.Popen(
+        [exe, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    worker = None
+    try:
+        WorkerLog(api).wait_for("Uvicorn running", timeout=60)
+        worker, _ = start_worker(env)
+        http = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}/api/v1",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(30, read=300),
+        )
+        small = {"sample": {"num_prompts": 4, "group_size": 2}, "runtime": {"device": "cpu"}}
+        made = http.post(
+            "/runs",
+            json={"kind": "stage1", "model": "quick", "config": small | {"stage": {"epochs": 1}}},
+        )
+        assert made.status_code == 201, made.text
+        run_id, status = made.json()["id"], "unknown"
+        with http.stream("GET", f"/runs/{run_id}/stream") as response:
+            for kind, body in sse_events(response):
+                status = body.get("status", status)
+                if kind == "end":
+                    break
+        assert status == "succeeded", http.get(f"/runs/{run_id}").json()
+        assert (tmp_path / "broker.db").is_file()  # the queue really was the SQLite one
+        http.close()
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        api.terminate()
+        api.wait(timeout=30)
