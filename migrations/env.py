@@ -45,6 +45,7 @@ def run_migrations_online() -> None:
             render_as_batch=connection.dialect.name == "sqlite",
             render_item=render_item,
         )
+        migrated = False
         try:
             with context.begin_transaction():
                 context.run_migrations()
@@ -56,13 +57,16 @@ def run_migrations_online() -> None:
             # reading the version table autobegins); the pragma below is a no-op inside one
             if connection.in_transaction():
                 connection.commit()
+            migrated = True
         finally:
             if connection.in_transaction():  # the migration failed: keep nothing of it
                 connection.rollback()
             if sqlite:
                 raw.execute("PRAGMA foreign_keys=ON")
                 # this connection goes back to the pool: it must hold the app's settings again
-                assert raw.execute("PRAGMA foreign_keys").fetchone() == (1,)
+                # (checked only after a success: a failed migration's own error comes first)
+                if migrated and raw.execute("PRAGMA foreign_keys").fetchone() != (1,):
+                    raise RuntimeError("foreign keys stayed off after the migration")
 
 
 if context.is_offline_mode():

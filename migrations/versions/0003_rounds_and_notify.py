@@ -28,6 +28,12 @@ def upgrade() -> None:
         batch.create_foreign_key(
             op.f("fk_runs_base_run_id_runs"), "runs", ["base_run_id"], ["id"], ondelete="CASCADE"
         )
+    # runs that ended before webhooks had an outbox: theirs was sent (or never will be); without
+    # this the first reconcile after the upgrade would re-send every historical webhook
+    op.execute(
+        "UPDATE runs SET notify_enqueued_at = finished_at "
+        "WHERE status IN ('succeeded', 'failed', 'cancelled') AND notify_url IS NOT NULL"
+    )
 
 
 def downgrade() -> None:

@@ -55,9 +55,13 @@ async def stream(
 
     get_run(session, run_id=run_id, owner_id=key.id)  # 404 before the stream opens
     session.close()
-    last: dict[str, int] = {}
+    last: dict[str, int] = {}  # the last step sent, per metric
+    # where the next read starts: the newest step seen, read again, since a step's eval points
+    # may land after its training points (never after a later step's points)
+    cursor = since_step + 1
 
     def poll() -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        nonlocal cursor
         with state.reads() as s:
             live_key = s.get(ApiKey, key.id)
             if live_key is None or live_key.revoked_at is not None:
@@ -67,17 +71,15 @@ async def stream(
                 return None
             rows = s.execute(
                 select(MetricPoint.name, MetricPoint.step, MetricPoint.value)
-                .where(
-                    MetricPoint.run_id == run_id,
-                    MetricPoint.step > min([since_step, *last.values()]),
-                )
+                .where(MetricPoint.run_id == run_id, MetricPoint.step >= cursor)
                 .order_by(MetricPoint.step, MetricPoint.name)
-                .limit(MAX_POINTS_PER_EVENT * 4)
+                .limit(MAX_POINTS_PER_EVENT * 2)
             ).all()
             points: list[dict[str, Any]] = []
             for name, step, value in rows:
                 if len(points) == MAX_POINTS_PER_EVENT:
-                    break  # the rest is sent by the next poll: `last` has not moved past it
+                    break  # the rest is sent by the next poll: the cursor stops at this step
+                cursor = step
                 if step > last.get(name, since_step):
                     points.append({"name": name, "step": step, "value": value})
                     last[name] = step
@@ -97,7 +99,7 @@ async def stream(
                     log.warning("run %s stream: store unreachable (%s)", run_id, exc.orig)
                 if await request.is_disconnected():
                     return
-                await anyio.sleep(min(5.0, state.settings.stream_poll_s * 2**outage))
+                await anyio.sleep(min(5.0, state.settings.stream_poll_s * 2 ** min(outage, 10)))
                 continue
             outage = 0
             if polled is None:

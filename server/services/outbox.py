@@ -173,26 +173,39 @@ def pending_notifications(session: Session, *, limit: int = 100) -> list[uuid.UU
 def publish_notifications(
     writes: sessionmaker[Session], reads: sessionmaker[Session], broker: Publisher
 ) -> int:
+    """Queue the webhooks of finished runs. Each is marked before it is sent (a conditional
+    UPDATE), so the worker, the API and the reaper reconciling at once send it once; a send
+    that fails is unmarked for the next reconcile."""
     sent = 0
     while True:
         with reads() as session:
             pending = pending_notifications(session, limit=100)
-        done = []
-        for run_id in pending:
+        if not pending:
+            return sent
+        with writes.begin() as session:
+            mine = list(
+                session.scalars(
+                    update(Run)
+                    .where(Run.id.in_(pending), Run.notify_enqueued_at.is_(None))
+                    .values(notify_enqueued_at=utcnow())
+                    .returning(Run.id)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+        failed = []
+        for run_id in mine:
             try:
                 broker.notify(run_id)
             except Exception:
                 log.warning("queuing the webhook of run %s failed; the outbox will retry", run_id)
-                break
-            done.append(run_id)
-        if done:
+                failed.append(run_id)
+        if failed:
             with writes.begin() as session:
                 session.execute(
                     update(Run)
-                    .where(Run.id.in_(done), Run.notify_enqueued_at.is_(None))
-                    .values(notify_enqueued_at=utcnow())
+                    .where(Run.id.in_(failed))
+                    .values(notify_enqueued_at=None)
                     .execution_options(synchronize_session=False)
                 )
-        sent += len(done)
-        if len(done) < 100:
-            return sent
+            return sent + len(mine) - len(failed)
+        sent += len(mine)

@@ -210,7 +210,9 @@ def _check_base(
     if base.status is not RunStatus.SUCCEEDED:
         return None
     ckpt = latest_checkpoint(session, run_id=base.id, role=CheckpointRole.STUDENT)
-    return None if ckpt is None else ckpt.sha256
+    if ckpt is None:  # it could never be pinned: the run would wait forever
+        raise InvalidInputError("base_run_id", f"run {base_run_id} has no student checkpoint")
+    return ckpt.sha256
 
 
 def _link(session: Session, teacher: Run, *, position: int) -> RunTeacher:

@@ -278,7 +278,7 @@ def _fail_dependents(session: Session, *, source: Run, now: datetime) -> None:
     dependents = session.scalars(
         select(Run)
         .where(depends, Run.status == RunStatus.QUEUED)
-        .order_by(Run.id)  # one lock order: two inputs failing at once cannot deadlock
+        .order_by(Run.id)  # a stable lock order for the dependents of one input
         .with_for_update()
         .execution_options(populate_existing=True)
     ).all()
@@ -287,6 +287,8 @@ def _fail_dependents(session: Session, *, source: Run, now: datetime) -> None:
     if source.error:
         reason += f": {source.error}"
     for dependent in dependents:
+        if dependent.status is not RunStatus.QUEUED:
+            continue  # failed already, through another of its inputs earlier in this cascade
         end_run(
             session,
             dependent,

@@ -120,7 +120,7 @@ def test_a_backlog_larger_than_one_event_arrives_whole(live: Live) -> None:
 
     run_id = uuid.UUID(live.http.post("/runs", json={"kind": "sample"}).json()["id"])
     factory = session_factory(make_engine(live.settings.db_url))
-    steps = range(MAX_POINTS_PER_EVENT)  # two series: twice the largest event
+    steps = range(3 * MAX_POINTS_PER_EVENT)  # two series: six of the largest events
     with factory.begin() as s:
         claim_run(s, run_id=run_id, worker="w", device="cpu")
         points = [Point(i, name, float(i), 0.0) for i in steps for name in (M.LOSS, M.KL_K3)]

@@ -427,8 +427,10 @@ def test_a_failed_student_fails_every_later_round(factory, builtins) -> None:
     with factory() as s:
         later = [get_run(s, run_id=r.id) for r in round1]
     assert [r.status for r in later] == [RunStatus.FAILED] * 3
+    for r in later:  # each failed once, though two of its inputs failed in the same cascade
+        assert [e.event for e in events(factory, r.id)] == [EventKind.CREATED, EventKind.FAILED]
     assert all(r.error is not None and "disk full" in r.error for r in later)
-    assert f"base run {student0.id} failed" in str(later[0].error)
+    assert f"base run {student0.id} failed" in str(later[0].error)  # the sample run's only input
     refused = pytest.raises(IllegalTransitionError, match=f"base run {student0.id} is failed")
     with refused, factory.begin() as s:
         retry_run(s, run_id=round1[0].id, actor="api:k")

@@ -110,7 +110,7 @@ def test_a_cancelled_input_fails_the_whole_pipeline_and_queues_its_one_webhook(
         statuses = [api.get(f"/runs/{r}").json()["status"] for r in runs]
         assert statuses == ["cancelled"] + ["failed"] * 5
         last = api.get(f"/runs/{runs[-1]}").json()
-        assert last["error"].startswith(f"base run {runs[2]} failed")
+        assert "failed" in last["error"] and f"{runs[0]} cancelled" in last["error"]
         # only the pipeline's last student carries the webhook: one message, queued at once
         assert api.published(api.settings.housekeeping_queue) == [(NOTIFY_TASK, [runs[-1]])]
     finally:
