@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo reproduce reproduce-full bench test test-all test-gpu lint format services clean
+.PHONY: demo reproduce reproduce-full bench test test-all test-gpu lint format services browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,15 +31,16 @@ reproduce-full: $(VENV)/.installed
 	$(BIN)/erpd reproduce --out runs/reproduce-full --preset full
 
 # benchmarks print rates against a baseline measured in the same run (never timed tests)
-bench: $(VENV)/.installed services
+bench: $(VENV)/.installed-dev services browser
 	$(BIN)/python benchmarks/metric_inserts.py
 	$(BIN)/python benchmarks/worker_sink.py
 	$(BIN)/python benchmarks/dispatch.py
+	$(BIN)/python benchmarks/dashboard_first_chart.py
 
-test: lint services
+test: lint services browser
 	$(BIN)/python -m pytest
 
-test-all: $(VENV)/.installed-dev services
+test-all: $(VENV)/.installed-dev services browser
 	$(BIN)/python -m pytest -m "not gpu"
 
 test-gpu: $(VENV)/.installed-dev
@@ -56,6 +57,10 @@ format: $(VENV)/.installed-dev
 
 services:
 	@scripts/services.sh
+
+# Debian's chromium for the dashboard's browser test (never `playwright install`)
+browser:
+	@scripts/browser.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

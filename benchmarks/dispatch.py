@@ -17,20 +17,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from common import POSTGRES_URL, REDIS_URL, await_line, free_port, postgres_database
 
 from server.db import Model, RegistryKind, make_engine, migrate, session_factory
 from server.services import create_api_key, register
@@ -67,9 +64,7 @@ class Stack:
                 meta={"base": BASE},
             )
         engine.dispose()
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         tag = uuid.uuid4().hex[:8]
         self.env = os.environ | {
             "ERPD_HOME": str(home),
@@ -98,21 +93,8 @@ class Stack:
             headers={"Authorization": f"Bearer {self.key}"},
             timeout=httpx.Timeout(30, read=600),
         )
-        self._await_line(self.api, "Uvicorn running")
-        self._await_line(self.worker, " ready.")
-
-    @staticmethod
-    def _await_line(process: subprocess.Popen[str], wanted: str) -> None:
-        stream = process.stderr
-        assert stream is not None
-        seen = []
-        for line in stream:
-            seen.append(line)
-            if wanted in line:
-                # keep draining in the background: a full pipe would block the process
-                threading.Thread(target=stream.read, daemon=True).start()
-                return
-        raise SystemExit(f"process exited before {wanted!r}:\n{''.join(seen[-20:])}")
+        await_line(self.api, "Uvicorn running")
+        await_line(self.worker, " ready.")
 
     def one_run(self) -> float:
         """Submit one run, wait for its end on the event stream; its queue wait in seconds."""
@@ -152,37 +134,30 @@ def summary(waits: list[float]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--postgres-url", default=POSTGRES_URL)
+    ap.add_argument("--redis-url", default=REDIS_URL)
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="erpd-dispatch-"))
-    db = f"erpd_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(args.postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    pg_url = make_url(args.postgres_url).set(database=db).render_as_string(hide_password=False)
     results: dict[str, list[float]] = {}
     try:
-        for name, db_url, broker in (
-            ("production (Postgres + Redis)", pg_url, args.redis_url),
-            (
-                "embedded (SQLite + SQLite broker)",
-                f"sqlite:///{tmp}/embedded/erpd.db",
-                f"sqla+sqlite:///{tmp}/embedded/broker.db",
-            ),
-        ):
-            home = tmp / ("embedded" if "embedded" in name else "production")
-            home.mkdir(parents=True, exist_ok=True)
-            stack = Stack(name, home, db_url, broker)
-            try:
-                results[name] = measure(stack, args.runs)
-            finally:
-                stack.close()
+        with postgres_database(args.postgres_url) as pg_url:
+            for name, db_url, broker in (
+                ("production (Postgres + Redis)", pg_url, args.redis_url),
+                (
+                    "embedded (SQLite + SQLite broker)",
+                    f"sqlite:///{tmp}/embedded/erpd.db",
+                    f"sqla+sqlite:///{tmp}/embedded/broker.db",
+                ),
+            ):
+                home = tmp / ("embedded" if "embedded" in name else "production")
+                home.mkdir(parents=True, exist_ok=True)
+                stack = Stack(name, home, db_url, broker)
+                try:
+                    results[name] = measure(stack, args.runs)
+                finally:
+                    stack.close()
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"submit -> claimed by an idle worker, {args.runs} runs each (server timestamps)")
     medians = {}

@@ -236,7 +236,9 @@ def worker(
         if housekeeping:
             # webhook deliveries wait on remote hosts: a few threads, no GPU
             env = dict(os.environ) | {"CUDA_VISIBLE_DEVICES": ""}
-            argv = celery("erpd-housekeeping", [settings.housekeeping_queue], "threads", 4)
+            # named after the slots: `worker --gpus 0` and `--gpus 1` on one host stay distinct
+            suffix = "".join(f"-gpu{slot}" for slot in slots if slot is not None)
+            argv = celery(f"erpd-housekeeping{suffix}", [settings.housekeeping_queue], "threads", 4)
             children.append(subprocess.Popen(argv, env=env))
 
         def forward(signum: int, _frame: object) -> None:
@@ -290,6 +292,50 @@ def reaper(
                 break
         broker.close()
         engine.dispose()
+
+    _guard(body)
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8501,
+    api_url: Annotated[
+        str | None, typer.Option(help="The API it reads (default ERPD_DASHBOARD_API_URL).")
+    ] = None,
+) -> None:
+    """Run the Streamlit dashboard. It reads the REST API only; binds 127.0.0.1 by default.
+    The API key comes from ERPD_DASHBOARD_API_KEY or the sidebar."""
+
+    def body() -> None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        app_file = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+        env = dict(os.environ)
+        if api_url:
+            env["ERPD_DASHBOARD_API_URL"] = api_url
+        argv = [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(app_file),
+            "--server.address",
+            host,
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+            "--global.developmentMode",
+            "false",
+            "--client.toolbarMode",
+            "viewer",
+        ]
+        raise typer.Exit(subprocess.call(argv, env=env))
 
     _guard(body)
 

@@ -167,6 +167,7 @@ class PipelineOut(BaseModel):
 
 
 class RegistryOut(BaseModel):
+    id: uuid.UUID = Field(description="What runs name as their `model` / `dataset`.")
     name: str
     kind: str
     metadata: dict[str, Any]

@@ -71,5 +71,9 @@ async def upload_dataset(
     finally:
         tmp.unlink(missing_ok=True)
     return RegistryOut(
-        name=entry.name, kind=entry.kind, metadata=entry.meta, created_at=entry.created_at
+        id=entry.id,
+        name=entry.name,
+        kind=entry.kind,
+        metadata=entry.meta,
+        created_at=entry.created_at,
     )

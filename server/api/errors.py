@@ -34,10 +34,13 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse(body, status_code=status)
 
 
-def _field(loc: tuple[int | str, ...]) -> str:
-    # ("body", "config", "stage", "lr") -> "config.stage.lr"; the discriminator tag is dropped
+def _field(loc: tuple[int | str, ...], *, tagged: bool) -> str:
+    # ("body", "config", "stage", "lr") -> "config.stage.lr". POST /runs validates a union
+    # tagged by `kind`, whose tag leads the loc and is dropped; elsewhere "sample" or "stage2" is
+    # a real field (a pipeline's) and stays.
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    parts = [p for p in parts if p not in ("sample", "stage1", "stage2") or parts[:1] != [p]]
+    if tagged and parts[:1] in (["sample"], ["stage1"], ["stage2"]):
+        parts = parts[1:]
     return ".".join(parts) or "body"
 
 
@@ -47,9 +50,10 @@ def install(app: FastAPI) -> None:
         return error_response(exc.status, exc.code, exc.message, exc.field)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        field = _field(tuple(first.get("loc", ())))
+        tagged = request.method == "POST" and request.url.path.rstrip("/").endswith("/runs")
+        field = _field(tuple(first.get("loc", ())), tagged=tagged)
         if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
             field = "body"
         if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):

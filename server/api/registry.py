@@ -16,7 +16,7 @@ router = APIRouter(tags=["registry"])
 def models(session: ReadSession, key: KeyDep) -> list[RegistryOut]:
     rows = session.scalars(select(Model).order_by(Model.name))
     return [
-        RegistryOut(name=m.name, kind=m.kind, metadata=m.meta, created_at=m.created_at)
+        RegistryOut(id=m.id, name=m.name, kind=m.kind, metadata=m.meta, created_at=m.created_at)
         for m in rows
     ]
 
@@ -29,6 +29,6 @@ def datasets(session: ReadSession, key: KeyDep) -> list[RegistryOut]:
         .order_by(Dataset.name)
     )
     return [
-        RegistryOut(name=d.name, kind=d.kind, metadata=d.meta, created_at=d.created_at)
+        RegistryOut(id=d.id, name=d.name, kind=d.kind, metadata=d.meta, created_at=d.created_at)
         for d in rows
     ]

@@ -479,3 +479,16 @@ def test_the_openapi_document_needs_a_key(api: Api) -> None:
     assert api.client.get("/api/v1/docs").status_code in (401, 404)
     spec = api.get("/openapi.json").json()
     assert "/api/v1/runs" in spec["paths"]
+
+
+def test_a_pipeline_s_nested_errors_keep_their_whole_path(api: Api) -> None:
+    """`stage2` and `sample` are fields of a pipeline, not the tag of a run's kind."""
+    for body, field in (
+        ({"stage2": {"top_frac": 0}}, "stage2.top_frac"),
+        ({"sample": {"group_size": 1}}, "sample.group_size"),
+        ({"teachers": [{"objective": "nope"}]}, "teachers.0.objective"),
+    ):
+        refused = api.post("/pipelines", json=body)
+        assert refused.status_code == 422 and error(refused)["field"] == field, refused.text
+    refused = api.post("/runs", json={"kind": "stage2", "teachers": []})
+    assert error(refused)["field"] == "teachers"  # the run's kind tag is still dropped

@@ -1,0 +1,189 @@
+"""Run detail: live KL budget, entropy collapse and accuracy charts (a fragment polls only the
+points written since its last read), the stage's diagnostics, and the run's config, lineage,
+events and checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import streamlit as st
+
+from dashboard import analysis, charts, state
+from dashboard.client import ApiError
+from dashboard.series import RunSeries
+from erpd import metrics as M
+
+api, url, key = state.connect()
+
+
+def pick_run() -> str:
+    """The run in the URL (`?run=<id>`), or one picked from the latest."""
+    chosen = st.query_params.get("run")
+    if chosen:
+        return chosen
+    recent = state.runs(url, key, (), 50)
+    if not recent:
+        st.info("No runs yet.")
+        st.stop()
+    labels = {f"{r['name']} · {r['status']}": r["id"] for r in recent}
+    return str(labels[st.selectbox("Run", list(labels))])
+
+
+run_id = pick_run()
+try:
+    run = api.run(run_id)
+    catalogue = state.catalogue(url, key)
+except ApiError as exc:
+    state.show_error(exc)
+    st.stop()
+
+st.title(run["name"])
+head = st.columns(5)
+head[0].metric("Status", run["status"])
+head[1].metric("Kind", f"{run['kind']} r{run['round']}")
+head[2].metric("Attempt", f"{run['attempt']}/{run['max_attempts']}")
+head[3].metric("Accuracy", "–" if run["final_accuracy"] is None else f"{run['final_accuracy']:.3f}")
+head[4].metric("KL spent", "–" if run["kl_spent"] is None else f"{run['kl_spent']:.4f}")
+if run["error"]:
+    st.error(run["error"])
+
+LIVE = run["status"] in ("queued", "running")
+STAGE = run["config"].get("stage", {})
+KL = [M.KL_EXACT, M.KL_K3, M.KL_K1]
+ENTROPY = [M.ENTROPY_BATCH, M.ENTROPY_TOKEN]
+ACCURACY = [M.ACC_EVAL, M.ACC_TRAIN_BATCH]
+RATIOS = [M.RATIO_P01, M.RATIO_P99, M.RATIO_CLIP_FRAC]
+DRIFT = [M.DRIFT_CORRECT, M.DRIFT_INCORRECT]
+
+
+def about(names: list[str]) -> str:
+    """A chart's tooltip: each metric's estimator and direction, from the API's catalogue."""
+    rows = []
+    for name in names:
+        info = catalogue.get(name)
+        if info:
+            rows.append(f"**{name}**: {info['estimator']} ({info['direction']})")
+    return "  \n".join(rows)
+
+
+@st.fragment(run_every=state.SETTINGS.refresh_s if LIVE else None)
+def live_charts() -> None:
+    held: RunSeries = st.session_state.setdefault(f"series:{run_id}", RunSeries())
+    try:
+        body = api.metrics(run_id, since_step=held.since(), max_points=state.SETTINGS.max_points)
+        now = api.run(run_id) if LIVE else run
+    except ApiError as exc:
+        state.show_error(exc)
+        return
+    held.merge(body)
+    series = held.series
+    p = now["progress"]
+    if now["status"] == "running" and p["total"]:
+        st.progress(min(1.0, (p["step"] or 0) / p["total"]), text=f"step {p['step']}/{p['total']}")
+    st.caption(f"last step {held.last_step if held.last_step is not None else '–'}")
+
+    left, middle, right = st.columns(3)
+    with left:
+        budget = STAGE.get("kl_budget")
+        steps, values = series.get(M.KL_EXACT, ([], []))
+        exhaustion = analysis.budget_exhaustion(steps, values, budget)
+        st.subheader("KL budget", help=about(KL))
+        st.plotly_chart(
+            charts.kl_budget(series, KL, catalogue, budget=budget, exhaustion=exhaustion),
+            key="kl_chart",
+        )
+        if budget is None:
+            st.caption("No KL budget set for this stage.")
+        elif exhaustion[0] is not None:
+            verb = "reached" if exhaustion[1] else "would be exhausted"
+            st.caption(f"Budget {budget:g} {verb} at step {exhaustion[0]}.")
+    with middle:
+        basis = (
+            M.ENTROPY_BATCH
+            if len(series.get(M.ENTROPY_BATCH, ([], []))[0]) >= 10
+            else (M.ENTROPY_TOKEN)
+        )
+        collapse = analysis.collapse_point(*series.get(basis, ([], [])))
+        healthy = analysis.last_healthy_checkpoint(checkpoints, collapse) if collapse else None
+        st.subheader("Entropy collapse", help=about(ENTROPY))
+        st.plotly_chart(
+            charts.entropy(
+                series,
+                ENTROPY,
+                catalogue,
+                collapse=collapse,
+                healthy=healthy["step"] if healthy else None,
+            ),
+            key="entropy_chart",
+        )
+        if collapse is not None:
+            where = f"; last checkpoint before it: step {healthy['step']}" if healthy else ""
+            st.caption(f"Collapse detected at step {collapse} ({basis}){where}.")
+    with right:
+        st.subheader("Accuracy", help=about(ACCURACY))
+        st.plotly_chart(
+            charts.lines(series, ACCURACY, catalogue, title="", y_title="accuracy"),
+            key="acc_chart",
+        )
+
+    extra = [("Importance ratios", RATIOS), ("Log-prob drift", DRIFT)]
+    if run["kind"] == "stage2":
+        extra.append(("Selected tokens", [M.SELECTED_FRAC]))
+    for column, (title, names) in zip(st.columns(len(extra)), extra, strict=True):
+        with column:
+            st.subheader(title, help=about(names))
+            st.plotly_chart(
+                charts.lines(series, names, catalogue, title="", y_title="value"),
+                key=f"chart_{title}",
+            )
+    if LIVE and now["status"] not in ("queued", "running"):
+        st.rerun()  # it just ended: draw the finished page once, and stop polling
+
+
+try:
+    checkpoints = api.checkpoints(run_id)
+except ApiError as exc:
+    state.show_error(exc)
+    checkpoints = []
+live_charts()
+
+st.subheader("Lineage")
+links = []
+if run["pipeline"]:
+    links.append(f"pipeline [{state.short(run['pipeline'])}](pipeline?pipeline={run['pipeline']})")
+if run["base_run"]:
+    links.append(f"base (pi_k) [{state.short(run['base_run'])}](run?run={run['base_run']})")
+if run["batch_run"]:
+    links.append(f"fixed batch [{state.short(run['batch_run'])}](run?run={run['batch_run']})")
+for t in run["teachers"]:
+    pin = f"sha256 `{t['sha256'][:16]}`" if t["sha256"] else "not pinned yet"
+    links.append(f"teacher [{state.short(t['run'])}](run?run={t['run']}) · {pin}")
+st.markdown("\n".join(f"- {line}" for line in links) or "Trained from the registered model.")
+
+st.subheader("Checkpoints")
+
+
+def fetcher(checkpoint_id: str) -> Callable[[], bytes]:
+    return lambda: api.download(checkpoint_id)  # fetched on click, not on page load
+
+
+for ckpt in checkpoints:
+    st.download_button(
+        f"Download {ckpt['role']} · step {ckpt['step']} · {ckpt['bytes'] / 1e6:.1f} MB",
+        data=fetcher(ckpt["id"]),
+        file_name=f"{run['name'].replace('/', '_')}-{ckpt['role']}-{ckpt['step']}.tar",
+        mime="application/x-tar",
+        on_click="ignore",
+        help=f"sha256 {ckpt['sha256']}",
+        key=f"download_{ckpt['id']}",
+    )
+if not checkpoints:
+    st.caption("No checkpoint registered (yet).")
+
+with st.expander("Config"):
+    st.json(run["config"])
+with st.expander("Events"):
+    try:
+        st.dataframe(api.events(run_id), hide_index=True)
+    except ApiError as exc:
+        state.show_error(exc)

@@ -1,0 +1,106 @@
+"""The dashboard's annotations: collapse rule, budget extrapolation, Pareto front, merging polls."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from dashboard.analysis import (
+    budget_exhaustion,
+    collapse_point,
+    eta_seconds,
+    last_healthy_checkpoint,
+    pareto_front,
+)
+from dashboard.series import RunSeries
+
+
+def test_collapse_is_where_the_smoothed_entropy_halves_while_falling() -> None:
+    steps = list(range(20))
+    entropy = [2.0] * 8 + [2.0 - 0.25 * i for i in range(1, 8)] + [0.2] * 5
+    # trailing mean of 5 first drops below 1.0 at step 13 (values 1.25 .. 0.25 -> 0.75 mean)
+    step = collapse_point(steps, entropy)
+    assert step is not None and 10 <= step <= 14
+    window = entropy[step - 4 : step + 1]
+    assert sum(window) / 5 < 1.0
+
+
+def test_no_collapse_for_flat_short_or_gently_falling_series() -> None:
+    assert collapse_point(list(range(20)), [1.0] * 20) is None
+    assert collapse_point([0, 1, 2], [2.0, 0.1, 0.1]) is None  # too short to judge
+    assert collapse_point(list(range(40)), [2.0 - 0.02 * s for s in range(40)]) is None  # -39%
+
+
+def test_a_sudden_drop_is_flagged_once_the_window_mean_halves() -> None:
+    # window means at steps 5, 6, 7: 1.62, 1.24, 0.86: the third is below half of 2.0
+    assert collapse_point(list(range(12)), [2.0] * 5 + [0.1] * 7) == 7
+
+
+def test_nan_points_are_skipped() -> None:
+    steps = list(range(12))
+    values: list[float | None] = [
+        2.0,
+        None,
+        2.0,
+        float("nan"),
+        2.0,
+        2.0,
+        2.0,
+        1.0,
+        0.5,
+        0.1,
+        0.1,
+        0.1,
+    ]
+    assert collapse_point(steps, values) is not None
+
+
+def test_budget_reached_or_extrapolated() -> None:
+    steps = list(range(10))
+    rising = [0.01 * s for s in steps]  # slope 0.01 per step, 0.09 at step 9
+    assert budget_exhaustion(steps, rising, 0.2) == (20, False)
+    assert budget_exhaustion(steps, rising, 0.05) == (5, True)
+    assert budget_exhaustion(steps, [0.05] * 10, 0.2) == (None, False)  # flat: never
+    assert budget_exhaustion(steps, rising, None) == (None, False)
+
+
+def test_pareto_front_keeps_the_undominated_runs_by_increasing_kl() -> None:
+    points = [(0.5, 0.7), (0.1, 0.6), (0.2, 0.5), (0.05, 0.4), (0.6, 0.7)]
+    assert pareto_front(points) == [3, 1, 0]  # (0.2, .5) loses to (0.1, .6); (0.6, .7) to (0.5, .7)
+
+
+def test_last_healthy_checkpoint_is_the_latest_before_the_collapse() -> None:
+    ckpts = [{"step": 10}, {"step": 40}, {"step": 25}]
+    assert last_healthy_checkpoint(ckpts, 30) == {"step": 25}
+    assert last_healthy_checkpoint(ckpts, 5) is None
+    assert last_healthy_checkpoint(ckpts, None) == {"step": 40}
+
+
+def test_eta_from_progress() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    started = (now - timedelta(seconds=100)).isoformat()
+    assert eta_seconds(started, 25, 100, now) == 300.0
+    assert eta_seconds(started, 0, 100, now) is None
+    assert eta_seconds(None, 5, 100, now) is None
+
+
+def test_merging_polls_replaces_resent_steps_and_appends_new_ones() -> None:
+    held = RunSeries()
+    held.merge(
+        {
+            "series": [{"name": "loss", "steps": [0, 1, 2], "values": [3.0, 2.0, 1.0]}],
+            "last_step": 2,
+        }
+    )
+    assert held.since() == 1  # the last step is asked for again
+    added = held.merge(
+        {
+            "series": [
+                {"name": "loss", "steps": [2, 3], "values": [1.0, 0.5]},
+                {"name": "acc/eval", "steps": [2], "values": [0.4]},  # eval landed after
+            ],
+            "last_step": 3,
+        }
+    )
+    assert held.series["loss"] == ([0, 1, 2, 3], [3.0, 2.0, 1.0, 0.5])
+    assert held.series["acc/eval"] == ([2], [0.4])
+    assert added == 2 and held.last_step == 3
