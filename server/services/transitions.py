@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, aliased
 from erpd import metrics as M
 from server.db import (
     FINISHED,
+    Checkpoint,
     CheckpointRole,
     EventKind,
     Run,
@@ -186,10 +187,16 @@ def complete_run(
     return run
 
 
-def _pin_teacher(session: Session, run: Run) -> None:
-    ckpt = latest_checkpoint(session, run_id=run.id, role=CheckpointRole.TEACHER)
+def _own_checkpoint(session: Session, run: Run, role: CheckpointRole) -> Checkpoint:
+    """The checkpoint a succeeding run hands on; a run that registered none cannot succeed."""
+    ckpt = latest_checkpoint(session, run_id=run.id, role=role)
     if ckpt is None:
-        raise IllegalTransitionError(run.id, run.status, "complete without a teacher checkpoint")
+        raise IllegalTransitionError(run.id, run.status, f"complete without a {role} checkpoint")
+    return ckpt
+
+
+def _pin_teacher(session: Session, run: Run) -> None:
+    ckpt = _own_checkpoint(session, run, CheckpointRole.TEACHER)
     session.execute(
         update(RunTeacher)
         .where(RunTeacher.teacher_id == run.id, RunTeacher.sha256.is_(None))
@@ -199,9 +206,7 @@ def _pin_teacher(session: Session, run: Run) -> None:
 
 
 def _pin_base(session: Session, run: Run) -> None:
-    ckpt = latest_checkpoint(session, run_id=run.id, role=CheckpointRole.STUDENT)
-    if ckpt is None:
-        raise IllegalTransitionError(run.id, run.status, "complete without a student checkpoint")
+    ckpt = _own_checkpoint(session, run, CheckpointRole.STUDENT)
     session.execute(
         update(Run)
         .where(Run.base_run_id == run.id, Run.base_sha256.is_(None))

@@ -46,7 +46,13 @@ def claim(factory: sessionmaker[Session], run_id: uuid.UUID) -> Run | None:
         return claim_run(s, run_id=run_id, worker="w1", device="cpu")
 
 
-def finish_teacher(factory: sessionmaker[Session], run_id: uuid.UUID, sha: str = "a" * 64) -> None:
+def finish_teacher(
+    factory: sessionmaker[Session],
+    run_id: uuid.UUID,
+    sha: str = "a" * 64,
+    role: CheckpointRole = CheckpointRole.TEACHER,
+) -> None:
+    """Claim the run, register its checkpoint (a teacher's, or `role`) and complete it."""
     run = claim(factory, run_id)
     assert run is not None
     with factory.begin() as s:
@@ -54,9 +60,9 @@ def finish_teacher(factory: sessionmaker[Session], run_id: uuid.UUID, sha: str =
             s,
             run_id=run_id,
             attempt=run.attempt,
-            role=CheckpointRole.TEACHER,
+            role=role,
             step=40,
-            key=f"runs/{run_id.hex}/teacher-40",
+            key=f"runs/{run_id.hex}/{role}-40",
             size=123,
             sha256=sha,
             manifest={"step": 40},
@@ -368,21 +374,7 @@ def test_deleting_a_pipeline_deletes_its_runs_and_their_rows(factory, builtins) 
 
 
 def finish_student(factory: sessionmaker[Session], run_id: uuid.UUID, sha: str) -> None:
-    run = claim(factory, run_id)
-    assert run is not None
-    with factory.begin() as s:
-        register_checkpoint(
-            s,
-            run_id=run_id,
-            attempt=run.attempt,
-            role=CheckpointRole.STUDENT,
-            step=8,
-            key=f"runs/{run_id.hex}/checkpoint",
-            size=123,
-            sha256=sha,
-            manifest={"step": 8},
-        )
-        complete_run(s, run_id=run_id, attempt=run.attempt, summary=SUMMARY, actor="worker:w1")
+    finish_teacher(factory, run_id, sha, role=CheckpointRole.STUDENT)
 
 
 def two_round_pipeline(factory: sessionmaker[Session], ids: Ids) -> list[Run]:

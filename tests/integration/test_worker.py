@@ -96,6 +96,16 @@ def start_worker(
     return worker, log
 
 
+def register_model(db_url: str, name: str, base: dict[str, float]) -> None:
+    """The built-in tiny model under another name, pretrained only as far as `base` says."""
+    engine = make_engine(db_url)
+    with session_factory(engine).begin() as s:
+        register(
+            s, Model, name=name, kind=RegistryKind.BUILTIN, location="tiny", meta={"base": base}
+        )
+    engine.dispose()
+
+
 class Stack:
     def __init__(self, live: Live) -> None:
         self.live = live
@@ -171,17 +181,7 @@ def stack(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> Ite
         webhook_hosts=["127.0.0.1"],
     )
     live = next(servers)
-    engine = make_engine(live.settings.db_url)
-    with session_factory(engine).begin() as s:
-        register(
-            s,
-            Model,
-            name="tiny-test",
-            kind=RegistryKind.BUILTIN,
-            location="tiny",
-            meta={"base": BASE},
-        )
-    engine.dispose()
+    register_model(live.settings.db_url, "tiny-test", BASE)
     stack = Stack(live)
     stack.start_worker()
     exe = Path(sys.executable).with_name("erpd-hub")
@@ -448,17 +448,7 @@ def test_a_postgres_restart_mid_run_is_ridden_out(stack: Stack) -> None:
     servers = start_live(dbs, stack.live.settings.home, heartbeat_s=1, heartbeat_timeout_s=300)
     private = Stack(next(servers))
     try:
-        engine = make_engine(private.live.settings.db_url)
-        with session_factory(engine).begin() as s:
-            register(
-                s,
-                Model,
-                name="tiny-test",
-                kind=RegistryKind.BUILTIN,
-                location="tiny",
-                meta={"base": BASE},
-            )
-        engine.dispose()
+        register_model(private.live.settings.db_url, "tiny-test", BASE)
         private.start_worker()
         run = private.live.http.post("/runs", json=LONG_STAGE1).json()
         private.wait_for_step(run["id"], 2)
@@ -489,11 +479,9 @@ def test_the_embedded_default_runs_stages_with_no_services(tmp_path: Path) -> No
     engine = make_engine(f"sqlite:///{tmp_path}/erpd.db")
     with session_factory(engine).begin() as s:
         _, key = create_api_key(s, name="me")
-        quick = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
-        register(
-            s, Model, name="quick", kind=RegistryKind.BUILTIN, location="tiny", meta={"base": quick}
-        )
     engine.dispose()
+    quick = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
+    register_model(f"sqlite:///{tmp_path}/erpd.db", "quick", quick)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
