@@ -16,10 +16,11 @@ with st.sidebar:
     st.text_input("API URL", value=SETTINGS.api_url, key="api_url")
     st.text_input(
         "API key",
-        value=SETTINGS.api_key or "",
         key="api_key",
         type="password",
-        help="An erpd-hub key (`erpd-hub create-key NAME`). Kept for this browser session only.",
+        placeholder="configured on the server" if SETTINGS.api_key else "required",
+        help="An erpd-hub key (`erpd-hub create-key NAME`), kept for this browser session. "
+        "Empty: the server's configured key, for the configured API URL only.",
     )
 
 navigation = st.navigation(

@@ -67,6 +67,21 @@ def kl_budget(
     fig = lines(series, names, catalogue, title="", y_title="KL", secondary=names[1:])
     if budget is not None:
         fig.add_hline(y=budget, line_dash="dash", line_color="crimson", annotation_text="budget")
+        if names and names[0] in series:  # the burn-down: what is left of the budget
+            steps, values = series[names[0]]
+            fig.add_trace(
+                go.Scatter(
+                    x=list(steps),
+                    y=[None if v is None else budget - v for v in values],
+                    name="budget left",
+                    mode="lines",
+                    line={"color": "crimson", "width": 1},
+                    fill="tozeroy",
+                    fillcolor="rgba(220,20,60,0.08)",
+                    hovertemplate=f"<b>budget left</b> ({names[0]})<br>step %{{x}}<br>"
+                    "%{y:.4g}<extra></extra>",
+                )
+            )
     step, reached = exhaustion
     if step is not None:
         label = "budget reached" if reached else "budget exhausted at this rate"
@@ -131,7 +146,7 @@ def pareto(rows: Sequence[Mapping[str, Any]], front: Sequence[int]) -> go.Figure
 def rounds(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     """A pipeline's runs side by side: accuracy bars and KL spent, per round and role."""
     fig = go.Figure()
-    labels = [f"r{r['round']} {r['role']}" for r in rows]
+    labels = [f"r{r['round']} {r['role']}: {r['run']}" for r in rows]  # two teachers, two bars
     fig.add_trace(go.Bar(x=labels, y=[r["accuracy"] for r in rows], name="accuracy", yaxis="y"))
     fig.add_trace(
         go.Scatter(

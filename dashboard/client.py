@@ -38,7 +38,10 @@ class ApiClient:
         except httpx.HTTPError as exc:
             raise ApiError(0, "unreachable", f"API unreachable at {self.base_url}: {exc}") from exc
         if response.is_success:
-            return response.json()
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise ApiError(response.status_code, "bad_response", "not a JSON answer") from exc
         try:
             body = response.json()["error"]
             raise ApiError(response.status_code, body["code"], body["message"], body.get("field"))

@@ -5,8 +5,10 @@ page (a click, a filter) does not call the API again."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from dashboard.client import ApiClient, ApiError
 from dashboard.settings import DashboardSettings
@@ -24,9 +26,21 @@ STATUS_BADGE = {
 
 
 def connection() -> tuple[str, str | None]:
-    url = st.session_state.get("api_url") or SETTINGS.api_url
-    key = st.session_state.get("api_key") or SETTINGS.api_key
-    return url, key
+    """The sidebar's URL and key for this session, if a key was typed there; else the configured
+    ones. The configured key only ever goes to the configured URL (never to a URL typed by a
+    visitor), and it is never sent to the browser."""
+    typed = st.session_state.get("api_key")
+    if typed:
+        return st.session_state.get("api_url") or SETTINGS.api_url, typed
+    return SETTINGS.api_url, SETTINGS.api_key
+
+
+def link(page: str, label: str, **query: str) -> None:
+    """A link to another page that stays in this tab (and session, with its sidebar key)."""
+    try:
+        st.page_link(f"views/{page}.py", label=label, query_params=query)
+    except StreamlitAPIException:  # a page run on its own (AppTest): a plain link
+        st.markdown(f"[{label}]({page}?{urlencode(query)})")
 
 
 @st.cache_resource(show_spinner=False)

@@ -26,7 +26,7 @@ picked = st.multiselect(
     "Runs",
     list(by_id),
     default=preset,
-    format_func=lambda i: f"{by_id[i]['name']} · {by_id[i]['status']}",
+    format_func=lambda i: f"{by_id[i]['name']} · {by_id[i]['status']} · {state.short(i)}",
     key="picked",
 )
 
@@ -55,8 +55,8 @@ for run_id in picked:
     except ApiError as exc:
         state.show_error(exc)
         continue
-    if metric in held.series:
-        overlay[by_id[run_id]["name"]] = held.series[metric]
+    if metric in held.series:  # names may repeat across runs: the id keeps curves apart
+        overlay[f"{by_id[run_id]['name']} · {state.short(run_id)}"] = held.series[metric]
 st.plotly_chart(
     charts.lines(overlay, list(overlay), {}, title=metric, y_title=metric), key="overlay_chart"
 )

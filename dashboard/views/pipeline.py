@@ -3,6 +3,8 @@ headline comparison: the student's accuracy at a fraction of the teachers' KL.""
 
 from __future__ import annotations
 
+import uuid
+
 import pandas as pd
 import streamlit as st
 
@@ -23,18 +25,27 @@ for r in recent:
     if r["pipeline"] and r["pipeline"] not in pipelines:
         pipelines[r["pipeline"]] = r["name"].split("/")[0]
 chosen = st.query_params.get("pipeline")
-if not pipelines and not chosen:
+if chosen:
+    try:
+        chosen = str(uuid.UUID(chosen))  # any pipeline of this key, not only the latest ones
+    except ValueError:
+        st.error(f"`{chosen[:40]}` is not a pipeline id.")
+        st.stop()
+elif pipelines:
+    chosen = st.selectbox(
+        "Pipeline", list(pipelines), format_func=lambda p: f"{pipelines[p]} · {state.short(p)}"
+    )
+if not chosen:
     st.info("No pipelines yet. Submit one on the Submit page.")
     st.stop()
-if chosen not in pipelines:
-    options = list(pipelines)
-    chosen = st.selectbox(
-        "Pipeline", options, format_func=lambda p: f"{pipelines[p]} · {state.short(p)}"
+try:
+    runs = sorted(
+        state.runs(url, key, (("pipeline", chosen),), 500),
+        key=lambda r: (r["round"], ["sample", "stage1", "stage2"].index(r["kind"]), r["name"]),
     )
-runs = sorted(
-    state.runs(url, key, (("pipeline", chosen),), 500),
-    key=lambda r: (r["round"], ["sample", "stage1", "stage2"].index(r["kind"]), r["name"]),
-)
+except ApiError as exc:
+    state.show_error(exc)
+    st.stop()
 if not runs:
     st.warning("This pipeline has no runs you can see.")
     st.stop()

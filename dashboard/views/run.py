@@ -4,6 +4,7 @@ events and checkpoints."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import streamlit as st
@@ -20,12 +21,16 @@ def pick_run() -> str:
     """The run in the URL (`?run=<id>`), or one picked from the latest."""
     chosen = st.query_params.get("run")
     if chosen:
-        return chosen
+        try:
+            return str(uuid.UUID(chosen))  # only an id ever reaches the API's path
+        except ValueError:
+            st.error(f"`{chosen[:40]}` is not a run id.")
+            st.stop()
     recent = state.runs(url, key, (), 50)
     if not recent:
         st.info("No runs yet.")
         st.stop()
-    labels = {f"{r['name']} · {r['status']}": r["id"] for r in recent}
+    labels = {f"{r['name']} · {r['status']} · {state.short(r['id'])}": r["id"] for r in recent}
     return str(labels[st.selectbox("Run", list(labels))])
 
 
@@ -38,14 +43,19 @@ except ApiError as exc:
     st.stop()
 
 st.title(run["name"])
-head = st.columns(5)
-head[0].metric("Status", run["status"])
-head[1].metric("Kind", f"{run['kind']} r{run['round']}")
-head[2].metric("Attempt", f"{run['attempt']}/{run['max_attempts']}")
-head[3].metric("Accuracy", "–" if run["final_accuracy"] is None else f"{run['final_accuracy']:.3f}")
-head[4].metric("KL spent", "–" if run["kl_spent"] is None else f"{run['kl_spent']:.4f}")
-if run["error"]:
-    st.error(run["error"])
+
+
+def header(now: dict) -> None:
+    head = st.columns(5)
+    head[0].metric("Status", now["status"])
+    head[1].metric("Kind", f"{now['kind']} r{now['round']}")
+    head[2].metric("Attempt", f"{now['attempt']}/{now['max_attempts']}")
+    acc, kl = now["final_accuracy"], now["kl_spent"]
+    head[3].metric("Accuracy", "–" if acc is None else f"{acc:.3f}")
+    head[4].metric("KL spent", "–" if kl is None else f"{kl:.4f}")
+    if now["error"]:
+        st.error(now["error"])
+
 
 LIVE = run["status"] in ("queued", "running")
 STAGE = run["config"].get("stage", {})
@@ -54,6 +64,7 @@ ENTROPY = [M.ENTROPY_BATCH, M.ENTROPY_TOKEN]
 ACCURACY = [M.ACC_EVAL, M.ACC_TRAIN_BATCH]
 RATIOS = [M.RATIO_P01, M.RATIO_P99, M.RATIO_CLIP_FRAC]
 DRIFT = [M.DRIFT_CORRECT, M.DRIFT_INCORRECT]
+CHARTED = [*KL, *ENTROPY, *ACCURACY, *RATIOS, *DRIFT, M.SELECTED_FRAC]
 
 
 def about(names: list[str]) -> str:
@@ -68,14 +79,25 @@ def about(names: list[str]) -> str:
 
 @st.fragment(run_every=state.SETTINGS.refresh_s if LIVE else None)
 def live_charts() -> None:
-    held: RunSeries = st.session_state.setdefault(f"series:{run_id}", RunSeries())
     try:
-        body = api.metrics(run_id, since_step=held.since(), max_points=state.SETTINGS.max_points)
         now = api.run(run_id) if LIVE else run
+        checkpoints = api.checkpoints(run_id) if LIVE else CHECKPOINTS
+    except ApiError as exc:
+        state.show_error(exc)
+        return
+    if now["attempt"] != run["attempt"]:
+        st.rerun()  # a new attempt rewrites steps: read its series afresh
+    # per attempt: a resumed or retried run writes its steps again
+    held: RunSeries = st.session_state.setdefault(f"series:{run_id}:{run['attempt']}", RunSeries())
+    try:
+        body = api.metrics(
+            run_id, names=CHARTED, since_step=held.since(), max_points=state.SETTINGS.max_points
+        )
     except ApiError as exc:
         state.show_error(exc)
         return
     held.merge(body)
+    header(now)
     series = held.series
     p = now["progress"]
     if now["status"] == "running" and p["total"]:
@@ -141,24 +163,24 @@ def live_charts() -> None:
 
 
 try:
-    checkpoints = api.checkpoints(run_id)
+    CHECKPOINTS = api.checkpoints(run_id)
 except ApiError as exc:
     state.show_error(exc)
-    checkpoints = []
+    CHECKPOINTS = []
 live_charts()
 
 st.subheader("Lineage")
-links = []
 if run["pipeline"]:
-    links.append(f"pipeline [{state.short(run['pipeline'])}](pipeline?pipeline={run['pipeline']})")
+    state.link("pipeline", f"pipeline {state.short(run['pipeline'])}", pipeline=run["pipeline"])
 if run["base_run"]:
-    links.append(f"base (pi_k) [{state.short(run['base_run'])}](run?run={run['base_run']})")
+    state.link("run", f"base (pi_k): run {state.short(run['base_run'])}", run=run["base_run"])
 if run["batch_run"]:
-    links.append(f"fixed batch [{state.short(run['batch_run'])}](run?run={run['batch_run']})")
+    state.link("run", f"fixed batch: run {state.short(run['batch_run'])}", run=run["batch_run"])
 for t in run["teachers"]:
-    pin = f"sha256 `{t['sha256'][:16]}`" if t["sha256"] else "not pinned yet"
-    links.append(f"teacher [{state.short(t['run'])}](run?run={t['run']}) · {pin}")
-st.markdown("\n".join(f"- {line}" for line in links) or "Trained from the registered model.")
+    pin = f"sha256 {t['sha256'][:16]}" if t["sha256"] else "not pinned yet"
+    state.link("run", f"teacher: run {state.short(t['run'])} · {pin}", run=t["run"])
+if not (run["pipeline"] or run["base_run"] or run["batch_run"] or run["teachers"]):
+    st.caption("Trained from the registered model.")
 
 st.subheader("Checkpoints")
 
@@ -167,7 +189,7 @@ def fetcher(checkpoint_id: str) -> Callable[[], bytes]:
     return lambda: api.download(checkpoint_id)  # fetched on click, not on page load
 
 
-for ckpt in checkpoints:
+for ckpt in CHECKPOINTS:
     st.download_button(
         f"Download {ckpt['role']} · step {ckpt['step']} · {ckpt['bytes'] / 1e6:.1f} MB",
         data=fetcher(ckpt["id"]),
@@ -177,7 +199,7 @@ for ckpt in checkpoints:
         help=f"sha256 {ckpt['sha256']}",
         key=f"download_{ckpt['id']}",
     )
-if not checkpoints:
+if not CHECKPOINTS:
     st.caption("No checkpoint registered (yet).")
 
 with st.expander("Config"):

@@ -75,10 +75,11 @@ st.dataframe(
 st.caption(f"{len(runs)} runs, newest first.")
 
 # --- actions: pick a run, then confirm ---------------------------------------------------------
-st.subheader("Cancel or retry")
+st.subheader("Open, cancel or retry")
 by_label = {f"{r['name']} · {r['status']} · {state.short(r['id'])}": r for r in runs}
 label = st.selectbox("Run", list(by_label), key="action_run")
 chosen = by_label[label]
+state.link("run", f"Open {chosen['name']}", run=chosen["id"])
 left, right = st.columns(2)
 if left.button("Cancel run", disabled=chosen["status"] not in ("queued", "running")):
     st.session_state["pending"] = ("cancel", chosen["id"], chosen["name"])

@@ -93,4 +93,4 @@ if submitted:
     else:
         state.runs.clear()
         st.success(f"Pipeline {made['name']} submitted: {len(made['runs'])} runs.")
-        st.markdown(f"[Open the pipeline](pipeline?pipeline={made['id']})")
+        state.link("pipeline", "Open the pipeline", pipeline=made["id"])

@@ -113,6 +113,9 @@ def seeded(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def page(seeded: Seeded, name: str, **query: str) -> AppTest:
+    import streamlit as st
+
+    st.cache_data.clear()  # the process-wide read cache would carry over from the last test
     at = AppTest.from_file(str(PAGES / f"{name}.py"), default_timeout=60)
     at.session_state["api_url"] = f"{seeded.live.base}/api/v1"
     at.session_state["api_key"] = seeded.live.secret
@@ -129,6 +132,7 @@ def no_errors(at: AppTest) -> None:
 def test_runs_page_lists_runs_and_filters_them(seeded: Seeded) -> None:
     at = page(seeded, "runs")
     no_errors(at)
+    at.text_input(key="f_tag").set_value("dash").run()  # the seeded pipeline's runs only
     table = at.dataframe[0].value
     assert len(table) == 4 and set(table["kind"]) == {"sample", "stage1", "stage2"}
     assert table["status"].str.contains("succeeded").all()
@@ -148,14 +152,15 @@ def test_run_detail_draws_the_three_charts_with_their_annotations(seeded: Seeded
     kl_help = next(s for s in at.subheader if s.value == "KL budget").help
     assert "kl/exact" in kl_help and "lower_is_better" in kl_help  # from /metrics/catalogue
     captions = " ".join(c.value for c in at.caption)
-    # kl/exact = 0.002 s: the budget 0.1 would be reached at step 50 at this rate (none reached)
+    # kl/exact = 0.002 s reaches the stage-2 budget of 0.1 at step 50
     assert "Budget 0.1 reached at step 50" in captions
     assert "Collapse detected at step" in captions
     collapse = int(captions.split("Collapse detected at step ")[1].split()[0])
     assert COLLAPSE_FROM < collapse < STEPS
     assert "last checkpoint before it: step 20" in captions
     assert len(at.get("download_button")) == 2
-    lineage = " ".join(m.value for m in at.markdown)
+    links = [m.value for m in at.markdown] + [p.label for p in at.get("page_link")]
+    lineage = " ".join(links)
     assert all(t[:8] in lineage for t in seeded.teachers) and "sha256" in lineage
 
 
@@ -204,3 +209,12 @@ def test_cancel_asks_for_confirmation_then_cancels(seeded: Seeded) -> None:
     next(b for b in at.button if b.label == "Yes, cancel").click().run()
     no_errors(at)
     assert seeded.live.http.get(f"/runs/{queued['id']}").json()["status"] == "cancelled"
+
+
+def test_a_queued_run_without_points_and_a_bad_id_are_shown_plainly(seeded: Seeded) -> None:
+    queued = seeded.live.http.post("/runs", json={"kind": "stage1", "name": "waiting"}).json()
+    at = page(seeded, "run", run=queued["id"])
+    no_errors(at)
+    assert "No checkpoint registered (yet)." in [c.value for c in at.caption]
+    at = page(seeded, "run", run="../checkpoints")
+    assert not at.exception and "is not a run id" in at.error[0].value

@@ -96,10 +96,11 @@ def browser() -> Iterator[object]:
 
 
 def charts(page: object, count: int) -> None:
-    page.wait_for_function(  # type: ignore[attr-defined]
-        f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {count}",
-        timeout=90_000,
+    drawn = (
+        "[...document.querySelectorAll('.js-plotly-plot')]"
+        ".filter(p => p.querySelector('.main-svg'))"  # one per drawn chart (each has several)
     )
+    page.wait_for_function(f"{drawn}.length >= {count}", timeout=90_000)  # type: ignore[attr-defined]
 
 
 def test_a_finished_run_s_page_draws_its_charts(stack, browser) -> None:  # type: ignore[no-untyped-def]
