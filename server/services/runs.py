@@ -171,6 +171,28 @@ def _check_batch(
         raise InvalidInputError("batch_run_id", f"run {batch_run_id} has another model or dataset")
 
 
+def _same_policy(
+    session: Session,
+    base_run_id: uuid.UUID | None,
+    batch_run_id: uuid.UUID | None,
+    teachers: Sequence[Run],
+) -> None:
+    """A stage's batch and teachers come from the policy it starts from (METHOD.md: the fixed
+    batch is sampled from pi_k, the teachers are trained from pi_k on it)."""
+    if batch_run_id is not None:
+        batch = session.get(Run, batch_run_id)
+        if batch is not None and batch.base_run_id != base_run_id:
+            raise InvalidInputError(
+                "batch_run_id", f"run {batch_run_id} was sampled from another base than this run's"
+            )
+    for i, teacher in enumerate(teachers):
+        if teacher.base_run_id != base_run_id:
+            raise InvalidInputError(
+                f"teacher_ids.{i}",
+                f"run {teacher.id} was trained from another base than this run's",
+            )
+
+
 def latest_checkpoint(
     session: Session, *, run_id: uuid.UUID, role: CheckpointRole
 ) -> Checkpoint | None:
@@ -274,6 +296,7 @@ def create_run(
     )
     if batch_run_id is not None:
         _check_batch(session, batch_run_id, kind=kind, model_id=model_id, dataset_id=dataset_id)
+    _same_policy(session, base_run_id, batch_run_id, teachers)
     base_sha256 = None
     if base_run_id is not None:
         base_sha256 = _check_base(session, base_run_id, model_id=model_id, dataset_id=dataset_id)

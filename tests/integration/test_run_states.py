@@ -442,3 +442,18 @@ def test_a_base_run_must_be_a_student_of_the_same_model(factory, builtins) -> No
     finish_student(factory, student.id, sha="3" * 64)
     with factory.begin() as s:  # created after its base succeeded: pinned at once
         assert new_run(s, builtins, base_run_id=student.id).base_sha256 == "3" * 64
+
+
+def test_a_stage_s_batch_and_teachers_must_come_from_its_own_base(factory, builtins) -> None:
+    sample0, teacher0, _, sample1, teacher1, _ = two_round_pipeline(factory, builtins)
+    with pytest.raises(InvalidInputError) as err, factory.begin() as s:  # round 1's batch, no base
+        new_run(s, builtins, batch_run_id=sample1.id)
+    assert err.value.field == "batch_run_id" and "another base" in str(err.value)
+    with pytest.raises(InvalidInputError) as err, factory.begin() as s:  # a round-0 teacher
+        new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher0.id, teacher1.id])
+    assert err.value.field == "teacher_ids.1"
+    with factory.begin() as s:  # the same base all round: accepted
+        run = new_run(
+            s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher0.id], batch_run_id=sample0.id
+        )
+        assert run.base_run_id is None
