@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def main() -> None:
                         page.close()
                 browser.close()
         finally:
-            dash.terminate()
+            os.killpg(dash.pid, signal.SIGTERM)  # erpd-hub dashboard and its streamlit child
             api.terminate()
             dash.wait(timeout=30)
             api.wait(timeout=30)

@@ -93,8 +93,12 @@ class Stack:
             headers={"Authorization": f"Bearer {self.key}"},
             timeout=httpx.Timeout(30, read=600),
         )
-        await_line(self.api, "Uvicorn running")
-        await_line(self.worker, " ready.")
+        try:
+            await_line(self.api, "Uvicorn running")
+            await_line(self.worker, " ready.")
+        except BaseException:
+            self.close()  # never leave a server or a worker behind
+            raise
 
     def one_run(self) -> float:
         """Submit one run, wait for its end on the event stream; its queue wait in seconds."""

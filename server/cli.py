@@ -308,6 +308,7 @@ def dashboard(
     The API key comes from ERPD_DASHBOARD_API_KEY or the sidebar."""
 
     def body() -> None:
+        import signal
         import subprocess
         import sys
         from pathlib import Path
@@ -335,7 +336,14 @@ def dashboard(
             "--client.toolbarMode",
             "viewer",
         ]
-        raise typer.Exit(subprocess.call(argv, env=env))
+        child = subprocess.Popen(argv, env=env)
+
+        def forward(signum: int, _frame: object) -> None:  # stopping this stops streamlit
+            child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        raise typer.Exit(child.wait())
 
     _guard(body)
 
