@@ -349,6 +349,72 @@ def dashboard(
 
 
 @app.command()
+def up(
+    gpus: Annotated[
+        str | None, typer.Option(help="GPU indices for the worker, e.g. 0,1. None = CPU.")
+    ] = None,
+    api_port: Annotated[int | None, typer.Option(help="API port (default ERPD_PORT).")] = None,
+    dashboard_port: Annotated[int, typer.Option(help="Dashboard port.")] = 8501,
+    dashboard_: Annotated[
+        bool, typer.Option("--dashboard/--no-dashboard", help="Start the dashboard too.")
+    ] = True,
+    reap_every: Annotated[float, typer.Option(help="Seconds between reaper rounds.")] = 5.0,
+) -> None:
+    """The whole embedded stack, supervised: migrations, the API, a worker (CPU or each GPU),
+    the reaper and the dashboard, under ERPD_HOME. Ctrl-C stops it all."""
+
+    def body() -> None:
+        import sys
+
+        from server.db import migrate
+        from server.stack import Supervisor, ensure_key, wait_until_serving
+
+        settings = get_settings()
+        settings.home.mkdir(parents=True, exist_ok=True)
+        engine = _engine()
+        migrate.upgrade(engine)
+        engine.dispose()
+        key = ensure_key(settings)
+        port = api_port or settings.port
+        api_url = f"http://{settings.host}:{port}/api/v1"
+        env = dict(os.environ) | {"ERPD_HOME": str(settings.home.resolve())}
+        sup = Supervisor(env)
+        sup.handle_signals()
+        try:
+            sup.start("api", "serve", "--port", str(port))
+            if not wait_until_serving(api_url, sup.children["api"]):
+                _fail(f"the API did not start on port {port}")
+            sup.start("worker", "worker", *(["--gpus", gpus] if gpus else []))
+            sup.start("reaper", "reaper", "--every", str(reap_every))
+            if dashboard_:
+                dash_env = env | {
+                    "ERPD_DASHBOARD_API_URL": api_url,
+                    "ERPD_DASHBOARD_API_KEY": key,
+                }
+                sup.start("dashboard", "dashboard", "--port", str(dashboard_port), env=dash_env)
+            lines = [
+                f"erpd-hub is up (data in {settings.home})",
+                f"  API        {api_url}   (docs: {api_url}/docs)",
+            ]
+            if dashboard_:
+                lines.append(f"  dashboard  http://127.0.0.1:{dashboard_port}")
+            lines += [
+                f"  API key    {key}   (kept in {settings.home / 'api-key'})",
+                "Ctrl-C stops everything.",
+            ]
+            out.print("\n".join(lines), highlight=False, soft_wrap=True)
+            sys.stdout.flush()
+            died = sup.watch()
+        finally:
+            sup.stop()
+        if died is not None:
+            _fail(f"the {died} process exited; everything was stopped")
+        err.print("erpd-hub: stopped", highlight=False)
+
+    _guard(body)
+
+
+@app.command()
 def status() -> None:
     """Workers (Celery ping), queue depths, and the runs running now (from the store)."""
 
