@@ -1,6 +1,6 @@
 """erpd-hub dashboard: the entry file only routes (`erpd-hub dashboard` runs it).
 
-Pages are plain scripts under views/ that read the REST API through dashboard/client.py. Not
+Pages are plain scripts under views/ that read the REST API through erpd_hub/client.py. Not
 pages/: Streamlit serves a folder of that name by itself, without this file's layout and sidebar.
 """
 

@@ -10,8 +10,8 @@ from urllib.parse import urlencode
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from dashboard.client import ApiClient, ApiError
 from dashboard.settings import DashboardSettings
+from erpd_hub.client import ApiClient, ApiError
 
 SETTINGS = DashboardSettings()
 TTL = SETTINGS.cache_ttl_s

@@ -10,7 +10,6 @@ state (optimizer, RNG, step) is safetensors + JSON too: nothing here ever unpick
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -23,12 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from erpd.digest import MANIFEST, hash_files, tree_sha256
+from erpd.digest import file_sha256 as file_sha256  # re-exported: callers import it from here
 from erpd.errors import CheckpointError
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 RESUME_DIR = "resume"
-_HASH_CHUNK = 1 << 20
 
 
 def _fsync_dir(path: Path) -> None:
@@ -91,26 +90,8 @@ def atomic_dir(path: str | Path, marker: str = MANIFEST) -> Iterator[Path]:
         raise
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_sha256(files: Mapping[str, str]) -> str:
-    """One digest for a checkpoint: sha256 over its sorted 'name sha256' lines."""
-    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(files.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
 def _hash_files(root: Path) -> dict[str, str]:
-    return {
-        str(f.relative_to(root)): file_sha256(f)
-        for f in sorted(root.rglob("*"))
-        if f.is_file() and f.name != MANIFEST
-    }
+    return hash_files(root)
 
 
 def save_model_checkpoint(

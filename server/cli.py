@@ -463,5 +463,14 @@ def status() -> None:
     _guard(body)
 
 
+def _register_client_verbs() -> None:
+    from server import cli_client
+
+    cli_client.register(app)
+
+
+_register_client_verbs()
+
+
 def main() -> None:
     app()

@@ -7,9 +7,9 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import analysis, charts, state
-from dashboard.client import ApiError
 from dashboard.series import RunSeries
 from erpd import metrics as M
+from erpd_hub.client import ApiError
 
 st.title("Compare runs")
 api, url, key = state.connect()

@@ -9,8 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
-from dashboard.client import ApiError
 from erpd import metrics as M
+from erpd_hub.client import ApiError
 
 st.title("Pipeline")
 api, url, key = state.connect()

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import streamlit as st
 
 from dashboard import analysis, charts, state
-from dashboard.client import ApiError
 from dashboard.series import RunSeries
 from erpd import metrics as M
+from erpd_hub.client import ApiError
 
 api, url, key = state.connect()
 

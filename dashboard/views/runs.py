@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.analysis import eta_seconds
-from dashboard.client import ApiError
+from erpd_hub.client import ApiError
 
 st.title("Runs")
 api, url, key = state.connect()

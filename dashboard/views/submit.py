@@ -8,8 +8,8 @@ import typing
 import streamlit as st
 
 from dashboard import state
-from dashboard.client import ApiError
 from erpd.config import Stage1Config, Stage2Config
+from erpd_hub.client import ApiError
 
 st.title("Submit a pipeline")
 api, url, key = state.connect()

@@ -4,6 +4,7 @@ Redis, uvicorn), awaited through the run's own event stream."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -130,8 +131,11 @@ class Stack:
 
     def stop_worker(self) -> None:
         if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
-            self.worker.wait(timeout=60)
+            self.worker.terminate()  # a warm shutdown waits for the stage it runs
+            try:
+                self.worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill_worker()
 
     def kill_worker(self) -> None:
         """SIGKILL the worker and its Celery child at once: no cleanup, no goodbye."""
@@ -287,6 +291,61 @@ def test_a_teacher_changed_on_disk_fails_its_student_with_the_reason(stack: Stac
     error = stack.live.http.get(f"/runs/{student['id']}").json()["error"]
     assert error.startswith("CheckpointError: ") and "config.json" in error, error
     assert str(stack.live.settings.home) not in error  # no server paths in what users see
+
+
+def test_cli_verbs_submit_list_follow_and_download_with_a_resume(
+    stack: Stack, tmp_path: Path
+) -> None:
+    exe = str(Path(sys.executable).with_name("erpd-hub"))
+    env = stack.env() | {
+        "ERPD_API_URL": f"{stack.live.base}/api/v1",
+        "ERPD_API_KEY": stack.live.secret,
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(
+        "model: tiny-test\n"
+        "sample: {num_prompts: 8, group_size: 4}\n"
+        "teachers: [{objective: sapo, epochs: 1}]\n"
+        "stage2: {epochs: 1}\n"
+        "eval: {size: 20}\n"
+        "runtime: {device: cpu}\n"
+    )
+    made = cli("submit", str(spec))
+    assert made.returncode == 0, made.stderr
+    pipeline = made.stdout.split()[1]
+    sample, teacher, student = (line.split()[1] for line in made.stdout.splitlines()[1:])
+    followed = cli("logs", student, "--follow")  # returns when the student ends
+    assert followed.returncode == 0, followed.stderr
+    assert "status succeeded" in followed.stdout and "step " in followed.stdout
+    listed = cli("runs", "--pipeline", pipeline, "--json")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert {r["id"] for r in rows} == {sample, teacher, student}
+    assert {r["status"] for r in rows} == {"succeeded"}
+    logged = cli("logs", teacher)
+    assert "kl/exact=" in logged.stdout and logged.stdout.strip().endswith("status succeeded")
+    # an interrupted download: the first 10 kB are already there; the rest is fetched by Range
+    [ckpt] = stack.live.http.get(f"/runs/{student}/checkpoints").json()
+    whole = stack.live.http.get(f"/checkpoints/{ckpt['id']}/download").content
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / f"{ckpt['id']}.tar.part").write_bytes(whole[:10_000])
+    got = cli("download", student, "--out", str(out))
+    assert got.returncode == 0, got.stderr
+    folder = Path(got.stdout.split()[0])
+    assert AutoModelForCausalLM.from_pretrained(folder) is not None
+    assert [p.name for p in out.iterdir()] == [folder.name]  # no partial file left
+    # a damaged partial download is refused in one line, and removed for the next try
+    (out / f"{ckpt['id']}.tar.part").write_bytes(b"x" * 10_000)
+    bad = cli("download", student, "--out", str(tmp_path / "models"))
+    assert bad.returncode == 1 and "sha256 does not match" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert not (out / f"{ckpt['id']}.tar.part").exists()
+    refused = cli("logs", str(uuid.uuid4()))
+    assert refused.returncode == 2 and "not found" in refused.stderr
 
 
 def test_a_second_delivery_of_the_same_message_does_nothing(stack: Stack) -> None:

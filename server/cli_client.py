@@ -1,0 +1,199 @@
+"""`erpd-hub submit | runs | logs | download`: the CLI verbs over the REST API (erpd_hub/client.py).
+
+They reach the API at `--api-url` (ERPD_API_URL, default this machine's ERPD_PORT) with `--key`
+(ERPD_API_KEY, else the key `erpd-hub up` keeps in $ERPD_HOME/api-key).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from erpd_hub.client import ApiClient, ApiError
+from server.settings import get_settings
+
+ApiUrl = Annotated[
+    str | None, typer.Option("--api-url", envvar="ERPD_API_URL", help="The API, e.g. .../api/v1.")
+]
+Key = Annotated[
+    str | None,
+    typer.Option("--key", envvar="ERPD_API_KEY", help="API key (default: $ERPD_HOME/api-key)."),
+]
+# the metrics `logs` prints per step, when a run has them
+SHOWN = ["loss", "kl/exact", "kl/k3", "entropy/token", "acc/train_batch", "acc/eval"]
+
+
+def _connect(api_url: str | None, key: str | None) -> ApiClient:
+    from server.cli import _fail
+
+    settings = get_settings()
+    url = api_url or f"http://127.0.0.1:{settings.port}/api/v1"
+    if not key:
+        saved = settings.home / "api-key"
+        key = saved.read_text().strip() if saved.is_file() else None
+    if not key:
+        _fail("no API key: pass --key, set ERPD_API_KEY, or run `erpd-hub up` once", 2)
+    return ApiClient(url, key)
+
+
+def _calling(fn: Any) -> Any:
+    """Run a verb; an API error is one line (exit 2 for the caller's mistake, 1 otherwise)."""
+    from server.cli import _fail, _guard
+
+    def body() -> None:
+        try:
+            fn()
+        except ApiError as exc:
+            where = f" (field {exc.field})" if exc.field else ""
+            _fail(f"{exc.message}{where}", 2 if 400 <= exc.status < 500 else 1)
+
+    _guard(body)
+
+
+def _line(step: int, values: dict[str, float | None]) -> str:
+    shown = [f"{name}={values[name]:.4g}" for name in SHOWN if values.get(name) is not None]
+    return f"step {step:>6}  " + "  ".join(shown)
+
+
+def register(app: typer.Typer) -> None:
+    from server.cli import _fail, out
+
+    @app.command()
+    def submit(
+        spec: Annotated[Path, typer.Argument(help="A pipeline (or one run, with `kind`): YAML.")],
+        api_url: ApiUrl = None,
+        key: Key = None,
+        idempotency_key: Annotated[
+            str | None, typer.Option(help="Submitting again with it creates nothing new.")
+        ] = None,
+    ) -> None:
+        """Submit a pipeline (or a single run) described in a YAML or JSON file."""
+
+        def body() -> None:
+            import yaml
+
+            try:
+                data = yaml.safe_load(spec.read_text())
+            except (OSError, yaml.YAMLError) as exc:
+                _fail(f"{spec}: {exc}", 2)
+            if not isinstance(data, dict):
+                _fail(f"{spec}: expected a mapping of pipeline (or run) fields", 2)
+            api = _connect(api_url, key)
+            if "kind" in data:
+                run = api.submit_run(data, idempotency_key=idempotency_key)
+                out.print(
+                    f"run {run['id']}  {run['name']}  {run['status']}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                return
+            made = api.submit_pipeline(data, idempotency_key=idempotency_key)
+            out.print(f"pipeline {made['id']}  {made['name']}", highlight=False, soft_wrap=True)
+            for run_id in made["runs"]:
+                run = api.run(run_id)
+                out.print(
+                    f"  run {run_id}  {run['name']}  {run['status']}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+
+        _calling(body)
+
+    @app.command()
+    def runs(
+        status: Annotated[list[str] | None, typer.Option(help="Only these statuses.")] = None,
+        pipeline: Annotated[str | None, typer.Option(help="Only this pipeline's runs.")] = None,
+        limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+        as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one run each.")] = False,
+        api_url: ApiUrl = None,
+        key: Key = None,
+    ) -> None:
+        """Your runs, newest first."""
+
+        def body() -> None:
+            api = _connect(api_url, key)
+            for run in api.all_runs(limit=limit, status=status or [], pipeline=pipeline):
+                if as_json:
+                    out.print(json.dumps(run), highlight=False, soft_wrap=True)
+                    continue
+                p = run["progress"]
+                progress = f"{p['step']}/{p['total']}" if p["total"] else "-"
+                acc = "-" if run["final_accuracy"] is None else f"{run['final_accuracy']:.3f}"
+                kl = "-" if run["kl_spent"] is None else f"{run['kl_spent']:.4f}"
+                out.print(
+                    f"{run['id']}  {run['status']:<9}  {run['kind']:<6}  {progress:>9}  "
+                    f"acc {acc:>5}  KL {kl:>6}  {run['name']}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+
+        _calling(body)
+
+    @app.command()
+    def logs(
+        run_id: Annotated[str, typer.Argument(metavar="RUN", help="The run's id.")],
+        follow: Annotated[
+            bool, typer.Option("--follow", "-f", help="Keep printing until it ends.")
+        ] = False,
+        api_url: ApiUrl = None,
+        key: Key = None,
+    ) -> None:
+        """A run's metrics, a line per step (live with --follow), and its status changes."""
+
+        def body() -> None:
+            api = _connect(api_url, key)
+            if not follow:
+                series = api.metrics(run_id, names=SHOWN, max_points=100_000)["series"]
+                by_step: dict[int, dict[str, float | None]] = defaultdict(dict)
+                for s in series:
+                    for step, value in zip(s["steps"], s["values"], strict=True):
+                        by_step[step][s["name"]] = value
+                for step in sorted(by_step):
+                    out.print(_line(step, by_step[step]), highlight=False, soft_wrap=True)
+                run = api.run(run_id)
+                out.print(f"status {run['status']}", highlight=False, soft_wrap=True)
+                return
+            for event, data in api.stream(run_id):
+                if event == "status":
+                    out.print(
+                        f"status {data['status']} (attempt {data['attempt']})",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+                elif event == "metrics":
+                    grouped: dict[int, dict[str, float | None]] = defaultdict(dict)
+                    for point in data["points"]:
+                        grouped[point["step"]][point["name"]] = point["value"]
+                    for step in sorted(grouped):
+                        if any(name in grouped[step] for name in SHOWN):
+                            out.print(_line(step, grouped[step]), highlight=False, soft_wrap=True)
+
+        _calling(body)
+
+    @app.command()
+    def download(
+        run_id: Annotated[str, typer.Argument(metavar="RUN", help="The run's id.")],
+        out_dir: Annotated[Path, typer.Option("--out", help="Where the model folder goes.")],
+        api_url: ApiUrl = None,
+        key: Key = None,
+    ) -> None:
+        """Download a run's latest checkpoint (resumable; every file's sha256 verified)."""
+
+        def body() -> None:
+            api = _connect(api_url, key)
+            checkpoints = api.checkpoints(run_id)
+            if not checkpoints:
+                _fail(f"run {run_id} has no checkpoint (yet)", 2)
+            latest = max(checkpoints, key=lambda c: c["step"])
+            folder = api.download_checkpoint(latest["id"], out_dir)
+            out.print(
+                f"{folder}  ({latest['role']}, step {latest['step']}, sha256 {latest['sha256']})",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        _calling(body)
