@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo reproduce reproduce-full bench test test-all test-gpu lint format services browser clean
+.PHONY: demo reproduce reproduce-full bench test test-all test-gpu lint format services tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,16 +31,16 @@ reproduce-full: $(VENV)/.installed
 	$(BIN)/erpd reproduce --out runs/reproduce-full --preset full
 
 # benchmarks print rates against a baseline measured in the same run (never timed tests)
-bench: $(VENV)/.installed-dev services browser
+bench: $(VENV)/.installed-dev services tools
 	$(BIN)/python benchmarks/metric_inserts.py
 	$(BIN)/python benchmarks/worker_sink.py
 	$(BIN)/python benchmarks/dispatch.py
 	$(BIN)/python benchmarks/dashboard_first_chart.py
 
-test: lint services browser
+test: lint services tools
 	$(BIN)/python -m pytest
 
-test-all: $(VENV)/.installed-dev services browser
+test-all: $(VENV)/.installed-dev services tools
 	$(BIN)/python -m pytest -m "not gpu"
 
 test-gpu: $(VENV)/.installed-dev
@@ -58,9 +58,9 @@ format: $(VENV)/.installed-dev
 services:
 	@scripts/services.sh
 
-# Debian's chromium for the dashboard's browser test (never `playwright install`)
-browser:
-	@scripts/browser.sh
+# Debian's chromium (the dashboard's browser test) and docker-compose (validates the compose file)
+tools:
+	@scripts/test-tools.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -5,7 +5,7 @@ run with 100k metric points against one with 1k (the baseline, measured in the s
 
 Starts `erpd-hub serve` (on a throwaway Postgres database) and `erpd-hub dashboard`, writes the
 two runs' points through the service layer (10 series, points/10 steps each), then opens each
-run's page in Debian's chromium (scripts/browser.sh) and times navigation -> three plotly charts
+run's page in Debian's chromium (scripts/test-tools.sh) and times navigation -> three plotly charts
 drawn. Prints the median per run and the ratio big / small.
 """
 
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if not Path("/usr/bin/chromium").exists():
-        raise SystemExit("needs Debian's chromium: run scripts/browser.sh")
+        raise SystemExit("needs Debian's chromium: run scripts/test-tools.sh")
     with postgres_database() as db_url, tempfile.TemporaryDirectory() as home:
         key, (small, big) = seed(db_url, [args.baseline_points, args.points])
         api_port, dash_port = free_port(), free_port()

@@ -1,4 +1,4 @@
-"""The dashboard in a real browser: Debian's chromium (scripts/browser.sh installs it; never
+"""The dashboard in a real browser: Debian's chromium (scripts/test-tools.sh installs it; never
 `playwright install`) driven by Playwright, against `erpd-hub dashboard` and the real API."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ARGS = [
     "--disable-quic",
 ]
 pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="no /usr/bin/chromium (scripts/browser.sh installs it)"
+    not CHROMIUM.exists(), reason="no /usr/bin/chromium (scripts/test-tools.sh installs it)"
 )
 
 

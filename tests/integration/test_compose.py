@@ -1,0 +1,139 @@
+"""docker-compose.yml: validated by Debian's docker-compose (there is no Docker engine here), and
+its service commands run natively, as written, against this machine's Postgres and Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import REDIS_URL, Databases, drop_queues
+from tests.integration.test_api_stream import sse_events
+from tests.integration.test_worker import register_model
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="no docker-compose (scripts/test-tools.sh installs it)",
+)
+
+
+def compose_config() -> dict[str, Any]:
+    done = subprocess.run(
+        ["docker-compose", "--env-file", ".env.example", "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_the_compose_file_is_valid_and_complete() -> None:
+    services = compose_config()["services"]
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker", "reaper", "dashboard"}
+    [gpu] = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert all("healthcheck" in services[s] for s in ("postgres", "redis", "api"))
+    for name in ("api", "dashboard"):  # published on the loopback only
+        for published in services[name]["ports"]:  # "127.0.0.1:8000:8000/tcp" (compose 1.x)
+            host = published["host_ip"] if isinstance(published, dict) else published.split(":")[0]
+            assert host == "127.0.0.1", published
+    env = services["api"]["environment"]
+    assert env["ERPD_DATABASE_URL"].startswith("postgresql+psycopg://erpd:change-me@postgres")
+
+
+def test_the_compose_commands_run_natively_as_a_production_stack(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """migrate, api, worker and reaper with the compose file's own argv, on Postgres + Redis."""
+    services = compose_config()["services"]
+    db_url = databases.new_url("postgres")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ERPD_")} | {
+        "ERPD_DATABASE_URL": db_url,
+        "ERPD_BROKER_URL": REDIS_URL,
+        "ERPD_HOME": str(tmp_path),
+        "ERPD_QUEUE": queue,
+        "ERPD_HOUSEKEEPING_QUEUE": f"{queue}-cpu",
+    }
+    bin_dir = Path(sys.executable).parent
+
+    def argv(service: str) -> list[str]:
+        words = list(services[service]["command"])
+        words[0] = str(bin_dir / words[0])  # the image's erpd-hub is this venv's
+        if "--host" in words:  # natively, on the loopback and a free port
+            words[words.index("--host") + 1] = "127.0.0.1"
+            words[words.index("--port") + 1] = str(port)
+        return words
+
+    assert subprocess.run(argv("migrate"), env=env, capture_output=True).returncode == 0
+    key = subprocess.run(
+        [str(bin_dir / "erpd-hub"), "create-key", "prod"], env=env, capture_output=True, text=True
+    ).stdout.split()[-1]
+    quick = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
+    register_model(db_url, "quick", quick)
+    procs = [
+        subprocess.Popen(
+            argv(s),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for s in ("api", "worker", "reaper")
+    ]
+    try:
+        api = procs[0]
+        assert api.stderr is not None
+        for line in api.stderr:  # uvicorn says when it serves
+            if "Uvicorn running" in line:
+                break
+        threading.Thread(target=api.stderr.read, daemon=True).start()  # keep the pipe drained
+        http = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}/api/v1",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(30, read=300),
+        )
+        made = http.post(
+            "/runs",
+            json={"kind": "sample", "model": "quick", "config": {"sample": {"num_prompts": 4}}},
+        )
+        assert made.status_code == 201, made.text
+        status = "unknown"
+        with http.stream("GET", f"/runs/{made.json()['id']}/stream") as response:
+            for kind, body in sse_events(response):
+                status = body.get("status", status)
+                if kind == "end":
+                    break
+        assert status == "succeeded"  # the `worker --gpus 0` service ran it (on the CPU here)
+        http.close()
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        from server.settings import Settings
+
+        drop_queues(Settings(queue=queue, housekeeping_queue=f"{queue}-cpu"))
