@@ -19,8 +19,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import REDIS_URL, Databases, drop_queues
-from tests.integration.test_api_stream import sse_events
-from tests.integration.test_worker import register_model
+from tests.integration.test_worker import QUICK_BASE, register_model, run_quick_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
@@ -87,8 +86,7 @@ def test_the_compose_commands_run_natively_as_a_production_stack(
     key = subprocess.run(
         [str(bin_dir / "erpd-hub"), "create-key", "prod"], env=env, capture_output=True, text=True
     ).stdout.split()[-1]
-    quick = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
-    register_model(db_url, "quick", quick)
+    register_model(db_url, "quick", QUICK_BASE)
     procs = [
         subprocess.Popen(
             argv(s),
@@ -112,18 +110,8 @@ def test_the_compose_commands_run_natively_as_a_production_stack(
             headers={"Authorization": f"Bearer {key}"},
             timeout=httpx.Timeout(30, read=300),
         )
-        made = http.post(
-            "/runs",
-            json={"kind": "sample", "model": "quick", "config": {"sample": {"num_prompts": 4}}},
-        )
-        assert made.status_code == 201, made.text
-        status = "unknown"
-        with http.stream("GET", f"/runs/{made.json()['id']}/stream") as response:
-            for kind, body in sse_events(response):
-                status = body.get("status", status)
-                if kind == "end":
-                    break
-        assert status == "succeeded"  # the `worker --gpus 0` service ran it (on the CPU here)
+        # the `worker --gpus 0` service ran it (on the CPU here)
+        assert run_quick_sample(http) == "succeeded"
         http.close()
     finally:
         for p in procs:

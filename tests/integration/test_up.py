@@ -12,8 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.test_api_stream import sse_events
-from tests.integration.test_worker import register_model
+from tests.integration.test_worker import QUICK_BASE, register_model, run_quick_sample
 
 
 def free_port() -> int:
@@ -48,25 +47,13 @@ def test_up_serves_a_run_end_to_end_and_stops_everything(tmp_path: Path) -> None
         key = next(line.split()[2] for line in printed if line.strip().startswith("API key"))
         saved = tmp_path / "home" / "api-key"
         assert saved.read_text().strip() == key and saved.stat().st_mode & 0o777 == 0o600
-        quick = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
-        register_model(f"sqlite:///{tmp_path}/home/erpd.db", "quick", quick)
+        register_model(f"sqlite:///{tmp_path}/home/erpd.db", "quick", QUICK_BASE)
         http = httpx.Client(
             base_url=f"http://127.0.0.1:{api_port}/api/v1",
             headers={"Authorization": f"Bearer {key}"},
             timeout=httpx.Timeout(30, read=300),
         )
-        made = http.post(
-            "/runs",
-            json={"kind": "sample", "model": "quick", "config": {"sample": {"num_prompts": 4}}},
-        )
-        assert made.status_code == 201, made.text
-        status = "unknown"
-        with http.stream("GET", f"/runs/{made.json()['id']}/stream") as response:
-            for kind, body in sse_events(response):
-                status = body.get("status", status)
-                if kind == "end":
-                    break
-        assert status == "succeeded"
+        assert run_quick_sample(http) == "succeeded"
         assert httpx.get(f"http://127.0.0.1:{dash_port}/_stcore/health", timeout=10).text == "ok"
         http.close()
     finally:

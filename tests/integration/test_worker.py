@@ -107,6 +107,26 @@ def register_model(db_url: str, name: str, base: dict[str, float]) -> None:
     engine.dispose()
 
 
+# a base pretrained in seconds, for tests about the plumbing rather than learning
+QUICK_BASE = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
+
+
+def run_quick_sample(http: httpx.Client) -> str:
+    """Submit a small sample run on the `quick` model; its final status, from its event stream."""
+    made = http.post(
+        "/runs",
+        json={"kind": "sample", "model": "quick", "config": {"sample": {"num_prompts": 4}}},
+    )
+    assert made.status_code == 201, made.text
+    status = "unknown"
+    with http.stream("GET", f"/runs/{made.json()['id']}/stream") as response:
+        for kind, body in sse_events(response):
+            status = body.get("status", status)
+            if kind == "end":
+                break
+    return status
+
+
 class Stack:
     def __init__(self, live: Live) -> None:
         self.live = live
@@ -539,8 +559,7 @@ def test_the_embedded_default_runs_stages_with_no_services(tmp_path: Path) -> No
     with session_factory(engine).begin() as s:
         _, key = create_api_key(s, name="me")
     engine.dispose()
-    quick = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
-    register_model(f"sqlite:///{tmp_path}/erpd.db", "quick", quick)
+    register_model(f"sqlite:///{tmp_path}/erpd.db", "quick", QUICK_BASE)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
