@@ -15,7 +15,7 @@ import json
 import shutil
 import tarfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,6 +28,19 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+
+
+def server_sent_events(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, JSON data) for each event in a text/event-stream's lines; pings are skipped."""
+    event, data = "message", []
+    for line in lines:
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data.append(line.split(":", 1)[1].strip())
+        elif line == "" and data:
+            yield event, json.loads("\n".join(data))
+            event, data = "message", []
 
 
 class ApiClient:
@@ -155,17 +168,10 @@ class ApiClient:
                 if not response.is_success:
                     response.read()
                     self._raise(response)
-                event, data = "message", []
-                for line in response.iter_lines():
-                    if line.startswith("event:"):
-                        event = line.split(":", 1)[1].strip()
-                    elif line.startswith("data:"):
-                        data.append(line.split(":", 1)[1].strip())
-                    elif line == "" and data:
-                        yield event, json.loads("\n".join(data))
-                        if event == "end":
-                            return
-                        event, data = "message", []
+                for event, data in server_sent_events(response.iter_lines()):
+                    yield event, data
+                    if event == "end":
+                        return
         except httpx.HTTPError as exc:
             raise ApiError(0, "unreachable", f"stream interrupted: {exc}") from exc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,6 +58,18 @@ def _calling(fn: Any) -> Any:
 def _line(step: int, values: dict[str, float | None]) -> str:
     shown = [f"{name}={values[name]:.4g}" for name in SHOWN if values.get(name) is not None]
     return f"step {step:>6}  " + "  ".join(shown)
+
+
+def _print_steps(points: Iterable[tuple[int, str, float | None]]) -> None:
+    """One line per step that has any of the SHOWN metrics, in step order."""
+    from server.cli import out
+
+    by_step: dict[int, dict[str, float | None]] = defaultdict(dict)
+    for step, name, value in points:
+        by_step[step][name] = value
+    for step in sorted(by_step):
+        if any(name in by_step[step] for name in SHOWN):
+            out.print(_line(step, by_step[step]), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -148,12 +161,11 @@ def register(app: typer.Typer) -> None:
             api = _connect(api_url, key)
             if not follow:
                 series = api.metrics(run_id, names=SHOWN, max_points=100_000)["series"]
-                by_step: dict[int, dict[str, float | None]] = defaultdict(dict)
-                for s in series:
-                    for step, value in zip(s["steps"], s["values"], strict=True):
-                        by_step[step][s["name"]] = value
-                for step in sorted(by_step):
-                    out.print(_line(step, by_step[step]), highlight=False, soft_wrap=True)
+                _print_steps(
+                    (step, s["name"], value)
+                    for s in series
+                    for step, value in zip(s["steps"], s["values"], strict=True)
+                )
                 run = api.run(run_id)
                 out.print(f"status {run['status']}", highlight=False, soft_wrap=True)
                 return
@@ -165,12 +177,7 @@ def register(app: typer.Typer) -> None:
                         soft_wrap=True,
                     )
                 elif event == "metrics":
-                    grouped: dict[int, dict[str, float | None]] = defaultdict(dict)
-                    for point in data["points"]:
-                        grouped[point["step"]][point["name"]] = point["value"]
-                    for step in sorted(grouped):
-                        if any(name in grouped[step] for name in SHOWN):
-                            out.print(_line(step, grouped[step]), highlight=False, soft_wrap=True)
+                    _print_steps((p["step"], p["name"], p["value"]) for p in data["points"])
 
         _calling(body)
 

@@ -152,7 +152,7 @@ def _check_batch(
     kind: RunKind,
     model_id: uuid.UUID,
     dataset_id: uuid.UUID,
-) -> None:
+) -> Run:
     if kind is RunKind.SAMPLE:
         raise InvalidInputError("batch_run_id", "a sample run draws its own batch")
     batch = session.scalars(
@@ -169,22 +169,16 @@ def _check_batch(
         raise InvalidInputError("batch_run_id", f"run {batch_run_id} is {batch.status}")
     if batch.model_id != model_id or batch.dataset_id != dataset_id:
         raise InvalidInputError("batch_run_id", f"run {batch_run_id} has another model or dataset")
+    return batch
 
 
-def _same_policy(
-    session: Session,
-    base_run_id: uuid.UUID | None,
-    batch_run_id: uuid.UUID | None,
-    teachers: Sequence[Run],
-) -> None:
+def _same_policy(base_run_id: uuid.UUID | None, batch: Run | None, teachers: Sequence[Run]) -> None:
     """A stage's batch and teachers come from the policy it starts from (METHOD.md: the fixed
     batch is sampled from pi_k, the teachers are trained from pi_k on it)."""
-    if batch_run_id is not None:
-        batch = session.get(Run, batch_run_id)
-        if batch is not None and batch.base_run_id != base_run_id:
-            raise InvalidInputError(
-                "batch_run_id", f"run {batch_run_id} was sampled from another base than this run's"
-            )
+    if batch is not None and batch.base_run_id != base_run_id:
+        raise InvalidInputError(
+            "batch_run_id", f"run {batch.id} was sampled from another base than this run's"
+        )
     for i, teacher in enumerate(teachers):
         if teacher.base_run_id != base_run_id:
             raise InvalidInputError(
@@ -294,9 +288,12 @@ def create_run(
         dataset_id=dataset_id,
         config=normalised,
     )
+    batch = None
     if batch_run_id is not None:
-        _check_batch(session, batch_run_id, kind=kind, model_id=model_id, dataset_id=dataset_id)
-    _same_policy(session, base_run_id, batch_run_id, teachers)
+        batch = _check_batch(
+            session, batch_run_id, kind=kind, model_id=model_id, dataset_id=dataset_id
+        )
+    _same_policy(base_run_id, batch, teachers)
     base_sha256 = None
     if base_run_id is not None:
         base_sha256 = _check_base(session, base_run_id, model_id=model_id, dataset_id=dataset_id)

@@ -3,7 +3,6 @@ points written after it connected, the status changes, and the end of the run.""
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -11,21 +10,14 @@ from collections.abc import Iterator
 import httpx
 
 from erpd import metrics as M
+from erpd_hub.client import server_sent_events
 from server.db import make_engine, session_factory
 from server.services import Point, claim_run, complete_run, record_metrics
 from tests.integration.conftest import Live
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
-    event, data = "message", []
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            event = line.split(":", 1)[1].strip()
-        elif line.startswith("data:"):
-            data.append(line.split(":", 1)[1].strip())
-        elif line == "" and data:
-            yield event, json.loads("\n".join(data))
-            event, data = "message", []
+    return server_sent_events(response.iter_lines())
 
 
 def test_stream_delivers_points_written_after_connecting(live: Live) -> None:
