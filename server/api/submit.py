@@ -37,7 +37,7 @@ def check_quota(session: Session, state: AppState, key: ApiKey, adding: int) -> 
 
 
 def publish_ready(state: AppState, run_ids: Sequence[uuid.UUID]) -> None:
-    outbox.publish_ready(state.writes, state.reads, state.broker, run_ids)
+    outbox.publish_ready(state.writes, state.broker, run_ids)
 
 
 def publish_pending(state: AppState) -> int:

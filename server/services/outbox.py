@@ -44,13 +44,36 @@ def pending_publication(session: Session, *, limit: int = 100) -> list[uuid.UUID
 
 
 def mark_enqueued(
-    session: Session, *, run_ids: Sequence[uuid.UUID], now: datetime | None = None
-) -> None:
+    session: Session, *, run_ids: Sequence[uuid.UUID], now: datetime
+) -> dict[uuid.UUID, int | None]:
+    """Mark the given runs published, if they are queued, ready and still unmarked, in one
+    conditional UPDATE; returns the runs this caller marked (with their GPU pin). Two reconcilers
+    racing (the API and the reaper) thus never both publish a run."""
+    if not run_ids:
+        return {}
+    marked = session.execute(
+        update(Run)
+        .where(
+            Run.id.in_(run_ids),
+            Run.status == RunStatus.QUEUED,
+            Run.enqueued_at.is_(None),
+            Run.cancel_requested.is_(False),
+            inputs_ready(),
+        )
+        .values(enqueued_at=now)
+        .returning(Run.id, Run.gpu)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return {run_id: gpu for run_id, gpu in marked}
+
+
+def unmark_enqueued(session: Session, *, run_ids: Sequence[uuid.UUID], marked_at: datetime) -> None:
+    """Undo `mark_enqueued` for runs whose publish failed (unless someone re-marked them since)."""
     if run_ids:
         session.execute(
             update(Run)
-            .where(Run.id.in_(run_ids), Run.status == RunStatus.QUEUED)
-            .values(enqueued_at=now or utcnow())
+            .where(Run.id.in_(run_ids), Run.enqueued_at == marked_at)
+            .values(enqueued_at=None)
             .execution_options(synchronize_session=False)
         )
 
@@ -102,30 +125,26 @@ class Publisher(Protocol):
 
 
 def publish_ready(
-    writes: sessionmaker[Session],
-    reads: sessionmaker[Session],
-    broker: Publisher,
-    run_ids: Sequence[uuid.UUID],
+    writes: sessionmaker[Session], broker: Publisher, run_ids: Sequence[uuid.UUID]
 ) -> None:
     """Publish the runs whose inputs are ready; the others wait for their inputs (published when
-    those finish). A failed publish is left to the reconciler: the run is safe in the store."""
-    with reads() as session:
-        pins = dict(
-            session.execute(
-                select(Run.id, Run.gpu).where(Run.id.in_(run_ids), inputs_ready())
-            ).all()
-        )
-    published = []
+    those finish). Each run is marked before it is sent, so of several reconcilers only one
+    publishes it. A failed publish is unmarked for the reconciler to retry; a process that dies
+    between the mark and the send leaves a marked run with no message, which the reaper finds
+    (`forget_lost_messages`) and publishes again."""
+    now = utcnow()
+    with writes.begin() as session:
+        pins = mark_enqueued(session, run_ids=run_ids, now=now)
+    failed = []
     for run_id in (r for r in run_ids if r in pins):  # in the caller's order
-        gpu = pins[run_id]
         try:
-            broker.publish(run_id, gpu)
+            broker.publish(run_id, pins[run_id])
         except Exception:
             log.warning("publishing run %s failed; the outbox will retry", run_id)
-            continue
-        published.append(run_id)
-    with writes.begin() as session:
-        mark_enqueued(session, run_ids=published)
+            failed.append(run_id)
+    if failed:
+        with writes.begin() as session:
+            unmark_enqueued(session, run_ids=failed, marked_at=now)
 
 
 def publish_pending(
@@ -146,7 +165,7 @@ def _publish_runs(
             pending = pending_publication(session, limit=100)
         if not pending:
             return sent
-        publish_ready(writes, reads, broker, pending)
+        publish_ready(writes, broker, pending)
         with reads() as session:
             left = set(pending_publication(session, limit=100))
         sent += len(set(pending) - left)

@@ -357,6 +357,49 @@ def test_the_outbox_publishes_runs_committed_without_a_message(api: Api) -> None
     assert len(api.published()) == 1  # sent once: enqueued_at is recorded
 
 
+def test_reconcilers_racing_publish_a_run_once_and_a_failed_publish_is_retried(
+    api: Api,
+) -> None:
+    import threading
+
+    from server.db import Dataset, Model, Run, RunKind, read_session_factory
+    from server.queue import Broker
+    from server.services import create_run
+    from server.services.outbox import publish_pending
+
+    with db(api) as s, s.begin():  # committed, never published
+        model = s.query(Model).filter_by(name="tiny").one().id
+        dataset = s.query(Dataset).filter_by(name="arithmetic").one().id
+        run = create_run(s, kind=RunKind.SAMPLE, model_id=model, dataset_id=dataset, config={})
+    engine = make_engine(api.settings.db_url)
+    writes, reads = session_factory(engine), read_session_factory(engine)
+    # a broker that cannot be reached: the publish fails and the run is left for the next round
+    down = Broker("redis://127.0.0.1:1/0", api.settings.queue, api.settings.housekeeping_queue)
+    assert publish_pending(writes, reads, down) == 0
+    with db(api) as s:
+        assert s.get(Run, run.id).enqueued_at is None  # type: ignore[union-attr]
+    down.close()
+    brokers = [
+        Broker(api.settings.broker, api.settings.queue, api.settings.housekeeping_queue)
+        for _ in range(6)
+    ]
+    start = threading.Barrier(len(brokers))
+
+    def reconcile(broker: Broker) -> None:
+        start.wait()
+        publish_pending(writes, reads, broker)
+
+    threads = [threading.Thread(target=reconcile, args=(b,)) for b in brokers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert api.published() == [(RUN_STAGE_TASK, [str(run.id)])]  # once, not once per reconciler
+    for broker in brokers:
+        broker.close()
+    engine.dispose()
+
+
 def test_the_reaper_republishes_a_run_whose_message_was_lost(api: Api) -> None:
     from datetime import timedelta
 
