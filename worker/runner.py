@@ -237,6 +237,7 @@ def finish(store: Store, inputs: Inputs, outcome: StageResult | dict[str, float]
                 attempt=run.attempt,
                 summary=summary,
                 actor=f"worker:{run.worker}",
+                steps=outcome.steps if isinstance(outcome, StageResult) else None,
             )
 
     retrying(write)

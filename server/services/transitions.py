@@ -163,11 +163,15 @@ def complete_run(
     attempt: int,
     summary: Mapping[str, float],
     actor: str,
+    steps: int | None = None,
     now: datetime | None = None,
 ) -> Run:
     """running -> succeeded. A stage-1 run must have registered its teacher checkpoint: its
     sha256 is pinned on every stage-2 run waiting for this teacher. Likewise a stage-2 run's
-    student is pinned on the runs of the next round, whose base it is."""
+    student is pinned on the runs of the next round, whose base it is.
+
+    `steps`, the optimizer steps the stage took, becomes the final progress (the last heartbeat
+    may be a few steps behind); without it a run that reported a total is shown complete."""
     now = now or utcnow()
     run = running_attempt(session, run_id=run_id, attempt=attempt, action="complete")
     clean = _clean_summary(summary)
@@ -178,6 +182,10 @@ def complete_run(
     run.status = RunStatus.SUCCEEDED
     run.finished_at = now
     run.summary = clean
+    if steps is not None:
+        run.progress_step = steps
+    elif run.progress_total is not None:
+        run.progress_step = run.progress_total
     for column, name in SUMMARY_COLUMNS.items():
         setattr(run, column, clean.get(name))
     add_event(

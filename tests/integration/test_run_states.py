@@ -135,12 +135,13 @@ def test_lifecycle_claim_heartbeat_complete(factory, builtins) -> None:
             sha256="b" * 64,
             manifest={},
         )
-        complete_run(s, run_id=run.id, attempt=1, summary=SUMMARY, actor="worker:w1")
+        complete_run(s, run_id=run.id, attempt=1, summary=SUMMARY, actor="worker:w1", steps=38)
     with factory() as s:
         done = get_run(s, run_id=run.id)
         assert done.status is RunStatus.SUCCEEDED and done.finished_at is not None
         assert (done.final_accuracy, done.kl_spent, done.entropy) == (0.61, 0.05, 0.4)
-        assert (done.progress_step, done.progress_total) == (5, 40)
+        # the last heartbeat said 5; the stage's own count of steps is what is kept
+        assert (done.progress_step, done.progress_total) == (38, 40)
     kinds = [e.event for e in events(factory, run.id)]
     assert kinds == [EventKind.CREATED, EventKind.CLAIMED, EventKind.SUCCEEDED]
 
