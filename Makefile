@@ -4,9 +4,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
-DEMO_OUT ?= runs/demo
+DEMO_ARGS ?=
+PIPELINE_OUT ?= runs/pipeline
 
-.PHONY: demo reproduce reproduce-full bench test test-all test-gpu lint format services tools clean
+.PHONY: demo pipeline reproduce reproduce-full bench test test-all test-gpu lint format services tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +21,13 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PIP) -e '.[dev]'
 	touch $@
 
+# the embedded stack + the demo pipeline over REST; DEMO_ARGS=--no-wait exits once it succeeded
 demo: $(VENV)/.installed
-	$(BIN)/erpd pipeline --out $(DEMO_OUT) --config configs/demo.yaml
+	$(BIN)/erpd-hub demo $(DEMO_ARGS)
+
+# the same ERPD round with the training core alone (no API, no worker) -> runs/pipeline/
+pipeline: $(VENV)/.installed
+	$(BIN)/erpd pipeline --out $(PIPELINE_OUT) --config configs/demo.yaml
 
 # the paper's experiments at tiny scale -> runs/reproduce-*/report.md (re-running reuses runs)
 reproduce: $(VENV)/.installed

@@ -231,7 +231,7 @@ def print_rows(rows: list[dict[str, Any]], title: str) -> None:
 # Each command validates its config and paths first, then imports torch: a typo costs 0.5 s.
 @app.command()
 def pipeline(
-    out: OutOpt = Path("runs/demo"),
+    out: OutOpt = Path("runs/pipeline"),
     config: ConfigOpt = None,
     set_: SetOpt = None,
     device: DeviceOpt = None,

@@ -4,7 +4,9 @@ the API, worker and dashboard). Errors print one line and exit non-zero, never a
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -53,6 +55,12 @@ def _guard(fn: Callable[[], None]) -> None:
         if os.environ.get("ERPD_DEBUG"):
             raise
         _fail(f"internal error: {type(exc).__name__}: {exc} (set ERPD_DEBUG=1 for a traceback)")
+
+
+def say(line: str) -> None:
+    """A line on stdout, as written (no markup, no wrapping), flushed at once."""
+    out.print(line, highlight=False, soft_wrap=True, markup=False)
+    sys.stdout.flush()
 
 
 def _engine() -> Engine:
@@ -145,6 +153,40 @@ def revoke_key(
                 _fail(f"{key}: {'no' if not found else 'more than one'} key matches", 2)
             revoked = revoke_api_key(session, key_id=found[0].id)
         out.print(f"revoked key {revoked.id} ({revoked.name})", highlight=False, soft_wrap=True)
+
+    _guard(body)
+
+
+@app.command("register-model")
+def register_model(
+    name: Annotated[str, typer.Argument(help="What runs and pipelines call it (`model`).")],
+    path: Annotated[
+        Path, typer.Argument(help="A local Hugging Face model directory on the workers' disk.")
+    ],
+    description: Annotated[str, typer.Option(help="Shown by GET /models.")] = "",
+) -> None:
+    """Register a local Hugging Face model directory for every API key to train (an operator's
+    step: the path is never taken from a request). Nothing is downloaded."""
+
+    def body() -> None:
+        from server.db import Model, RegistryKind, session_factory, transaction
+        from server.services.registry import register
+
+        folder = path.expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            _fail(f"{path}: not a Hugging Face model directory (no config.json)", 2)
+        engine = _engine()
+        _require_schema(engine)
+        with transaction(session_factory(engine)) as session:
+            entry = register(
+                session,
+                Model,
+                name=name,
+                kind=RegistryKind.REGISTERED,
+                location=str(folder),
+                meta={"description": description} if description else {},
+            )
+        out.print(f"registered model {entry.name} ({entry.id}): {folder}", highlight=False)
 
     _guard(body)
 
@@ -299,7 +341,9 @@ def reaper(
 @app.command()
 def dashboard(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8501,
+    port: Annotated[
+        int, typer.Option(envvar="ERPD_DASHBOARD_PORT", help="Port.", min=1, max=65535)
+    ] = 8501,
     api_url: Annotated[
         str | None, typer.Option(help="The API it reads (default ERPD_DASHBOARD_API_URL).")
     ] = None,
@@ -354,7 +398,9 @@ def up(
         str | None, typer.Option(help="GPU indices for the worker, e.g. 0,1. None = CPU.")
     ] = None,
     api_port: Annotated[int | None, typer.Option(help="API port (default ERPD_PORT).")] = None,
-    dashboard_port: Annotated[int, typer.Option(help="Dashboard port.")] = 8501,
+    dashboard_port: Annotated[
+        int, typer.Option(envvar="ERPD_DASHBOARD_PORT", help="Dashboard port.")
+    ] = 8501,
     dashboard_: Annotated[
         bool, typer.Option("--dashboard/--no-dashboard", help="Start the dashboard too.")
     ] = True,
@@ -364,51 +410,26 @@ def up(
     the reaper and the dashboard, under ERPD_HOME. Ctrl-C stops it all."""
 
     def body() -> None:
-        import sys
+        from server.stack import Stack, StackError, start_stack
 
-        from server.db import migrate
-        from server.stack import Supervisor, ensure_key, wait_until_serving
-
-        settings = get_settings()
-        settings.home.mkdir(parents=True, exist_ok=True)
-        engine = _engine()
-        migrate.upgrade(engine)
-        engine.dispose()
-        key = ensure_key(settings)
-        port = api_port or settings.port
-        api_url = f"http://{settings.host}:{port}/api/v1"
-        env = dict(os.environ) | {"ERPD_HOME": str(settings.home.resolve())}
-        sup = Supervisor(env)
-        sup.handle_signals()
+        stack: Stack | None = None
         try:
-            sup.start("api", "serve", "--port", str(port))
-            if not wait_until_serving(api_url, sup.children["api"]):
-                _fail(f"the API did not start on port {port}")
-            sup.start("worker", "worker", *(["--gpus", gpus] if gpus else []))
-            sup.start("reaper", "reaper", "--every", str(reap_every))
-            if dashboard_:
-                dash_env = env | {
-                    "ERPD_DASHBOARD_API_URL": api_url,
-                    "ERPD_DASHBOARD_API_KEY": key,
-                }
-                sup.start("dashboard", "dashboard", "--port", str(dashboard_port), env=dash_env)
-            lines = [
-                f"erpd-hub is up (data in {settings.home})",
-                f"  API        {api_url}   (docs: {api_url}/docs)",
-            ]
-            if dashboard_:
-                lines.append(f"  dashboard  http://127.0.0.1:{dashboard_port}")
-            lines += [
-                f"  API key    {key}   (kept in {settings.home / 'api-key'})",
-                "Ctrl-C stops everything.",
-            ]
-            out.print("\n".join(lines), highlight=False, soft_wrap=True)
-            sys.stdout.flush()
-            died = sup.watch()
+            stack = start_stack(
+                get_settings(),
+                gpus=gpus,
+                api_port=api_port,
+                dashboard_port=dashboard_port if dashboard_ else None,
+                reap_every=reap_every,
+            )
+            say("\n".join([*stack.banner, "Ctrl-C stops everything."]))
+            died = stack.supervisor.watch()
+        except StackError as exc:
+            _fail(str(exc))
         finally:
-            sup.stop()
-        if died is not None:
-            _fail(f"the {died} process exited; everything was stopped")
+            if stack is not None:
+                stack.supervisor.stop()
+        if died is not None and stack is not None:
+            _fail(stack.supervisor.died(died))
         err.print("erpd-hub: stopped", highlight=False)
 
     _guard(body)
@@ -464,9 +485,10 @@ def status() -> None:
 
 
 def _register_client_verbs() -> None:
-    from server import cli_client
+    from server import cli_client, demo
 
     cli_client.register(app)
+    demo.register(app)
 
 
 _register_client_verbs()

@@ -41,6 +41,21 @@ def _connect(api_url: str | None, key: str | None) -> ApiClient:
     return ApiClient(url, key)
 
 
+def load_spec(path: Path) -> dict[str, Any]:
+    """A pipeline (or run) description from a YAML or JSON file; a bad one is one line, exit 2."""
+    import yaml
+
+    from server.cli import _fail
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(f"{path}: {exc}", 2)
+    if not isinstance(data, dict):
+        _fail(f"{path}: expected a mapping of pipeline (or run) fields", 2)
+    return data
+
+
 def _calling(fn: Any) -> Any:
     """Run a verb; an API error is one line (exit 2 for the caller's mistake, 1 otherwise)."""
     from server.cli import _fail, _guard
@@ -83,21 +98,20 @@ def register(app: typer.Typer) -> None:
         idempotency_key: Annotated[
             str | None, typer.Option(help="Submitting again with it creates nothing new.")
         ] = None,
+        quiet: Annotated[
+            bool, typer.Option("--quiet", "-q", help="Only the run ids, one per line.")
+        ] = False,
     ) -> None:
         """Submit a pipeline (or a single run) described in a YAML or JSON file."""
 
         def body() -> None:
-            import yaml
-
-            try:
-                data = yaml.safe_load(spec.read_text())
-            except (OSError, yaml.YAMLError) as exc:
-                _fail(f"{spec}: {exc}", 2)
-            if not isinstance(data, dict):
-                _fail(f"{spec}: expected a mapping of pipeline (or run) fields", 2)
+            data = load_spec(spec)
             api = _connect(api_url, key)
             if "kind" in data:
                 run = api.submit_run(data, idempotency_key=idempotency_key)
+                if quiet:
+                    out.print(run["id"], highlight=False)
+                    return
                 out.print(
                     f"run {run['id']}  {run['name']}  {run['status']}",
                     highlight=False,
@@ -105,6 +119,9 @@ def register(app: typer.Typer) -> None:
                 )
                 return
             made = api.submit_pipeline(data, idempotency_key=idempotency_key)
+            if quiet:  # round by round: the sample run, the teachers, the student
+                out.print("\n".join(made["runs"]), highlight=False)
+                return
             out.print(f"pipeline {made['id']}  {made['name']}", highlight=False, soft_wrap=True)
             for run_id in made["runs"]:
                 run = api.run(run_id)

@@ -54,11 +54,31 @@ def ensure_key(settings: Settings) -> str:
 @dataclass
 class Supervisor:
     env: dict[str, str]
+    log_dir: Path | None = None  # None: the children write to this terminal
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
-        self.children[name] = subprocess.Popen([str(EXE), *args], env=env or self.env)
+        if self.log_dir is None:
+            self.children[name] = subprocess.Popen([str(EXE), *args], env=env or self.env)
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with self.log(name).open("ab") as log:
+            self.children[name] = subprocess.Popen(
+                [str(EXE), *args], env=env or self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def log(self, name: str) -> Path:
+        assert self.log_dir is not None
+        return self.log_dir / f"{name}.log"
+
+    def died(self, name: str) -> str:
+        """What to tell the user when child `name` exited: its name, and its log's last line."""
+        if self.log_dir is None:
+            return f"the {name} process exited; everything was stopped"
+        lines = self.log(name).read_text(errors="replace").strip().splitlines()
+        last = f": {lines[-1].strip()}" if lines else ""
+        return f"the {name} process exited{last} (log: {self.log(name)}); everything was stopped"
 
     def handle_signals(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -68,7 +88,8 @@ class Supervisor:
         """Until a signal (None) or a child's death (its name)."""
         while not self.stopping.wait(0.5):
             for name, child in self.children.items():
-                if child.poll() is not None:
+                # a Ctrl-C reaches the whole process group: a child it stopped is no death
+                if child.poll() is not None and not self.stopping.is_set():
                     return name
         return None
 
@@ -83,6 +104,69 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+class StackError(Exception):
+    """The stack could not start, or one of its processes died (the message says which)."""
+
+
+@dataclass
+class Stack:
+    """A started embedded stack: its supervisor, API URL and key, and what to tell the user."""
+
+    supervisor: Supervisor
+    api_url: str
+    key: str
+    banner: list[str]
+
+
+def start_stack(
+    settings: Settings,
+    *,
+    gpus: str | None = None,
+    api_port: int | None = None,
+    dashboard_port: int | None = 8501,
+    reap_every: float = 5.0,
+    log_dir: Path | None = None,
+) -> Stack:
+    """Migrate, make the key, then start the API (awaited), worker, reaper and dashboard
+    (`dashboard_port=None`: none), their output in `log_dir/<name>.log` if given. Signals stop
+    the returned supervisor's watch; the caller stops it; a failed start stops what it
+    started."""
+    from server.db import make_engine, migrate
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.db_url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    key = ensure_key(settings)
+    port = api_port or settings.port
+    api_url = f"http://{settings.host}:{port}/api/v1"
+    env = dict(os.environ) | {"ERPD_HOME": str(settings.home.resolve())}
+    sup = Supervisor(env, log_dir)
+    sup.handle_signals()
+    stack = Stack(sup, api_url, key, [])
+    try:
+        sup.start("api", "serve", "--port", str(port))
+        if not wait_until_serving(api_url, sup.children["api"]):
+            raise StackError(f"the API did not start on port {port}")
+        sup.start("worker", "worker", *(["--gpus", gpus] if gpus else []))
+        sup.start("reaper", "reaper", "--every", str(reap_every))
+        stack.banner = [
+            f"erpd-hub is up (data in {settings.home})",
+            f"  API        {api_url}   (docs: {api_url}/docs)",
+        ]
+        if dashboard_port is not None:
+            dash_env = env | {"ERPD_DASHBOARD_API_URL": api_url, "ERPD_DASHBOARD_API_KEY": key}
+            sup.start("dashboard", "dashboard", "--port", str(dashboard_port), env=dash_env)
+            stack.banner.append(f"  dashboard  http://127.0.0.1:{dashboard_port}")
+        stack.banner.append(f"  API key    {key}   (kept in {settings.home / 'api-key'})")
+    except BaseException:
+        sup.stop()
+        raise
+    return stack
 
 
 def wait_until_serving(url: str, child: subprocess.Popen[bytes], timeout_s: float = 90) -> bool:

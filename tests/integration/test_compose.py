@@ -17,7 +17,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from transformers import AutoModelForCausalLM
 
+from tests.conftest import random_qwen3_dir
 from tests.integration.conftest import REDIS_URL, Databases, drop_queues
 from tests.integration.test_worker import QUICK_BASE, register_model, run_quick_sample
 
@@ -26,6 +28,17 @@ pytestmark = pytest.mark.skipif(
     shutil.which("docker-compose") is None,
     reason="no docker-compose (scripts/test-tools.sh installs it)",
 )
+
+
+# small enough for a plumbing test, on the quickly pretrained model
+PIPELINE = {
+    "name": "prod",
+    "model": "quick",
+    "sample": {"num_prompts": 16, "group_size": 4},
+    "teachers": [{"objective": "sapo", "epochs": 2}],
+    "stage2": {"epochs": 1},
+    "eval": {"size": 20},
+}
 
 
 def compose_config() -> dict[str, Any]:
@@ -83,10 +96,19 @@ def test_the_compose_commands_run_natively_as_a_production_stack(
         return words
 
     assert subprocess.run(argv("migrate"), env=env, capture_output=True).returncode == 0
+    exe = str(bin_dir / "erpd-hub")
     key = subprocess.run(
-        [str(bin_dir / "erpd-hub"), "create-key", "prod"], env=env, capture_output=True, text=True
+        [exe, "create-key", "prod"], env=env, capture_output=True, text=True
     ).stdout.split()[-1]
     register_model(db_url, "quick", QUICK_BASE)
+    # an operator adds a local Hugging Face directory; a second time, the name is taken
+    hf_dir = random_qwen3_dir(tmp_path / "qwen3-tiny")
+    for expected in (0, 2):
+        added = subprocess.run(
+            [exe, "register-model", "qwen3-tiny", str(hf_dir)], env=env, capture_output=True
+        )
+        assert added.returncode == expected, added.stderr
+    assert b"is taken" in added.stderr and b"Traceback" not in added.stderr
     procs = [
         subprocess.Popen(
             argv(s),
@@ -110,8 +132,27 @@ def test_the_compose_commands_run_natively_as_a_production_stack(
             headers={"Authorization": f"Bearer {key}"},
             timeout=httpx.Timeout(30, read=300),
         )
-        # the `worker --gpus 0` service ran it (on the CPU here)
-        assert run_quick_sample(http) == "succeeded"
+        # what a user of the deployment does: a pipeline to its student, downloaded, verified
+        # (the `worker --gpus 0` service runs it, on the CPU here)
+        spec = tmp_path / "pipeline.yaml"
+        spec.write_text(yaml.safe_dump(PIPELINE))
+        demo = subprocess.run(
+            [
+                *(exe, "demo", "--no-wait", "--api-url", str(http.base_url).rstrip("/")),
+                *("--key", key, "--pipeline", str(spec), "--out", str(tmp_path / "downloads")),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        assert "[student] succeeded" in demo.stdout, demo.stdout
+        assert "student downloaded to" in demo.stdout, demo.stdout  # the quick base learns
+        # nothing in 2 epochs, so no headline here: the demo test checks it on the real one
+        [student] = (tmp_path / "downloads").iterdir()
+        assert AutoModelForCausalLM.from_pretrained(student).num_parameters() > 0
+        assert run_quick_sample(http, model="qwen3-tiny") == "succeeded"  # the registered dir
         http.close()
     finally:
         for p in procs:

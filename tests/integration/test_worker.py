@@ -48,11 +48,12 @@ class WorkerLog:
     """A worker process's stderr, drained by a thread (a full pipe would block the worker) into
     lines that a test can wait on."""
 
-    def __init__(self, process: subprocess.Popen[str]) -> None:
+    def __init__(self, process: subprocess.Popen[str], *, stdout: bool = False) -> None:
         self.lines: list[str] = []
         self.changed = threading.Condition()
-        assert process.stderr is not None
-        self.stream = process.stderr
+        stream = process.stdout if stdout else process.stderr
+        assert stream is not None
+        self.stream = stream
         self.thread = threading.Thread(target=self._drain, daemon=True)
         self.thread.start()
 
@@ -111,11 +112,12 @@ def register_model(db_url: str, name: str, base: dict[str, float]) -> None:
 QUICK_BASE = {"target_acc": 0.05, "min_steps": 1, "max_steps": 30, "eval_size": 10}
 
 
-def run_quick_sample(http: httpx.Client) -> str:
-    """Submit a small sample run on the `quick` model; its final status, from its event stream."""
+def run_quick_sample(http: httpx.Client, model: str = "quick") -> str:
+    """Submit a small sample run (by default on the `quick` model); its final status, from its
+    event stream."""
     made = http.post(
         "/runs",
-        json={"kind": "sample", "model": "quick", "config": {"sample": {"num_prompts": 4}}},
+        json={"kind": "sample", "model": model, "config": {"sample": {"num_prompts": 4}}},
     )
     assert made.status_code == 201, made.text
     status = "unknown"
@@ -230,6 +232,8 @@ def test_a_pipeline_runs_to_a_student_that_loads(stack: Stack, tmp_path: Path) -
     for run_id in (sample, t1, t2, student):
         run = stack.live.http.get(f"/runs/{run_id}").json()
         assert run["status"] == "succeeded" and run["attempt"] == 1, run
+        if run["kind"] == "stage1":  # no budget: every step ran, and the progress says so
+            assert run["progress"]["step"] == run["progress"]["total"], run["progress"]
     detail = stack.live.http.get(f"/runs/{student}").json()
     assert all(t["sha256"] for t in detail["teachers"])
     assert detail["kl_spent"] is not None and detail["final_accuracy"] is not None
