@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from server.settings import get_settings
+
+if TYPE_CHECKING:
+    from server.stack import Stack
 
 app = typer.Typer(
     name="erpd-hub",
@@ -392,6 +395,26 @@ def dashboard(
     _guard(body)
 
 
+def supervise(on_up: Callable[[Stack], None], **options: Any) -> None:
+    """Start the embedded stack (`start_stack` options), call `on_up` with it, and keep it until
+    a signal or `stopping` is set (returns) or a child dies (stops the rest, one-line error)."""
+    from server.stack import StackError, start_stack
+
+    stack: Stack | None = None
+    died: str | None = None
+    try:
+        stack = start_stack(get_settings(), **options)
+        on_up(stack)
+        died = stack.supervisor.watch()
+    except StackError as exc:
+        _fail(str(exc))
+    finally:
+        if stack is not None:
+            stack.supervisor.stop()
+    if died is not None and stack is not None:
+        _fail(stack.supervisor.died(died))
+
+
 @app.command()
 def up(
     gpus: Annotated[
@@ -410,26 +433,13 @@ def up(
     the reaper and the dashboard, under ERPD_HOME. Ctrl-C stops it all."""
 
     def body() -> None:
-        from server.stack import Stack, StackError, start_stack
-
-        stack: Stack | None = None
-        try:
-            stack = start_stack(
-                get_settings(),
-                gpus=gpus,
-                api_port=api_port,
-                dashboard_port=dashboard_port if dashboard_ else None,
-                reap_every=reap_every,
-            )
-            say("\n".join([*stack.banner, "Ctrl-C stops everything."]))
-            died = stack.supervisor.watch()
-        except StackError as exc:
-            _fail(str(exc))
-        finally:
-            if stack is not None:
-                stack.supervisor.stop()
-        if died is not None and stack is not None:
-            _fail(stack.supervisor.died(died))
+        supervise(
+            lambda stack: say("\n".join([*stack.banner, "Ctrl-C stops everything."])),
+            gpus=gpus,
+            api_port=api_port,
+            dashboard_port=dashboard_port if dashboard_ else None,
+            reap_every=reap_every,
+        )
         err.print("erpd-hub: stopped", highlight=False)
 
     _guard(body)

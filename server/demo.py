@@ -20,12 +20,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from erpd_hub.client import ApiClient, ApiError
 from server.cli_client import ApiUrl, Key
+
+if TYPE_CHECKING:
+    from server.stack import Stack
 
 # The calibrated defaults of METHOD.md (the API's own defaults), written out: the built-in
 # two-digit addition task and tiny Llama, 128 prompts x 8 responses, one SAPO teacher
@@ -206,7 +209,7 @@ class Follower:
 
 
 def register(app: typer.Typer) -> None:
-    from server.cli import _fail, _guard, err, say
+    from server.cli import _fail, _guard, err, say, supervise
     from server.cli_client import _connect, load_spec
     from server.settings import get_settings
 
@@ -238,8 +241,6 @@ def register(app: typer.Typer) -> None:
         pipeline through it and download the student; the stack then runs until Ctrl-C."""
 
         def body() -> None:
-            from server.stack import Stack, StackError, start_stack
-
             spec = load_spec(pipeline) if pipeline else DEMO_PIPELINE
             if "kind" in spec:
                 _fail(f"{pipeline}: a pipeline, not a run (no `kind`), is what the demo runs", 2)
@@ -249,36 +250,33 @@ def register(app: typer.Typer) -> None:
                 if follower.error:
                     _fail(follower.error)
                 return
-            stack: Stack | None = None
-            died: str | None = None
-            try:
-                stack = start_stack(
-                    get_settings(),
-                    gpus=gpus,
-                    dashboard_port=dashboard_port,
-                    reap_every=2.0,
-                    log_dir=get_settings().home / "logs",
-                )
+            started: list[Follower] = []
+
+            def on_up(stack: Stack) -> None:
                 say("\n".join([*stack.banner, f"  logs       {stack.supervisor.log_dir}/"]))
                 follower = Follower(ApiClient(stack.api_url, stack.key), spec, out_dir, say, again)
-                sup = stack.supervisor
+                started.append(follower)
 
                 def follow() -> None:
                     follower.run()
                     if no_wait or follower.error:
-                        sup.stopping.set()
+                        stack.supervisor.stopping.set()
                     else:
                         say("The stack keeps running: explore it; Ctrl-C stops everything.")
 
                 threading.Thread(target=follow, name="demo-follow", daemon=True).start()
-                died = sup.watch()
-            except StackError as exc:
-                _fail(str(exc))
-            finally:
-                if stack is not None:
-                    stack.supervisor.stop()
-            if died is not None and stack is not None:
-                _fail(stack.supervisor.died(died))
+
+            supervise(
+                on_up,
+                gpus=gpus,
+                dashboard_port=dashboard_port,
+                reap_every=2.0,
+                log_dir=get_settings().home / "logs",
+            )
+            if not started:  # stopped while the stack was starting
+                err.print("erpd-hub: stopped", highlight=False)
+                return
+            [follower] = started
             if follower.error:
                 _fail(follower.error)
             if not follower.done.is_set():  # Ctrl-C before the pipeline finished
