@@ -132,8 +132,10 @@ class DbSink:
         self._beat.start()
 
     def stop(self) -> None:
+        """Stop heartbeating (waits for a beat in flight); safe to call more than once."""
         self._stop.set()
-        self._beat.join(timeout=30)
+        if self._beat.is_alive():
+            self._beat.join(timeout=30)
 
     # --- what the erpd loop asks ----------------------------------------------------------------
     def should_stop(self) -> bool:

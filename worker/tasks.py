@@ -73,6 +73,7 @@ def run_stage(run_id: str) -> None:
     try:
         outcome = execute(s, inputs, sink)
         sink.close()
+        sink.stop()  # no heartbeat may land after the run has ended
         if outcome is not None:
             finish(s, inputs, outcome)
         elif not sink.lost.is_set():
@@ -85,6 +86,7 @@ def run_stage(run_id: str) -> None:
         log.warning("run %s: attempt %d was given up by the reaper; stopping", run.id, run.attempt)
     except Exception as exc:  # the run failed: record why, in one line
         log.exception("run %s failed", run.id)
+        sink.stop()
         # one line, and no server paths: the reason is shown to API users
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0].replace(
             str(settings.home), "$ERPD_HOME"
