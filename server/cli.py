@@ -237,7 +237,7 @@ def worker(
     def body() -> None:
         import signal
         import subprocess
-        import sys
+        import time
 
         settings = get_settings()
         engine = _engine()
@@ -286,12 +286,26 @@ def worker(
             argv = celery(f"erpd-housekeeping{suffix}", [settings.housekeeping_queue], "threads", 4)
             children.append(subprocess.Popen(argv, env=env))
 
+        signalled = []
+
         def forward(signum: int, _frame: object) -> None:
+            signalled.append(signum)
             for child in children:
-                child.send_signal(signum)
+                if child.poll() is None:
+                    child.send_signal(signum)
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        if not signalled:  # one died on its own (e.g. killed for memory): stop the rest
+            dead = next(child for child in children if child.poll() is not None)
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+            for child in children:
+                child.wait()
+            _fail(f"a Celery worker exited with code {dead.returncode}; stopped the others")
         codes = [child.wait() for child in children]
         if any(codes):
             raise typer.Exit(1)
@@ -404,8 +418,11 @@ def supervise(on_up: Callable[[Stack], None], **options: Any) -> None:
     died: str | None = None
     try:
         stack = start_stack(get_settings(), **options)
-        on_up(stack)
+        if not stack.supervisor.stopping.is_set():  # not stopped while it started
+            on_up(stack)
         died = stack.supervisor.watch()
+        if stack.supervisor.signalled:
+            err.print("erpd-hub: stopping (a running stage gets up to 30 s to finish)")
     except StackError as exc:
         _fail(str(exc))
     finally:

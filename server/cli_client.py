@@ -49,7 +49,7 @@ def load_spec(path: Path) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         _fail(f"{path}: {exc}", 2)
     if not isinstance(data, dict):
         _fail(f"{path}: expected a mapping of pipeline (or run) fields", 2)

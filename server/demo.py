@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
+import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,12 +28,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from erpd_hub.client import ApiClient, ApiError
-from server.cli_client import ApiUrl, Key
+from server.cli_client import Key
 
 if TYPE_CHECKING:
     from server.stack import Stack
 
-# The calibrated defaults of METHOD.md (the API's own defaults), written out: the built-in
+# The calibrated defaults (docs/method.md; the API's own defaults), written out: the built-in
 # two-digit addition task and tiny Llama, 128 prompts x 8 responses, one SAPO teacher
 # over-trained for 20 epochs, one student distilling its extreme-region log-ratios.
 DEMO_PIPELINE: dict[str, Any] = {
@@ -62,7 +65,8 @@ def role(run: dict[str, Any], rounds: int) -> str:
     if run["kind"] == "sample":
         name = "sample"
     elif run["kind"] == "stage1":
-        name = f"teacher {run['config'].get('stage', {}).get('objective', '')}".strip()
+        stage = run["config"].get("stage", {})
+        name = f"teacher {stage.get('name') or stage.get('objective', '')}".strip()
     else:
         name = "student"
     return f"round {run['round']} {name}" if rounds > 1 else name
@@ -99,6 +103,8 @@ class Follower:
             where = f" (field {exc.field})" if exc.field else ""
             self.error = f"{exc.message}{where}"
         except Exception as exc:  # a bug: one line, like every erpd-hub error
+            if os.environ.get("ERPD_DEBUG"):
+                traceback.print_exc()
             self.error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             self.done.set()
@@ -126,16 +132,17 @@ class Follower:
         label = role(run, rounds)
         latest: dict[str, float | None] = {}
         total = run["progress"].get("total")
-        last_status = None
-        if run["status"] not in FINISHED:
-            for event, data in self.api.stream(run_id):
-                if event == "status" and data["status"] != last_status:
-                    last_status = data["status"]
+        last_status, last_step = None, -1
+        while run["status"] not in FINISHED:  # a stream the server closed is opened again
+            for event, data in self.api.stream(run_id, since_step=last_step):
+                if event == "status":
                     total = data.get("total") or total
-                    if last_status not in FINISHED:  # the end gets its own line below
-                        self.say(f"[{label}] {last_status}")
-                elif event == "metrics":
+                    if data["status"] != last_status and data["status"] not in FINISHED:
+                        self.say(f"[{label}] {data['status']}")  # the end has its own line
+                    last_status = data["status"]
+                elif event == "metrics" and data["points"]:
                     self._progress(label, data["points"], latest, total)
+                    last_step = max(last_step, *(p["step"] for p in data["points"]))
             run = self.api.run(run_id)
         if run["status"] != "succeeded":
             reason = f": {run['error']}" if run.get("error") else ""
@@ -228,7 +235,12 @@ def register(app: typer.Typer) -> None:
         again: Annotated[
             bool, typer.Option("--again", help="Submit a new pipeline even if one ran.")
         ] = False,
-        api_url: ApiUrl = None,
+        api_url: Annotated[
+            str | None,
+            typer.Option(
+                "--api-url", help="A running deployment's API (.../api/v1): no local stack."
+            ),
+        ] = None,
         key: Key = None,
         gpus: Annotated[
             str | None, typer.Option(help="GPU indices for the worker, e.g. 0,1. None = CPU.")
@@ -251,14 +263,20 @@ def register(app: typer.Typer) -> None:
                     _fail(follower.error)
                 return
             started: list[Follower] = []
+            stacks: list[Stack] = []
 
             def on_up(stack: Stack) -> None:
                 say("\n".join([*stack.banner, f"  logs       {stack.supervisor.log_dir}/"]))
                 follower = Follower(ApiClient(stack.api_url, stack.key), spec, out_dir, say, again)
                 started.append(follower)
+                stacks.append(stack)
 
                 def follow() -> None:
                     follower.run()
+                    if follower.error:
+                        # a child that died (and broke the stream) is what to report: give
+                        # the supervisor's watch a moment to find it before stopping
+                        time.sleep(1.0)
                     if no_wait or follower.error:
                         stack.supervisor.stopping.set()
                     else:
@@ -273,14 +291,17 @@ def register(app: typer.Typer) -> None:
                 reap_every=2.0,
                 log_dir=get_settings().home / "logs",
             )
-            if not started:  # stopped while the stack was starting
-                err.print("erpd-hub: stopped", highlight=False)
-                return
-            [follower] = started
-            if follower.error:
-                _fail(follower.error)
-            if not follower.done.is_set():  # Ctrl-C before the pipeline finished
-                err.print("erpd-hub: stopped; `make demo` again resumes the pipeline")
+            ran = started[0] if started else None
+            if ran is not None and ran.error and not stacks[0].supervisor.signalled:
+                _fail(ran.error)
+            if ran is not None and ran.student_dir is None:
+                err.print(
+                    "erpd-hub: stopped before the pipeline finished; the same command follows "
+                    "it again (a stage that was cut off is requeued once the reaper finds it "
+                    f"silent, after {get_settings().heartbeat_timeout_s:.0f} s)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             else:
                 err.print("erpd-hub: stopped", highlight=False)
 

@@ -11,8 +11,10 @@ and `make demo` can use it and a second `up` prints the same key.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +27,7 @@ import httpx
 from server.settings import Settings
 
 EXE = Path(sys.executable).with_name("erpd-hub")
-GRACE_S = 30.0
+GRACE_S = 30.0  # the message in server/cli.py supervise() says so
 
 
 def ensure_key(settings: Settings) -> str:
@@ -46,6 +48,7 @@ def ensure_key(settings: Settings) -> str:
         engine.dispose()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that existed keeps its old mode otherwise
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
     return secret
@@ -53,19 +56,25 @@ def ensure_key(settings: Settings) -> str:
 
 @dataclass
 class Supervisor:
+    """Child processes, each in a process group of its own: a Ctrl-C in the terminal reaches
+    only this process, which stops them in order (SIGTERM, then SIGKILL to the whole group after
+    a grace period, so a worker's Celery processes never outlive it)."""
+
     env: dict[str, str]
     log_dir: Path | None = None  # None: the children write to this terminal
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
+    signalled: bool = False  # stopped by SIGINT/SIGTERM, not by the code that runs the stack
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        argv, env = [str(EXE), *args], env or self.env
         if self.log_dir is None:
-            self.children[name] = subprocess.Popen([str(EXE), *args], env=env or self.env)
+            self.children[name] = subprocess.Popen(argv, env=env, start_new_session=True)
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with self.log(name).open("ab") as log:
+        with self.log(name).open("wb") as log:  # this session's output only
             self.children[name] = subprocess.Popen(
-                [str(EXE), *args], env=env or self.env, stdout=log, stderr=subprocess.STDOUT
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     def log(self, name: str) -> Path:
@@ -73,25 +82,33 @@ class Supervisor:
         return self.log_dir / f"{name}.log"
 
     def died(self, name: str) -> str:
-        """What to tell the user when child `name` exited: its name, and its log's last line."""
+        """What to tell the user when child `name` exited: how, and its log's last line."""
+        code = self.children[name].returncode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else "exited"
         if self.log_dir is None:
-            return f"the {name} process exited; everything was stopped"
+            return f"the {name} process {how}; everything was stopped"
         lines = self.log(name).read_text(errors="replace").strip().splitlines()
         last = f": {lines[-1].strip()}" if lines else ""
-        return f"the {name} process exited{last} (log: {self.log(name)}); everything was stopped"
+        return f"the {name} process {how}{last} (log: {self.log(name)}); everything was stopped"
 
     def handle_signals(self) -> None:
+        def on_signal(*_: object) -> None:
+            self.signalled = True
+            self.stopping.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stopping.set())
+            signal.signal(sig, on_signal)
+
+    def dead(self) -> str | None:
+        return next((n for n, c in self.children.items() if c.poll() is not None), None)
 
     def watch(self) -> str | None:
-        """Until a signal (None) or a child's death (its name)."""
+        """Until `stopping` is set (None) or a child dies (its name). A child found dead when
+        the code, not a signal, stopped the stack is reported too: its death may be why."""
         while not self.stopping.wait(0.5):
-            for name, child in self.children.items():
-                # a Ctrl-C reaches the whole process group: a child it stopped is no death
-                if child.poll() is not None and not self.stopping.is_set():
-                    return name
-        return None
+            if (name := self.dead()) is not None:
+                return name
+        return None if self.signalled else self.dead()
 
     def stop(self) -> None:
         for child in self.children.values():
@@ -99,11 +116,12 @@ class Supervisor:
                 child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
         for child in self.children.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        for child in self.children.values():  # what is left of each group (e.g. Celery)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
 
 
 class StackError(Exception):
@@ -149,9 +167,13 @@ def start_stack(
     sup.handle_signals()
     stack = Stack(sup, api_url, key, [])
     try:
+        if not port_is_free(settings.host, port):
+            raise StackError(f"port {port} is taken (another erpd-hub?): set ERPD_PORT")
         sup.start("api", "serve", "--port", str(port))
-        if not wait_until_serving(api_url, sup.children["api"]):
-            raise StackError(f"the API did not start on port {port}")
+        if not wait_until_serving(api_url, sup.children["api"], sup.stopping):
+            if sup.stopping.is_set():  # Ctrl-C while it started: the caller sees a stop
+                return stack
+            raise StackError(f"the API did not start on port {port}: " + sup.died("api"))
         sup.start("worker", "worker", *(["--gpus", gpus] if gpus else []))
         sup.start("reaper", "reaper", "--every", str(reap_every))
         stack.banner = [
@@ -169,10 +191,28 @@ def start_stack(
     return stack
 
 
-def wait_until_serving(url: str, child: subprocess.Popen[bytes], timeout_s: float = 90) -> bool:
-    """Poll the API's liveness endpoint while it starts (its child may die instead)."""
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_until_serving(
+    url: str,
+    child: subprocess.Popen[bytes],
+    stop: threading.Event | None = None,
+    timeout_s: float = 90,
+) -> bool:
+    """Poll the API's liveness endpoint while it starts (its child may die, or a signal stop
+    the wait, instead)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and child.poll() is None:
+        if stop is not None and stop.is_set():
+            return False
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return True

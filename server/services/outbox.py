@@ -2,9 +2,12 @@
 still need their webhook queued.
 
 A run's message is published after the commit that created it, so a crash or a broker hiccup in
-between can leave a queued run without one. `enqueued_at` records a successful publish; the
-reconciler republishes every queued, ready run that lacks it. Workers claim runs in the database,
-so a run published twice still runs once. Webhooks work the same way with `notify_enqueued_at`:
+between can leave a queued run without one. `enqueued_at` is set, by a conditional UPDATE, by
+whoever is about to publish the run (and cleared if the publish fails), so of the reconcilers
+that race (API, workers, reaper) one sends it. The reconciler publishes every queued, ready run
+that lacks it; a run marked but never sent (a crash in between) is found by the reaper
+(`forget_lost_messages`). Workers claim runs in the database, so a run published twice still
+runs once. Webhooks work the same way with `notify_enqueued_at`:
 whoever ends a run (worker, API, a failing input's cascade) leaves the flag unset, and the next
 reconcile queues the `notify` message (at least once: a receiver may see a repeat after a crash).
 """

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import random_qwen3_dir
 from tests.integration.conftest import REDIS_URL, Databases, drop_queues
-from tests.integration.test_worker import QUICK_BASE, register_model, run_quick_sample
+from tests.integration.test_worker import QUICK_BASE, WorkerLog, register_model, run_quick_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
@@ -114,19 +113,14 @@ def test_the_compose_commands_run_natively_as_a_production_stack(
             argv(s),
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.PIPE if s == "api" else subprocess.DEVNULL,
             text=True,
             start_new_session=True,
         )
         for s in ("api", "worker", "reaper")
     ]
     try:
-        api = procs[0]
-        assert api.stderr is not None
-        for line in api.stderr:  # uvicorn says when it serves
-            if "Uvicorn running" in line:
-                break
-        threading.Thread(target=api.stderr.read, daemon=True).start()  # keep the pipe drained
+        WorkerLog(procs[0]).wait_for("Uvicorn running", timeout=60)  # drains the pipe after
         http = httpx.Client(
             base_url=f"http://127.0.0.1:{port}/api/v1",
             headers={"Authorization": f"Bearer {key}"},

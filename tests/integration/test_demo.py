@@ -9,6 +9,7 @@ the README's commands honour.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -96,6 +97,30 @@ def readme_blocks(clone: Path) -> tuple[str, list[str]]:
     return background, foreground
 
 
+def stop_group(process: subprocess.Popen[str]) -> None:
+    """Ctrl-C to the whole group, then SIGKILL if it has not ended within two minutes."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def left_behind(clone: Path) -> list[str]:
+    """Processes still running with the clone's data dir in their environment."""
+    marker = f"ERPD_HOME={clone / '.erpd'}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
+
+
+@pytest.mark.timeout(1200)
 def test_make_demo_in_ci_mode_runs_the_pipeline_and_downloads_a_student(clone: Path) -> None:
     env = clone_env(clone)
     make = subprocess.Popen(
@@ -107,7 +132,11 @@ def test_make_demo_in_ci_mode_runs_the_pipeline_and_downloads_a_student(clone: P
         text=True,
         start_new_session=True,
     )
-    output, _ = make.communicate(timeout=900)
+    try:
+        output, _ = make.communicate(timeout=1000)
+    finally:
+        if make.poll() is None:
+            stop_group(make)
     assert make.returncode == 0, output[-4000:]
     assert "pip install" not in output  # the venv was found installed
     for line in ("[sample] succeeded", "[teacher sapo] succeeded", "[student] succeeded"):
@@ -117,9 +146,11 @@ def test_make_demo_in_ci_mode_runs_the_pipeline_and_downloads_a_student(clone: P
     assert AutoModelForCausalLM.from_pretrained(student).num_parameters() > 0
     assert (clone / ".erpd" / "erpd.db").is_file()  # the default data dir, in the clone
     assert (clone / ".erpd" / "logs" / "worker.log").is_file()
-    assert group_is_gone(make.pid)  # API, worker, reaper and dashboard all stopped
+    assert group_is_gone(make.pid)
+    assert left_behind(clone) == []  # API, worker (and its Celery), reaper, dashboard
 
 
+@pytest.mark.timeout(1200)
 def test_the_readme_walk_through_works_verbatim(clone: Path) -> None:
     background, foreground = readme_blocks(clone)
     env = clone_env(clone)
@@ -134,26 +165,25 @@ def test_the_readme_walk_through_works_verbatim(clone: Path) -> None:
     )
     log = WorkerLog(stack, stdout=True)
     try:
-        log.wait_for("The stack keeps running", timeout=900)
+        log.wait_for("The stack keeps running", timeout=600)
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", "\n".join(foreground)],
             cwd=clone,
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=400,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "status succeeded" in done.stdout  # `logs --follow` saw the student end
         [student] = (clone / "runs" / "models").iterdir()
         assert AutoModelForCausalLM.from_pretrained(student).num_parameters() > 0
     finally:
-        os.killpg(stack.pid, signal.SIGINT)  # Ctrl-C in the terminal
-        stack.wait(timeout=120)
+        stop_group(stack)  # Ctrl-C in the terminal
     log.wait_for("erpd-hub: stopped", timeout=30)
     # make itself dies of the SIGINT once its command has exited (as in a terminal)
     assert stack.returncode in (0, -signal.SIGINT), stack.returncode
     assert not any("Traceback" in line for line in log.lines)
     for child in (clone / ".erpd" / "logs").iterdir():  # API, worker, reaper, dashboard
         assert "Traceback" not in child.read_text(), child.name
-    assert group_is_gone(stack.pid)
+    assert group_is_gone(stack.pid) and left_behind(clone) == []
