@@ -38,6 +38,7 @@ reproduce-full: $(VENV)/.installed
 
 # benchmarks print rates against a baseline measured in the same run (never timed tests)
 bench: $(VENV)/.installed-dev services tools
+	$(BIN)/python benchmarks/gemm_peak.py
 	$(BIN)/python benchmarks/metric_inserts.py
 	$(BIN)/python benchmarks/worker_sink.py
 	$(BIN)/python benchmarks/dispatch.py
