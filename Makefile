@@ -70,4 +70,4 @@ tools:
 	@scripts/test-tools.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .erpd .pytest_cache .ruff_cache

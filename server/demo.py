@@ -146,7 +146,10 @@ class Follower:
             run = self.api.run(run_id)
         if run["status"] != "succeeded":
             reason = f": {run['error']}" if run.get("error") else ""
-            raise DemoError(f"{label} run {run_id} {run['status']}{reason}")
+            raise DemoError(
+                f"{label} run {run_id} {run['status']}{reason} (running the demo again shows "
+                "this pipeline again; --again, or DEMO_ARGS=--again, submits a new one)"
+            )
         if run["kind"] == "sample":
             reward = run["summary"].get("reward/mean")
             self.say(f"[{label}] succeeded: mean reward of the fixed batch {_fmt(reward)}")
