@@ -180,6 +180,13 @@ class Live:
         )
 
 
+def free_port() -> int:
+    """A port nothing listens on now (for a server a test starts as a process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def start_live(databases: Databases, tmp_path: Path, **overrides: Any) -> Iterator[Live]:
     """The app under a real uvicorn server on a free port, with alice's key."""
     settings, secret, _ = api_settings(databases, tmp_path, stream_poll_s=0.05, **overrides)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -19,7 +18,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import random_qwen3_dir
-from tests.integration.conftest import REDIS_URL, Databases, drop_queues
+from tests.integration.conftest import REDIS_URL, Databases, drop_queues, free_port
 from tests.integration.test_worker import QUICK_BASE, WorkerLog, register_model, run_quick_sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,9 +72,7 @@ def test_the_compose_commands_run_natively_as_a_production_stack(
     """migrate, api, worker and reaper with the compose file's own argv, on Postgres + Redis."""
     services = compose_config()["services"]
     db_url = databases.new_url("postgres")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     queue = f"test-{uuid.uuid4().hex[:10]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ERPD_")} | {
         "ERPD_DATABASE_URL": db_url,

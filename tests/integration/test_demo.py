@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+from tests.integration.conftest import free_port
 from tests.integration.test_worker import WorkerLog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,14 +31,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("make") is None or not (VENV / ".installed").exists(),
     reason="needs make and the project's .venv (make .venv/.installed-dev)",
 )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +60,22 @@ def clone_env(clone: Path) -> dict[str, str]:
         "ERPD_PORT": str(free_port()),
         "ERPD_DASHBOARD_PORT": str(free_port()),
     }
+
+
+def start_in(
+    clone: Path, argv: list[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """A command in the clone, leading a process group of its own (as a terminal would run
+    it), its output and errors merged on one pipe."""
+    return subprocess.Popen(
+        argv,
+        cwd=clone,
+        env=env or clone_env(clone),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def group_is_gone(pgid: int) -> bool:
@@ -122,16 +131,7 @@ def left_behind(clone: Path) -> list[str]:
 
 @pytest.mark.timeout(1200)
 def test_make_demo_in_ci_mode_runs_the_pipeline_and_downloads_a_student(clone: Path) -> None:
-    env = clone_env(clone)
-    make = subprocess.Popen(
-        ["make", "demo", "DEMO_ARGS=--no-wait"],
-        cwd=clone,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    make = start_in(clone, ["make", "demo", "DEMO_ARGS=--no-wait"])
     try:
         output, _ = make.communicate(timeout=1000)
     finally:
@@ -154,15 +154,7 @@ def test_make_demo_in_ci_mode_runs_the_pipeline_and_downloads_a_student(clone: P
 def test_the_readme_walk_through_works_verbatim(clone: Path) -> None:
     background, foreground = readme_blocks(clone)
     env = clone_env(clone)
-    stack = subprocess.Popen(
-        ["bash", "-euo", "pipefail", "-c", background],
-        cwd=clone,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    stack = start_in(clone, ["bash", "-euo", "pipefail", "-c", background], env)
     log = WorkerLog(stack, stdout=True)
     try:
         log.wait_for("The stack keeps running", timeout=600)

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 
+from tests.integration.conftest import free_port
 from tests.integration.test_worker import QUICK_BASE, register_model, run_quick_sample
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_up_serves_a_run_end_to_end_and_stops_everything(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from server.db import Model, RegistryKind, make_engine, session_factory
 from server.services import create_api_key, register
-from tests.integration.conftest import Databases, Live, start_live
+from tests.integration.conftest import Databases, Live, free_port, start_live
 from tests.integration.private_postgres import PrivatePostgres
 from tests.integration.test_api_stream import sse_events
 from tests.integration.test_webhooks import Receiver
@@ -574,9 +574,7 @@ def test_the_embedded_default_runs_stages_with_no_services(tmp_path: Path) -> No
         _, key = create_api_key(s, name="me")
     engine.dispose()
     register_model(f"sqlite:///{tmp_path}/erpd.db", "quick", QUICK_BASE)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     api = subprocess.Popen(
         [exe, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
     )
