@@ -77,18 +77,18 @@ def _line(step: int, values: dict[str, float | None]) -> str:
 
 def _print_steps(points: Iterable[tuple[int, str, float | None]]) -> None:
     """One line per step that has any of the SHOWN metrics, in step order."""
-    from server.cli import out
+    from server.cli import say
 
     by_step: dict[int, dict[str, float | None]] = defaultdict(dict)
     for step, name, value in points:
         by_step[step][name] = value
     for step in sorted(by_step):
         if any(name in by_step[step] for name in SHOWN):
-            out.print(_line(step, by_step[step]), highlight=False, soft_wrap=True)
+            say(_line(step, by_step[step]))
 
 
 def register(app: typer.Typer) -> None:
-    from server.cli import _fail, out
+    from server.cli import _fail, say
 
     @app.command()
     def submit(
@@ -110,26 +110,18 @@ def register(app: typer.Typer) -> None:
             if "kind" in data:
                 run = api.submit_run(data, idempotency_key=idempotency_key)
                 if quiet:
-                    out.print(run["id"], highlight=False)
+                    say(run["id"])
                     return
-                out.print(
-                    f"run {run['id']}  {run['name']}  {run['status']}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+                say(f"run {run['id']}  {run['name']}  {run['status']}")
                 return
             made = api.submit_pipeline(data, idempotency_key=idempotency_key)
             if quiet:  # round by round: the sample run, the teachers, the student
-                out.print("\n".join(made["runs"]), highlight=False)
+                say("\n".join(made["runs"]))
                 return
-            out.print(f"pipeline {made['id']}  {made['name']}", highlight=False, soft_wrap=True)
+            say(f"pipeline {made['id']}  {made['name']}")
             for run_id in made["runs"]:
                 run = api.run(run_id)
-                out.print(
-                    f"  run {run_id}  {run['name']}  {run['status']}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+                say(f"  run {run_id}  {run['name']}  {run['status']}")
 
         _calling(body)
 
@@ -148,17 +140,15 @@ def register(app: typer.Typer) -> None:
             api = _connect(api_url, key)
             for run in api.all_runs(limit=limit, status=status or [], pipeline=pipeline):
                 if as_json:
-                    out.print(json.dumps(run), highlight=False, soft_wrap=True)
+                    say(json.dumps(run))
                     continue
                 p = run["progress"]
                 progress = f"{p['step']}/{p['total']}" if p["total"] else "-"
                 acc = "-" if run["final_accuracy"] is None else f"{run['final_accuracy']:.3f}"
                 kl = "-" if run["kl_spent"] is None else f"{run['kl_spent']:.4f}"
-                out.print(
+                say(
                     f"{run['id']}  {run['status']:<9}  {run['kind']:<6}  {progress:>9}  "
-                    f"acc {acc:>5}  KL {kl:>6}  {run['name']}",
-                    highlight=False,
-                    soft_wrap=True,
+                    f"acc {acc:>5}  KL {kl:>6}  {run['name']}"
                 )
 
         _calling(body)
@@ -184,15 +174,11 @@ def register(app: typer.Typer) -> None:
                     for step, value in zip(s["steps"], s["values"], strict=True)
                 )
                 run = api.run(run_id)
-                out.print(f"status {run['status']}", highlight=False, soft_wrap=True)
+                say(f"status {run['status']}")
                 return
             for event, data in api.stream(run_id):
                 if event == "status":
-                    out.print(
-                        f"status {data['status']} (attempt {data['attempt']})",
-                        highlight=False,
-                        soft_wrap=True,
-                    )
+                    say(f"status {data['status']} (attempt {data['attempt']})")
                 elif event == "metrics":
                     _print_steps((p["step"], p["name"], p["value"]) for p in data["points"])
 
@@ -214,10 +200,6 @@ def register(app: typer.Typer) -> None:
                 _fail(f"run {run_id} has no checkpoint (yet)", 2)
             latest = max(checkpoints, key=lambda c: c["step"])
             folder = api.download_checkpoint(latest["id"], out_dir)
-            out.print(
-                f"{folder}  ({latest['role']}, step {latest['step']}, sha256 {latest['sha256']})",
-                highlight=False,
-                soft_wrap=True,
-            )
+            say(f"{folder}  ({latest['role']}, step {latest['step']}, sha256 {latest['sha256']})")
 
         _calling(body)
