@@ -165,6 +165,14 @@ class _StageCommon(_Strict):
         "minibatch_size, with the same loss (counts come from the whole minibatch). "
         "None = one pass per minibatch. Lower it when a real model runs out of memory.",
     )
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Padded tokens per forward pass: rows are sorted by length and packed into "
+        "passes of at most this many tokens, each cut to its own longest row, so short "
+        "responses are not padded to the batch's longest (same loss). None = the device's "
+        "default (256 on CPU, 32,768 on CUDA).",
+    )
     grad_clip: float = Field(1.0, ge=0, description="Global grad-norm clip (0 disables).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_every_epochs: int = Field(1, ge=1, description="Evaluate after every k epochs.")

@@ -17,8 +17,10 @@ from erpd.rollout import (
     Sequences,
     decode_responses,
     encode_prompts,
+    forward_passes,
     generate,
     pack,
+    pass_tokens,
     response_logits,
     response_targets,
 )
@@ -39,6 +41,7 @@ def policy_vs_reference(
     *,
     batch_size: int = 256,
     bf16: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-response sums and per-token means of log-prob, entropy and exact KL against ref.
 
@@ -55,13 +58,16 @@ def policy_vs_reference(
         "kl_sum": [],
         "k3_sum": [],
     }
+    order: list[torch.Tensor] = []
+    passes = forward_passes(seqs, max_rows=batch_size, max_tokens=pass_tokens(device, max_tokens))
     with frozen(model), autocast(device, bf16):
-        for start in range(0, seqs.input_ids.shape[0], batch_size):
-            part = seqs.rows(slice(start, start + batch_size)).to(device)
+        for rows, trimmed in passes:
+            part = trimmed.to(device)
+            order.append(rows)
             mask = part.response_mask
-            logits = response_logits(model, part)  # (b, R, V)
+            logits = response_logits(model, part)  # (b, w, V)
             targets = response_targets(part)
-            logp = token_logprobs(logits, targets)  # (b, R)
+            logp = token_logprobs(logits, targets)  # (b, w)
             parts["logp"].append((logp * mask).sum(-1).cpu())
             parts["entropy_sum"].append((token_entropy(logits) * mask).sum(-1).cpu())
             if ref_model is not None:
@@ -72,7 +78,9 @@ def policy_vs_reference(
                 parts["kl_sum"].append((exact_kl(logits, ref_logits) * mask).sum(-1).cpu())
                 k3 = kl_estimators(logp.float(), ref_logp.float())["k3"]
                 parts["k3_sum"].append((k3 * mask).sum(-1).cpu())
-    out = {k: torch.cat(v) for k, v in parts.items() if v}
+    # passes hold rows sorted by length: put every per-response value back in batch order
+    position = torch.cat(order).argsort()
+    out = {k: torch.cat(v)[position] for k, v in parts.items() if v}
     out["tokens"] = seqs.response_mask.sum(-1)
     return out
 
@@ -84,9 +92,12 @@ def batch_diagnostics(
     *,
     bf16: bool = False,
     batch_size: int = 256,
+    max_tokens: int | None = None,
 ) -> dict[str, float]:
     """Exact KL to pi_k, token entropy and log-prob drift of correct/incorrect responses."""
-    stats = policy_vs_reference(model, ref_model, batch.seqs, batch_size=batch_size, bf16=bf16)
+    stats = policy_vs_reference(
+        model, ref_model, batch.seqs, batch_size=batch_size, bf16=bf16, max_tokens=max_tokens
+    )
     tokens = stats["tokens"].sum().clamp_min(1.0)
     out = {M.ENTROPY_BATCH: (stats["entropy_sum"].sum() / tokens).item()}
     if ref_model is not None:

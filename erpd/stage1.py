@@ -41,6 +41,7 @@ class Stage1Objective(Anchored):
             reanchor=cfg.anchor == "epoch",
             bf16=bf16,
             forward_batch_size=cfg.forward_batch_size,
+            pass_tokens=cfg.micro_batch_tokens,
         )
         self.cfg, self.mse_ref = cfg, mse_ref_logprobs
         self.ratio_bounds = (cfg.eps_low, cfg.eps_high)
@@ -52,12 +53,14 @@ class Stage1Objective(Anchored):
         b = self.batch
         inputs = Stage1Inputs(
             logprobs=logprobs,
-            old_logprobs=self.anchor[index].to(device),
-            ref_logprobs=b.behaviour_logprobs[index].to(device),
+            old_logprobs=self.rows(self.anchor, index, logprobs),
+            ref_logprobs=self.rows(b.behaviour_logprobs, index, logprobs),
             mask=mask,
             advantages=b.advantages[index].to(device),
             rewards=b.rewards[index].to(device),
-            mse_ref_logprobs=None if self.mse_ref is None else self.mse_ref[index].to(device),
+            mse_ref_logprobs=None
+            if self.mse_ref is None
+            else self.rows(self.mse_ref, index, logprobs),
             norm=norm,
         )
         return stage1_loss(inputs, self.cfg)
@@ -84,7 +87,11 @@ def run_stage1(
             raise ConfigError("stage1.mse_reference", "'initial' needs pi_0: pass --initial")
         pi0 = load_model(initial, env.device)
         mse_ref = sequence_logprobs(
-            pi0, batch.seqs, bf16=env.bf16, batch_size=cfg.forward_batch_size
+            pi0,
+            batch.seqs,
+            bf16=env.bf16,
+            batch_size=cfg.forward_batch_size,
+            max_tokens=cfg.micro_batch_tokens,
         )
         del pi0
     objective = Stage1Objective(batch, cfg, bf16=env.bf16, mse_ref_logprobs=mse_ref)

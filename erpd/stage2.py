@@ -89,19 +89,24 @@ class Stage2Objective(Anchored):
     """Trust-region distillation on the fixed batch; pi_old is re-anchored every epoch."""
 
     def __init__(self, batch: RolloutBatch, cfg: Stage2Config, signal: Signal, *, bf16: bool):
-        super().__init__(batch, reanchor=True, bf16=bf16, forward_batch_size=cfg.forward_batch_size)
+        super().__init__(
+            batch,
+            reanchor=True,
+            bf16=bf16,
+            forward_batch_size=cfg.forward_batch_size,
+            pass_tokens=cfg.micro_batch_tokens,
+        )
         self.cfg, self.signal = cfg, signal
         self.ratio_bounds = (cfg.clip_eps, cfg.clip_eps)
 
     def loss(
         self, index: Tensor, logprobs: Tensor, mask: Tensor, norm: Normaliser
     ) -> tuple[Tensor, dict[str, float]]:
-        device = logprobs.device
         inputs = Stage2Inputs(
             logprobs=logprobs,
-            old_logprobs=self.anchor[index].to(device),
-            ref_logprobs=self.batch.behaviour_logprobs[index].to(device),
-            signal=self.signal.values[index].to(device),
+            old_logprobs=self.rows(self.anchor, index, logprobs),
+            ref_logprobs=self.rows(self.batch.behaviour_logprobs, index, logprobs),
+            signal=self.rows(self.signal.values, index, logprobs),
             mask=mask,
             norm=norm,
         )
@@ -118,6 +123,7 @@ def teacher_logprobs(
     vocab_size: int,
     pinned: Sequence[str | None] | None = None,
     batch_size: int = 256,
+    max_tokens: int | None = None,
 ) -> list[Tensor]:
     """Each teacher's per-token log-probs on the fixed batch, one teacher in memory at a time."""
     out = []
@@ -130,7 +136,11 @@ def teacher_logprobs(
             raise CheckpointError(
                 f"{path}: teacher vocabulary {teacher.config.vocab_size} != student's {vocab_size}"
             )
-        out.append(sequence_logprobs(teacher, batch.seqs, bf16=env.bf16, batch_size=batch_size))
+        out.append(
+            sequence_logprobs(
+                teacher, batch.seqs, bf16=env.bf16, batch_size=batch_size, max_tokens=max_tokens
+            )
+        )
         del teacher
     return out
 
@@ -163,6 +173,7 @@ def run_stage2(
             vocab_size=model.config.vocab_size,
             pinned=pinned,
             batch_size=cfg.forward_batch_size,
+            max_tokens=cfg.micro_batch_tokens,
         )
     initial_lp = None
     if cfg.signal == "contrast":
@@ -173,6 +184,7 @@ def run_stage2(
             batch.seqs,
             bf16=env.bf16,
             batch_size=cfg.forward_batch_size,
+            max_tokens=cfg.micro_batch_tokens,
         )
     signal = build_signal(batch, cfg, teacher_lp, initial_lp)
     objective = Stage2Objective(batch, cfg, signal, bf16=env.bf16)

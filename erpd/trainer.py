@@ -34,7 +34,14 @@ from erpd.evaluate import Evaluator
 from erpd.losses import Normaliser, exact_kl, ratio_stats, token_entropy, token_logprobs
 from erpd.models import autocast
 from erpd.progress import ProgressFactory, no_progress
-from erpd.rollout import RolloutBatch, response_logits, response_targets, sequence_logprobs
+from erpd.rollout import (
+    RolloutBatch,
+    forward_passes,
+    pass_tokens,
+    response_logits,
+    response_targets,
+    sequence_logprobs,
+)
 from erpd.tasks import Task
 
 StopCheck = Callable[[], bool]
@@ -72,20 +79,35 @@ class Anchored:
     """
 
     def __init__(
-        self, batch: RolloutBatch, *, reanchor: bool, bf16: bool, forward_batch_size: int
+        self,
+        batch: RolloutBatch,
+        *,
+        reanchor: bool,
+        bf16: bool,
+        forward_batch_size: int,
+        pass_tokens: int | None = None,
     ) -> None:
         self.batch, self.reanchor, self.bf16 = batch, reanchor, bf16
-        self.forward_batch_size = forward_batch_size
+        self.forward_batch_size, self.pass_tokens = forward_batch_size, pass_tokens
         self.anchor = batch.behaviour_logprobs  # (B, R)
 
     def on_epoch_start(self, epoch: int, model: PreTrainedModel) -> None:
         if self.reanchor and epoch > 0:
             self.anchor = sequence_logprobs(
-                model, self.batch.seqs, bf16=self.bf16, batch_size=self.forward_batch_size
+                model,
+                self.batch.seqs,
+                bf16=self.bf16,
+                batch_size=self.forward_batch_size,
+                max_tokens=self.pass_tokens,
             )
 
     def old_logprobs(self, index: Tensor) -> Tensor:
         return self.anchor[index]
+
+    @staticmethod
+    def rows(values: Tensor, index: Tensor, like: Tensor) -> Tensor:
+        """values[index] cut to the width of `like` (a trimmed pass) and on its device."""
+        return values[index, : like.shape[1]].to(like.device)
 
     def state(self) -> dict[str, Tensor]:
         return {"anchor": self.anchor}
@@ -143,6 +165,7 @@ class LoopSettings:
     kl_budget: float | None = None
     bf16: bool = False
     eval_at_epochs: tuple[int, ...] | None = None
+    micro_batch_tokens: int | None = None
 
     @classmethod
     def of(
@@ -166,6 +189,7 @@ class LoopSettings:
             kl_budget=cfg.kl_budget,
             bf16=bf16,
             eval_at_epochs=tuple(cfg.eval_at_epochs) if cfg.eval_at_epochs else None,
+            micro_batch_tokens=cfg.micro_batch_tokens,
         )
 
     @property
@@ -265,7 +289,12 @@ def run_loop(
         from erpd.evaluate import batch_diagnostics
 
         diag = batch_diagnostics(
-            model, ref_model, batch, bf16=settings.bf16, batch_size=settings.forward_batch_size
+            model,
+            ref_model,
+            batch,
+            bf16=settings.bf16,
+            batch_size=settings.forward_batch_size,
+            max_tokens=settings.micro_batch_tokens,
         )
         return {**last, **diag}
 
@@ -361,8 +390,14 @@ def _accumulate(
     values: dict[str, float] = dict.fromkeys(_SUMMED, 0.0)
     kl_sum = entropy_sum = 0.0
     log_ratios = []
-    for part in index.split(settings.micro_batch_size or len(index)):
-        mb = batch.seqs.rows(part).to(device)
+    passes = forward_passes(
+        batch.seqs,
+        index,
+        max_rows=settings.micro_batch_size,
+        max_tokens=pass_tokens(device, settings.micro_batch_tokens),
+    )
+    for part, trimmed in passes:
+        mb = trimmed.to(device)
         with autocast(device, settings.bf16):
             logits = response_logits(model, mb)  # (b, R, V)
             logprobs = token_logprobs(logits, response_targets(mb))  # (b, R)
@@ -374,7 +409,7 @@ def _accumulate(
             m = mb.response_mask
             kl_sum += (exact_kl(logits.detach(), ref_logits) * m).sum().item()
             entropy_sum += (token_entropy(logits.detach()) * m).sum().item()
-            old = objective.old_logprobs(part).to(device)
+            old = objective.old_logprobs(part)[:, : m.shape[1]].to(device)
             log_ratios.append((logprobs.detach() - old)[m.bool()].float().cpu())
         for key, value in part_values.items():
             values[key] = values[key] + value if key in _SUMMED else value
