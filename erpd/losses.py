@@ -75,6 +75,14 @@ def exact_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def entropy_and_kl(logits: Tensor, ref_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """Token entropy of `logits` and KL(softmax(logits) || ref) per context, from one
+    log-softmax: (B, T, V), (B, T, V) log-probs -> (B, T), (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -(p * logp).sum(-1), (p * (logp - ref_logprobs.float())).sum(-1)
+
+
 def kl_estimators(logprobs: Tensor, ref_logprobs: Tensor) -> dict[str, Tensor]:
     """Schulman's k1/k2/k3 of KL(pi || ref) per token, from log-probs of the sampled tokens.
 

@@ -31,11 +31,12 @@ from erpd.checkpoint import RESUME_DIR, latest_resume, load_resume, read_resume_
 from erpd.config import EvalConfig, Stage1Config, Stage2Config
 from erpd.errors import ConfigError
 from erpd.evaluate import Evaluator
-from erpd.losses import Normaliser, exact_kl, ratio_stats, token_entropy, token_logprobs
-from erpd.models import autocast
+from erpd.losses import Normaliser, entropy_and_kl, ratio_stats, token_logprobs
+from erpd.models import autocast, frozen
 from erpd.progress import ProgressFactory, no_progress
 from erpd.rollout import (
     RolloutBatch,
+    Sequences,
     forward_passes,
     pass_tokens,
     response_logits,
@@ -46,6 +47,13 @@ from erpd.tasks import Task
 
 StopCheck = Callable[[], bool]
 Advance = Callable[[int], None]
+
+REFERENCE_CACHE_BYTES = 1 << 30
+"""pi_k's full-vocabulary log-probs on the fixed batch are kept when they fit in this much
+memory (response tokens x vocabulary x 4 bytes): the exact KL of every step then needs no
+forward pass of pi_k. That holds for small vocabularies (the built-in tiny model's 17 tokens:
+~0.5 MB for a 128 x 48 batch); a 150k-token vocabulary fits only ~1,800 tokens, so real models
+run pi_k on every pass instead."""
 
 
 class StageObjective(Protocol):
@@ -115,6 +123,62 @@ class Anchored:
     def load_state(self, tensors: dict[str, Tensor]) -> None:
         if "anchor" in tensors:
             self.anchor = tensors["anchor"]
+
+
+class ReferenceLogprobs:
+    """pi_k's log-softmax over the vocabulary at the response positions of the fixed batch.
+
+    Computed once and kept (packed: masked positions only) when it fits `budget` bytes;
+    otherwise every call runs pi_k on the pass. Either way it is what exact_kl compares with.
+    """
+
+    def __init__(
+        self,
+        ref_model: PreTrainedModel,
+        batch: RolloutBatch,
+        settings: LoopSettings,
+        budget: int = REFERENCE_CACHE_BYTES,
+    ) -> None:
+        self.model, self.bf16 = ref_model, settings.bf16
+        self.device = next(ref_model.parameters()).device
+        mask = batch.seqs.response_mask.bool()
+        vocab = int(ref_model.get_output_embeddings().weight.shape[0])
+        count = int(mask.sum())
+        self.table: Tensor | None = None
+        if count * vocab * 4 > budget:
+            return
+        self.slot = torch.full(mask.shape, -1, dtype=torch.long)
+        self.slot[mask] = torch.arange(count)
+        table = torch.empty(count, vocab, device=self.device)
+        passes = forward_passes(
+            batch.seqs,
+            max_rows=settings.forward_batch_size,
+            max_tokens=pass_tokens(self.device, settings.micro_batch_tokens),
+        )
+        for rows, part in passes:
+            part = part.to(self.device)
+            logprobs = self._forward(part)
+            keep = part.response_mask.bool()
+            slots = self.slot[rows, : keep.shape[1]].to(self.device)
+            table[slots[keep]] = logprobs[keep]
+        self.table = table
+
+    @torch.no_grad()
+    def _forward(self, part: Sequences) -> Tensor:
+        with frozen(self.model), autocast(self.device, self.bf16):
+            return torch.log_softmax(response_logits(self.model, part).float(), dim=-1)
+
+    @property
+    def cached(self) -> bool:
+        return self.table is not None
+
+    def __call__(self, rows: Tensor, part: Sequences) -> Tensor:
+        """(b, w, V) log-probs of pi_k for the pass `part` (rows `rows` of the batch, trimmed);
+        positions outside the response mask hold arbitrary (finite) values."""
+        if self.table is None:
+            return self._forward(part)
+        slots = self.slot[rows, : part.response_mask.shape[1]].clamp_min(0)
+        return self.table[slots.to(self.table.device)]
 
 
 @dataclass
@@ -321,6 +385,7 @@ def run_loop(
     # eval mode throughout: dropout would make pi_theta's log-probs noisy and the first ratio
     # differ from 1 (pi_old, pi_k and teachers are all scored without dropout); grads still flow
     model.eval()
+    reference = ReferenceLogprobs(ref_model, batch, settings)
     for epoch in range(step // per_epoch, settings.epochs):
         order = _permutation(n, settings.seed, epoch)
         first = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
@@ -334,7 +399,7 @@ def run_loop(
             index = order[k * settings.minibatch_size : (k + 1) * settings.minibatch_size]
             tick = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            values = _accumulate(model, ref_model, batch, objective, index, settings, device)
+            values = _accumulate(model, reference, batch, objective, index, settings, device)
             kl = values[M.KL_EXACT]
             if settings.kl_budget is not None:
                 values[M.KL_BUDGET_USED] = kl / settings.kl_budget
@@ -373,7 +438,7 @@ _SUMMED = (M.LOSS, M.KL_K1, M.KL_K3)
 
 def _accumulate(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    reference: ReferenceLogprobs,
     batch: RolloutBatch,
     objective: StageObjective,
     index: Tensor,
@@ -402,18 +467,17 @@ def _accumulate(
             logits = response_logits(model, mb)  # (b, R, V)
             logprobs = token_logprobs(logits, response_targets(mb))  # (b, R)
             loss, part_values = objective.loss(part, logprobs, mb.response_mask, norm)
-            with torch.no_grad():
-                ref_logits = response_logits(ref_model, mb)
         loss.backward()
         with torch.no_grad():
             m = mb.response_mask
-            kl_sum += (exact_kl(logits.detach(), ref_logits) * m).sum().item()
-            entropy_sum += (token_entropy(logits.detach()) * m).sum().item()
+            entropy, kl = entropy_and_kl(logits.detach(), reference(part, mb))
+            kl_sum += (kl * m).sum().item()
+            entropy_sum += (entropy * m).sum().item()
             old = objective.old_logprobs(part)[:, : m.shape[1]].to(device)
             log_ratios.append((logprobs.detach() - old)[m.bool()].float().cpu())
         for key, value in part_values.items():
             values[key] = values[key] + value if key in _SUMMED else value
-        del logits, ref_logits, logprobs, loss  # free activations before the next micro-batch
+        del logits, logprobs, loss, entropy, kl  # free activations before the next pass
     tokens = max(norm.tokens, 1.0)
     values[M.KL_EXACT] = kl_sum / tokens
     values[M.ENTROPY_TOKEN] = entropy_sum / tokens

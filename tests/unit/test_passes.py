@@ -9,9 +9,18 @@ import torch
 
 from erpd.config import TinyModelConfig
 from erpd.evaluate import policy_vs_reference
+from erpd.losses import group_advantages
 from erpd.models import build_char_tokenizer, build_tiny_model
-from erpd.rollout import Sequences, forward_passes, pack, response_targets, sequence_logprobs
+from erpd.rollout import (
+    RolloutBatch,
+    Sequences,
+    forward_passes,
+    pack,
+    response_targets,
+    sequence_logprobs,
+)
 from erpd.tasks import ALPHABET
+from erpd.trainer import LoopSettings, ReferenceLogprobs
 
 TOKENIZER = build_char_tokenizer(ALPHABET)
 PAD, EOS = int(TOKENIZER.pad_token_id), int(TOKENIZER.eos_token_id)
@@ -82,3 +91,41 @@ def test_passes_of_an_unpadded_batch_keep_every_column(budget: int | None) -> No
     for _, part in forward_passes(seqs, max_tokens=budget):
         assert part.input_ids.shape[1] == seqs.input_ids.shape[1]
         assert part.prompt_len == seqs.prompt_len
+
+
+def test_cached_reference_log_probs_match_a_forward_pass_of_pi_k() -> None:
+    torch.manual_seed(0)
+    ref = build_tiny_model(TOKENIZER, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2))
+    seqs = uneven_batch()
+    rewards = torch.tensor([float(i % 2) for i in range(24)])
+    batch = RolloutBatch(
+        seqs=seqs,
+        behaviour_logprobs=sequence_logprobs(ref, seqs),
+        rewards=rewards,
+        advantages=group_advantages(rewards, 4),
+        group_size=4,
+        problems=[],
+        responses=[],
+    )
+    settings = LoopSettings(
+        run="t",
+        epochs=1,
+        minibatch_size=8,
+        micro_batch_size=None,
+        lr=1e-4,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        eval_every_epochs=1,
+        checkpoint_every_steps=0,
+        seed=0,
+        micro_batch_tokens=64,
+    )
+    cached = ReferenceLogprobs(ref, batch, settings)
+    recomputed = ReferenceLogprobs(ref, batch, settings, budget=0)
+    assert cached.cached and not recomputed.cached
+    index = torch.tensor([3, 17, 5, 0, 22, 9])
+    for rows, part in forward_passes(seqs, index, max_tokens=90):
+        keep = part.response_mask.bool()
+        a, b = cached(rows, part), recomputed(rows, part)
+        assert a.shape == b.shape == (*keep.shape, len(TOKENIZER))
+        torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-5)
