@@ -21,6 +21,10 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PIP) -e '.[dev]'
 	touch $@
 
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed-dev
+	$(PIP) -e '.[dev,bench]'
+	touch $@
+
 # the embedded stack + the demo pipeline over REST; DEMO_ARGS=--no-wait exits once it succeeded
 demo: $(VENV)/.installed
 	$(BIN)/erpd-hub demo $(DEMO_ARGS)
@@ -37,10 +41,14 @@ reproduce-full: $(VENV)/.installed
 	$(BIN)/erpd reproduce --out runs/reproduce-full --preset full
 
 # benchmarks print rates against a baseline measured in the same run (never timed tests)
-bench: $(VENV)/.installed-dev services tools
+bench: $(VENV)/.installed-bench services tools
 	$(BIN)/python benchmarks/gemm_peak.py
+	$(BIN)/python benchmarks/stage1_vs_trl.py
+	$(BIN)/python benchmarks/stage2_cost.py
+	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/metric_inserts.py
 	$(BIN)/python benchmarks/worker_sink.py
+	$(BIN)/python benchmarks/api_latency.py
 	$(BIN)/python benchmarks/dispatch.py
 	$(BIN)/python benchmarks/dashboard_first_chart.py
 

@@ -1,6 +1,7 @@
 """Metric-point write rate of the run store, against a plain INSERT baseline in the same run.
 
-    python benchmarks/metric_inserts.py [--points 100000] [--dup 0.3] [--json out.json]
+    python benchmarks/metric_inserts.py [--points 100000] [--dup 0.3]
+        [--batch 100 1000 10000] [--json out.json]
 
 Writes `--points` points (a `--dup` share re-reporting a key already written, as a resumed run
 does) through `server.services.record_metrics` in batches of `--batch`, on a fresh database of
@@ -13,16 +14,14 @@ row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from sqlalchemy import Column, Double, Integer, MetaData, String, Table, create_engine, text
-from sqlalchemy.engine import make_url
+from common import machine, postgres_database, write_json
+from sqlalchemy import Column, Double, Integer, MetaData, String, Table, text
 
 from erpd import metrics as M
 from server.db import Dataset, Model, RunKind, make_engine, migrate, session_factory
@@ -108,33 +107,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=100_000)
     ap.add_argument("--dup", type=float, default=0.3)
-    ap.add_argument("--batch", type=int, default=10_000)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--batch", type=int, nargs="+", default=[100, 1_000, 10_000])
+    ap.add_argument("--json", type=Path, default=Path("runs/bench/metric_inserts.json"))
     args = ap.parse_args()
-    work = batches(args.points, args.dup, args.batch)
-    results = {}
-    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    name = f"erpd_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        pg = make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-        results["postgres"] = measure(pg, work)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-    with tempfile.TemporaryDirectory() as tmp:
-        results["sqlite"] = measure(f"sqlite:///{tmp}/bench.db", work)
-    print(f"{args.points:,} points, {args.dup:.0%} re-reported keys, batches of {args.batch:,}")
-    print(f"{'backend':<10}{'rows kept':>11}{'upsert pts/s':>14}{'plain pts/s':>13}{'ratio':>8}")
-    for backend, r in results.items():
+    results: list[dict[str, object]] = []
+    for size in args.batch:
+        work = batches(args.points, args.dup, size)
+        with postgres_database(POSTGRES) as pg:
+            results.append({"backend": "postgres", "batch": size, **measure(pg, work)})
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(
+                {"backend": "sqlite", "batch": size, **measure(f"sqlite:///{tmp}/bench.db", work)}
+            )
+    print(f"{args.points:,} points, {args.dup:.0%} re-reported keys, on {machine()}")
+    print(
+        f"{'backend':<10}{'batch':>7}{'rows kept':>11}{'upsert pts/s':>14}"
+        f"{'plain pts/s':>13}{'ratio':>8}"
+    )
+    for r in results:
         print(
-            f"{backend:<10}{r['rows']:>11,}{r['upsert_points_per_s']:>14,.0f}"
+            f"{r['backend']:<10}{r['batch']:>7,}{r['rows']:>11,}{r['upsert_points_per_s']:>14,.0f}"
             f"{r['plain_points_per_s']:>13,.0f}{r['upsert_vs_plain']:>8.2f}"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(
+        args.json,
+        {"machine": machine(), "args": vars(args) | {"json": str(args.json)}, "rows": results},
+    )
 
 
 if __name__ == "__main__":

@@ -198,6 +198,9 @@ def register_model(
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default ERPD_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default ERPD_PORT).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="API processes (default ERPD_API_WORKERS).")
+    ] = None,
 ) -> None:
     """Run the REST API (uvicorn). Binds 127.0.0.1 unless told otherwise."""
 
@@ -213,6 +216,7 @@ def serve(
             factory=True,
             host=host or settings.host,
             port=port or settings.port,
+            workers=workers or settings.api_workers,
             log_level="info",
         )
 

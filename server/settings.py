@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="API bind address (loopback unless configured).")
     port: int = Field(8000, ge=1, le=65535, description="API port.")
+    api_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API processes `erpd-hub serve` starts (uvicorn workers): one per core the "
+        "API may use. With more than one, GET /metrics (Prometheus) counts one process's "
+        "requests per scrape.",
+    )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest JSON request body (413 above it)."
     )

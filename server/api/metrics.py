@@ -49,16 +49,9 @@ def run_metrics(
     out, last = [], None
     for name, points in series.items():
         kept, thinned = downsample(points, max_points)
-        if points:
-            last = max(last or -1, points[-1][0])
-        out.append(
-            SeriesOut(
-                name=name,
-                steps=[p[0] for p in kept],
-                values=[p[1] for p in kept],
-                downsampled=thinned,
-            )
-        )
+        if points.steps:
+            last = max(last or -1, points.steps[-1])
+        out.append(SeriesOut(name=name, steps=kept.steps, values=kept.values, downsampled=thinned))
     return MetricsOut(run=run_id, series=out, last_step=last)
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import random
 import uuid
+from typing import cast
+
+import pytest
 
 from erpd import metrics as M
 from server.db import make_engine, session_factory
 from server.services import Point, record_metrics
-from server.services.metrics import downsample
+from server.services.metrics import Series, downsample
 from tests.integration.conftest import Api
 
 STAGE1 = {"kind": "stage1", "config": {"stage": {"epochs": 4}}}
@@ -54,13 +58,51 @@ def test_series_are_downsampled_without_losing_a_collapse(api: Api) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "names"
 
 
+def series(points: list[tuple[int, float | None]]) -> Series:
+    return Series([s for s, _ in points], [v for _, v in points])
+
+
 def test_downsample_keeps_bucket_extremes() -> None:
-    points = [(i, float(i % 7)) for i in range(1_000)]
+    points = series([(i, float(i % 7)) for i in range(1_000)])
     kept, thinned = downsample(points, 50)
-    assert thinned and len(kept) <= 50
-    assert kept[0] == points[0] and kept[-1] == points[-1]
-    assert {v for _, v in kept} >= {0.0, 6.0}
-    assert downsample(points[:10], 50) == (points[:10], False)
+    assert thinned and len(kept.steps) == len(kept.values) <= 50
+    assert kept.steps[0] == 0 and kept.steps[-1] == 999 and kept.values[-1] == 999 % 7
+    assert set(kept.values) >= {0.0, 6.0}
+    short = Series(points.steps[:10], points.values[:10])
+    assert downsample(short, 50) == (short, False)
+
+
+def bucket_extremes(
+    points: list[tuple[int, float | None]], max_points: int
+) -> list[tuple[int, float | None]]:
+    """The downsampling rule written plainly, one bucket at a time: the oracle."""
+    inner = points[1:-1]
+    size = math.ceil(len(inner) / max(1, (max_points - 2) // 2))
+    kept = [points[0]]
+    for start in range(0, len(inner), size):
+        bucket = inner[start : start + size]
+        finite = [p for p in bucket if p[1] is not None]
+        chosen = set()
+        if finite:
+            chosen.add(min(finite, key=lambda p: cast(float, p[1])))
+            chosen.add(max(finite, key=lambda p: cast(float, p[1])))
+        chosen.update([p for p in bucket if p[1] is None][:1])
+        kept.extend(sorted(chosen))
+    return [*kept, points[-1]]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_downsample_matches_the_plain_bucket_rule(seed: int) -> None:
+    rng = random.Random(seed)
+    n, max_points = rng.randint(60, 3_000), rng.randint(10, 50)
+    # few distinct values (ties), missing points, runs of missing points
+    points: list[tuple[int, float | None]] = [
+        (step, None if rng.random() < 0.1 else float(rng.randint(-3, 3))) for step in range(n)
+    ]
+    for start in rng.sample(range(n), 3):
+        points[start : start + 40] = [(s, None) for s, _ in points[start : start + 40]]
+    kept, thinned = downsample(series(points), max_points)
+    assert thinned and kept == series(bucket_extremes(points, max_points))
 
 
 def test_compare_reports_summaries_and_the_config_diff(api: Api) -> None:

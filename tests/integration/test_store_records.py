@@ -174,7 +174,7 @@ def test_metric_names_and_non_finite_values(factory, builtins) -> None:
         )
     with factory() as s:
         series = metric_series(s, run_id=run.id, names=[M.LOSS, M.KL_K3], since_step=1)
-    assert series == {M.LOSS: [(2, None), (3, 0.5)], M.KL_K3: [(3, 0.1)]}
+    assert series == {M.LOSS: ([2, 3], [None, 0.5]), M.KL_K3: ([3], [0.1])}
 
 
 def test_checkpoints_register_once(factory, builtins) -> None:
