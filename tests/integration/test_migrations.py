@@ -172,7 +172,10 @@ def test_upgrades_keep_existing_rows(databases: Databases, backend) -> None:
     engine.dispose()
 
 
-def test_erpd_hub_serve_binds_loopback_and_answers(databases: Databases, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_erpd_hub_serve_binds_loopback_and_answers(
+    databases: Databases, tmp_path: Path, workers: int
+) -> None:
     import signal
     import socket
 
@@ -191,17 +194,20 @@ def test_erpd_hub_serve_binds_loopback_and_answers(databases: Databases, tmp_pat
         "ERPD_HOME": str(tmp_path),
         "ERPD_PORT": str(port),
         "ERPD_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "ERPD_API_WORKERS": str(workers),
     }
     exe = Path(sys.executable).with_name("erpd-hub")
     server = subprocess.Popen([str(exe), "serve"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stderr is not None
-        lines = []
-        for line in server.stderr:  # wait for uvicorn's own "started" line, not a timer
+        lines: list[str] = []
+        for line in server.stderr:  # wait until every API process says it started, not a timer
             lines.append(line)
-            if "Uvicorn running on" in line:
+            started = sum("Application startup complete" in x for x in lines)
+            if started == workers and any("Uvicorn running on" in x for x in lines):
                 break
         assert any(f"http://127.0.0.1:{port}" in line for line in lines), lines
+        assert sum("Started server process" in x for x in lines) == workers, lines
         assert httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz").json() == {"status": "ok"}
         assert httpx.get(f"http://127.0.0.1:{port}/api/v1/runs").status_code == 401
     finally:
