@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from common import machine, write_json
-from training import SHAPES, save_random_base, task
+from training import SHAPES, save_random_base, shape_args, task
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from erpd.models import load_model, load_tokenizer
@@ -56,7 +56,7 @@ def hf_generate(
     started = time.perf_counter()
     for start in range(0, len(ids), batch_size):
         prompt, attn = left_pad(ids[start : start + batch_size], pad)
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             input_ids=prompt.to(device),
             attention_mask=attn.to(device),
             do_sample=True,
@@ -76,14 +76,9 @@ def hf_generate(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["tiny", "34m"])
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--group", type=int, default=8)
+    shape_args(ap, prompts=32, json="runs/bench/rollout.json", epochs=None)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", default="runs/bench/rollout.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = []

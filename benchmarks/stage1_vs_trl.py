@@ -13,6 +13,8 @@ For each model shape, from the same random base on disk and the same prompts:
   the same number of rows. beta > 0, so it also computes reference log-probs (TRL does that
   once per generation batch). `_generate_and_score_completions` is timed on its own: the
   update phase is train() minus that.
+- erpd-bf16: the same stage with bf16 autocast (fp32 master weights and log-probs), on the
+  same fixed batch, so its kl/exact and entropy after training show whether accuracy holds.
 - bare: a plain policy-gradient loop over erpd's fixed batch (forward, backward, AdamW) - the
   floor. "bare+ref" adds a no-grad reference forward per step, the work erpd's exact KL needs
   when pi_k's distribution is not cached.
@@ -44,21 +46,41 @@ from training import (
     env,
     fixed_batch,
     matmul_params,
+    parity_reward,
     save_random_base,
+    shape_args,
     task,
 )
 
+from erpd import metrics as M
 from erpd.config import Stage1Config
 from erpd.models import load_model
+from erpd.rollout import RolloutBatch
 from erpd.stage1 import run_stage1
 
 
-def erpd_run(base: Path, out: Path, args: argparse.Namespace, device: torch.device) -> dict:
+def erpd_run(
+    base: Path,
+    out: Path,
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    bf16: bool = False,
+    batch: RolloutBatch | None = None,
+) -> dict:
+    """Sample the fixed batch (timed; `batch` given: train on that one instead, so fp32 and
+    bf16 train on the same data) and train stage 1 on it."""
     started = time.perf_counter()
     model = load_model(base, device)
-    batch = fixed_batch(
-        model, base, prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens
+    sampled_batch = fixed_batch(
+        model,
+        base,
+        prompts=args.prompts,
+        group=args.group,
+        max_new_tokens=args.max_new_tokens,
+        bf16=bf16,
     )
+    batch = batch or sampled_batch
     sampled = time.perf_counter()
     del model
     recorder = StepRecorder()
@@ -69,7 +91,7 @@ def erpd_run(base: Path, out: Path, args: argparse.Namespace, device: torch.devi
         base=base,
         batch=batch,
         cfg=cfg,
-        env=env(device, args.max_new_tokens, recorder),
+        env=env(device, args.max_new_tokens, recorder, bf16=bf16),
         run_dir=out,
         run="bench",
         resume=False,
@@ -88,6 +110,8 @@ def erpd_run(base: Path, out: Path, args: argparse.Namespace, device: torch.devi
         "update_s": sum(per_step),
         "sample_s": sampled - started,
         "end_to_end_s": ended - started,
+        "kl_exact": result.summary[M.KL_EXACT_BATCH],
+        "entropy": result.summary[M.ENTROPY_BATCH],
         "batch": batch,
     }
 
@@ -106,13 +130,10 @@ def trl_run(base: Path, out: Path, args: argparse.Namespace, device: torch.devic
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    the_task = task()
-    problems = the_task.train_problems(args.prompts, seed=0)
+    problems = task().train_problems(args.prompts, seed=0)
 
-    def reward(
-        prompts: list[str], completions: list[str], idx: list[int], **_: Any
-    ) -> list[float | None]:
-        return [the_task.reward(problems[i], c) for i, c in zip(idx, completions, strict=True)]
+    def reward(prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
+        return [parity_reward(c) for c in completions]
 
     rows = args.prompts * args.group
     per_generation = rows // args.minibatch
@@ -165,13 +186,17 @@ def trl_run(base: Path, out: Path, args: argparse.Namespace, device: torch.devic
     }
 
 
-def measure(name: str, args: argparse.Namespace, device: torch.device, peak: float) -> list[dict]:
+def measure(
+    name: str, args: argparse.Namespace, device: torch.device, peaks: tuple[float, float]
+) -> list[dict]:
     shape = SHAPES[name]
     with tempfile.TemporaryDirectory(prefix="erpd-bench-") as tmp:
         base = save_random_base(shape, Path(tmp) / "base")
         params = matmul_params(load_model(base))
         erpd = erpd_run(base, Path(tmp) / "erpd", args, device)
         batch = erpd.pop("batch")
+        bf16 = erpd_run(base, Path(tmp) / "bf16", args, device, bf16=True, batch=batch)
+        bf16.pop("batch")
         trl = trl_run(base, Path(tmp) / "trl", args, device)
         model = load_model(base, device)
         ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -186,13 +211,21 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, peak: flo
             model, ref, batch, epochs=args.epochs, minibatch=args.minibatch
         )
     rows = []
-    for label, r in (("erpd", erpd), ("trl", trl), ("bare", bare), ("bare+ref", bare_ref)):
+    runs = (
+        ("erpd", erpd),
+        ("erpd-bf16", bf16),
+        ("trl", trl),
+        ("bare", bare),
+        ("bare+ref", bare_ref),
+    )
+    for label, r in runs:
         row = {
             "model": name,
             "params_m": params / 1e6,
             "impl": label,
             "update_tok_s": r["response_tokens"] / r["update_s"],
-            "mfu": 6 * params * r["real_tokens"] / r["update_s"] / peak,
+            # bf16 against the bf16 GEMM peak, everything else against fp32's
+            "mfu": 6 * params * r["real_tokens"] / r["update_s"] / peaks[label == "erpd-bf16"],
             **{k: v for k, v in r.items() if k != "batch"},
         }
         if "end_to_end_s" in r:
@@ -207,23 +240,19 @@ def pick(rows: list[dict], model: str, impl: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["tiny", "34m"])
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--minibatch", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", default="runs/bench/stage1_vs_trl.json")
+    shape_args(ap, prompts=16, json="runs/bench/stage1_vs_trl.json")
     args = ap.parse_args()
     if (args.prompts * args.group) % args.minibatch:
         ap.error("--minibatch must divide --prompts x --group (TRL splits one generation batch)")
     device = torch.device(args.device)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    peak = peak_flops("fp32", device)
-    print(f"fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s on {machine(device)}")
-    rows = [row for name in args.models for row in measure(name, args, device, peak)]
+    peaks = (peak_flops("fp32", device), peak_flops("bf16", device))
+    print(
+        f"GEMM peak: fp32 {peaks[0] / 1e9:.1f}, bf16 {peaks[1] / 1e9:.1f} GFLOP/s "
+        f"on {machine(device)}"
+    )
+    rows = [row for name in args.models for row in measure(name, args, device, peaks)]
     header = (
         f"{'model':>6} {'impl':>9} {'steps':>5} {'update tok/s':>12} {'MFU':>6} "
         f"{'e2e tok/s':>9} {'vs TRL':>7}"
@@ -238,16 +267,20 @@ def main() -> None:
             f"{row['update_tok_s'] / trl['update_tok_s']:>6.2f}x"
         )
     for name in args.models:
-        e, t = (pick(rows, name, impl) for impl in ("erpd", "trl"))
+        e, b, t = (pick(rows, name, impl) for impl in ("erpd", "erpd-bf16", "trl"))
         print(
-            f"{name}: erpd/TRL update {e['update_tok_s'] / t['update_tok_s']:.2f}x, "
-            f"end to end {t['end_to_end_s'] / e['end_to_end_s']:.2f}x faster"
+            f"{name}: erpd/TRL update {e['update_tok_s'] / t['update_tok_s']:.2f}x "
+            f"(bf16 {b['update_tok_s'] / t['update_tok_s']:.2f}x), end to end "
+            f"{e['end_to_end_tok_s'] / t['end_to_end_tok_s']:.2f}x "
+            f"(bf16 {b['end_to_end_tok_s'] / t['end_to_end_tok_s']:.2f}x); bf16 vs fp32 after "
+            f"training on the same batch: kl/exact {b['kl_exact']:.4g} vs {e['kl_exact']:.4g}, "
+            f"entropy {b['entropy']:.4g} vs {e['entropy']:.4g}"
         )
     write_json(
         args.json,
         {
             "machine": machine(device),
-            "peak_fp32_gflops": peak / 1e9,
+            "peak_gflops": {"fp32": peaks[0] / 1e9, "bf16": peaks[1] / 1e9},
             "args": vars(args),
             "rows": rows,
         },

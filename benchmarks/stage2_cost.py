@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from common import machine, write_json
-from training import SHAPES, StepRecorder, env, fixed_batch, save_random_base
+from training import SHAPES, StepRecorder, env, fixed_batch, save_random_base, shape_args
 
 import erpd.stage1
 import erpd.stage2
@@ -70,6 +70,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
                     run_dir=Path(tmp) / stage,
                     run=stage,
                 )
+                assert result.checkpoint is not None
                 teacher = result.checkpoint
             else:
                 erpd.stage2.run_stage2(
@@ -90,14 +91,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["tiny", "34m"])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--minibatch", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", default="runs/bench/stage2_cost.json")
+    shape_args(ap, prompts=8, json="runs/bench/stage2_cost.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     counted(erpd.stage2, "teacher")  # teacher (and pi_0) log-probs

@@ -7,6 +7,7 @@ Nothing is downloaded: the base is a randomly initialised Llama with erpd's char
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from transformers import PreTrainedModel
 
 from erpd import metrics as M
 from erpd.config import ArithmeticConfig, EvalConfig, SampleConfig, TaskSpec, TinyModelConfig
-from erpd.losses import token_logprobs
+from erpd.losses import group_advantages, token_logprobs
 from erpd.models import autocast, build_char_tokenizer, build_tiny_model, load_tokenizer
 from erpd.rollout import RolloutBatch, response_logits, response_targets, sample_rollout
 from erpd.tasks import ALPHABET, Task, build_task
@@ -33,6 +34,22 @@ SHAPES = {
 
 # prompts like "123+456+789=": long enough that the prompt is a real share of each sequence
 TASK = TaskSpec(arithmetic=ArithmeticConfig(digits=3, terms=3, operators="+-", eval_size=64))
+
+
+def shape_args(
+    ap: argparse.ArgumentParser, *, prompts: int, json: str, epochs: int | None = 4
+) -> None:
+    """The options every training benchmark takes: which shapes, how big a fixed batch, how
+    many epochs of which minibatch, where, and where the JSON goes."""
+    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["tiny", "34m"])
+    ap.add_argument("--prompts", type=int, default=prompts)
+    ap.add_argument("--group", type=int, default=8)
+    if epochs is not None:
+        ap.add_argument("--epochs", type=int, default=epochs)
+        ap.add_argument("--minibatch", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=json)
 
 
 def task() -> Task:
@@ -68,7 +85,7 @@ def fixed_batch(
     bf16: bool = False,
 ) -> RolloutBatch:
     cfg = SampleConfig(num_prompts=prompts, group_size=group, seed=seed)
-    return sample_rollout(
+    batch = sample_rollout(
         model,
         load_tokenizer(base),
         task(),
@@ -76,6 +93,17 @@ def fixed_batch(
         max_new_tokens=max_new_tokens,
         bf16=bf16,
     )
+    # a random model solves nothing: every advantage would be 0 and no weight would move
+    batch.rewards = torch.tensor([parity_reward(r) for r in batch.responses])
+    batch.advantages = group_advantages(batch.rewards, group)
+    return batch
+
+
+def parity_reward(response: str) -> float:
+    """The benchmarks' stand-in reward (erpd and TRL alike): 1 for an even-length response.
+    It gives most groups non-zero advantages, so training moves the weights; what an update
+    costs does not depend on the reward."""
+    return float(len(response) % 2 == 0)
 
 
 def env(

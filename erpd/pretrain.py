@@ -18,6 +18,7 @@ from erpd.config import BaseTrainConfig, TinyModelConfig
 from erpd.errors import StopRequestedError
 from erpd.losses import supervised_loss
 from erpd.models import (
+    adamw,
     autocast,
     build_char_tokenizer,
     build_tiny_model,
@@ -52,7 +53,7 @@ def pretrain_base(
     tokenizer = build_char_tokenizer(ALPHABET)
     torch.manual_seed(seed)
     model = to_device(build_tiny_model(tokenizer, shape), env.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=0.0)
     check = env.evaluator(tokenizer, seed)
     check_problems = env.task.eval_problems()[: cfg.eval_size]
     acc, step = 0.0, 0

@@ -32,7 +32,7 @@ from erpd.config import EvalConfig, Stage1Config, Stage2Config
 from erpd.errors import ConfigError
 from erpd.evaluate import Evaluator
 from erpd.losses import Normaliser, entropy_and_kl, ratio_stats, token_logprobs
-from erpd.models import autocast, frozen
+from erpd.models import adamw, autocast, frozen
 from erpd.progress import ProgressFactory, no_progress
 from erpd.rollout import (
     RolloutBatch,
@@ -311,9 +311,7 @@ def run_loop(
     n = len(batch)
     per_epoch = math.ceil(n / settings.minibatch_size)
     total = settings.total_steps(n)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-    )
+    optimizer = adamw(model, lr=settings.lr, weight_decay=settings.weight_decay)
     step, started, evaluated_here = 0, time.time(), False
     if not resume:
         shutil.rmtree(run_dir / RESUME_DIR, ignore_errors=True)
