@@ -20,6 +20,7 @@ from erpd.trainer import (
     LoopSettings,
     StageEnv,
     StageResult,
+    check_memory,
     load_stage_models,
     train_stage,
 )
@@ -79,6 +80,7 @@ def run_stage1(
 ) -> StageResult:
     """Train a teacher from pi_k (`base`) on `batch`; the checkpoint lands in run_dir/checkpoint."""
     run_dir = Path(run_dir)
+    check_memory(base, batch, cfg, env)
     model, ref_model, tokenizer = load_stage_models(base, env.device)
     batch.check_model(model.config.vocab_size, str(base), tokenizer_fingerprint(tokenizer))
     mse_ref = None

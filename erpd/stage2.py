@@ -35,6 +35,7 @@ from erpd.trainer import (
     LoopSettings,
     StageEnv,
     StageResult,
+    check_memory,
     load_stage_models,
     train_stage,
 )
@@ -162,6 +163,7 @@ def run_stage2(
     run_dir = Path(run_dir)
     if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
         raise ValueError("stage2.teacher_weights must have one weight per teacher")
+    check_memory(base, batch, cfg, env)
     model, ref_model, tokenizer = load_stage_models(base, env.device)
     batch.check_model(model.config.vocab_size, str(base), tokenizer_fingerprint(tokenizer))
     teacher_lp: list[Tensor] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -47,6 +48,7 @@ from erpd.tasks import Task
 
 StopCheck = Callable[[], bool]
 Advance = Callable[[int], None]
+log = logging.getLogger(__name__)
 
 REFERENCE_CACHE_BYTES = 1 << 30
 """pi_k's full-vocabulary log-probs on the fixed batch are kept when they fit in this much
@@ -517,6 +519,21 @@ class StageResult:
     steps: int
     total_steps: int
     wall_time: float
+
+
+def check_memory(
+    base: str | Path, batch: RolloutBatch, cfg: Stage1Config | Stage2Config, env: StageEnv
+) -> None:
+    """Estimate the stage's memory on its device before loading anything; log it, or refuse
+    with what to change when it cannot fit (erpd.memory)."""
+    from erpd.memory import check_fits
+
+    width = batch.seqs.input_ids.shape[1]
+    tokens = pass_tokens(env.device, cfg.micro_batch_tokens)
+    if cfg.micro_batch_size is not None:
+        tokens = min(tokens, cfg.micro_batch_size * width)
+    found = check_fits(base, device=env.device, pass_tokens=max(tokens, width), bf16=env.bf16)
+    log.info(found.describe())
 
 
 def load_stage_models(

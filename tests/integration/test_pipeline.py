@@ -178,12 +178,13 @@ def test_summary_has_base_teacher_student(demo: Path) -> None:
 
 
 def test_first_stage1_ratio_is_exactly_one(
-    demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+    demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     stage_env, sink = env
     stop_after = iter([False, True])  # one optimizer step, then a cooperative stop
     stage_env.should_stop = lambda: next(stop_after)
     cfg = Stage1Config(epochs=2, minibatch_size=128, eval_every_epochs=2)
+    caplog.set_level("INFO", logger="erpd")
     res = run_stage1(
         base=demo / "base" / "checkpoint",
         batch=batch,
@@ -198,6 +199,8 @@ def test_first_stage1_ratio_is_exactly_one(
     assert abs(p01 - 1.0) < 1e-5 and abs(p99 - 1.0) < 1e-5
     assert sink.series(M.RATIO_CLIP_FRAC)[0][1] == 0.0
     assert abs(sink.series(M.KL_EXACT)[0][1]) < 1e-6
+    # the stage said what it would need before it loaded its models
+    assert any(m.startswith("memory estimate per device (1.1M parameters") for m in caplog.messages)
 
 
 def test_stopped_stage1_resumes_from_its_step(
