@@ -73,6 +73,7 @@ def estimate(
     bf16: bool,
     devices: int = 1,
     params: int | None = None,
+    gradient_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """The estimate for one forward pass of `pass_tokens` padded tokens per device; weights,
     gradients, optimizer state and pi_k are divided over `devices` (sharded), activations are
@@ -82,7 +83,12 @@ def estimate(
     layers = int(config.num_hidden_layers)
     vocab = int(config.vocab_size)
     width = 2 if bf16 else 4
-    activations = pass_tokens * layers * hidden * ACTIVATION_FACTOR * width // 2
+    per_layer = pass_tokens * hidden * ACTIVATION_FACTOR * width // 2
+    if gradient_checkpointing:
+        # each layer's input is kept; one layer at a time is recomputed in full
+        activations = pass_tokens * layers * hidden * width + per_layer
+    else:
+        activations = layers * per_layer
     activations += pass_tokens * vocab * LOGIT_BYTES["bf16" if bf16 else "fp32"]
     share = max(devices, 1)
     return MemoryEstimate(
@@ -115,18 +121,21 @@ def check_fits(
     device: torch.device,
     pass_tokens: int,
     bf16: bool,
+    gradient_checkpointing: bool = False,
     available: int | None = None,
 ) -> MemoryEstimate:
     """Estimate a stage on the model in `base`; a ConfigError naming what to change if it
     cannot fit the device (`available` bytes, default: what the device reports)."""
     config = AutoConfig.from_pretrained(str(base), local_files_only=True, trust_remote_code=False)
-    found = estimate(config, pass_tokens=pass_tokens, bf16=bf16)
+    found = estimate(
+        config, pass_tokens=pass_tokens, bf16=bf16, gradient_checkpointing=gradient_checkpointing
+    )
     room = available if available is not None else available_bytes(device)
     if room is not None and found.total > room:
         raise ConfigError(
             "runtime",
             f"the stage needs ~{found.total / GIB:.1f} GiB on {device.type} and "
             f"{room / GIB:.1f} GiB is available ({found.describe()}); lower micro_batch_tokens "
-            "or micro_batch_size, or run on a larger device",
+            "or micro_batch_size, set runtime.gradient_checkpointing, or use a larger device",
         )
     return found

@@ -191,6 +191,17 @@ def model_card(path: str | Path) -> dict[str, object]:
     }
 
 
+def train_without_dropout(model: torch.nn.Module) -> None:
+    """Training mode (what gradient checkpointing needs in transformers) with every dropout at
+    zero, so that log-probs stay exactly those of eval mode, as erpd's ratios assume."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # type: ignore[assignment]
+    model.train()
+
+
 @contextlib.contextmanager
 def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Eval mode without gradients for the duration, restoring train mode after."""

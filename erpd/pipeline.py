@@ -70,6 +70,7 @@ def make_env(cfg: PipelineConfig, sink: M.MetricSink, progress: ProgressFactory)
         device=device,
         max_new_tokens=cfg.task.max_new_tokens or task.max_new_tokens,
         bf16=use_bf16(device, cfg.runtime.precision),
+        gradient_checkpointing=cfg.runtime.gradient_checkpointing,
         chat_template=cfg.model.chat_template,
         sink=sink,
         progress=progress,

@@ -196,7 +196,9 @@ def run_stage2(
         models=(model, ref_model, tokenizer),
         batch=batch,
         objective=objective,
-        settings=LoopSettings.of(run, cfg, bf16=env.bf16),
+        settings=LoopSettings.of(
+            run, cfg, bf16=env.bf16, gradient_checkpointing=env.gradient_checkpointing
+        ),
         env=env,
         run_dir=run_dir,
         resume=resume,

@@ -33,7 +33,7 @@ from erpd.config import EvalConfig, Stage1Config, Stage2Config
 from erpd.errors import ConfigError
 from erpd.evaluate import Evaluator
 from erpd.losses import Normaliser, entropy_and_kl, ratio_stats, token_logprobs
-from erpd.models import adamw, autocast, frozen
+from erpd.models import adamw, autocast, frozen, train_without_dropout
 from erpd.progress import ProgressFactory, no_progress
 from erpd.rollout import (
     RolloutBatch,
@@ -192,6 +192,7 @@ class StageEnv:
     device: torch.device
     max_new_tokens: int
     bf16: bool = False
+    gradient_checkpointing: bool = False
     chat_template: bool = False
     sink: M.MetricSink = field(default_factory=M.NullSink)
     should_stop: StopCheck | None = None
@@ -232,6 +233,7 @@ class LoopSettings:
     bf16: bool = False
     eval_at_epochs: tuple[int, ...] | None = None
     micro_batch_tokens: int | None = None
+    gradient_checkpointing: bool = False
 
     @classmethod
     def of(
@@ -240,6 +242,7 @@ class LoopSettings:
         cfg: Stage1Config | Stage2Config,
         *,
         bf16: bool,
+        gradient_checkpointing: bool = False,
     ) -> LoopSettings:
         return cls(
             run=run,
@@ -256,6 +259,7 @@ class LoopSettings:
             bf16=bf16,
             eval_at_epochs=tuple(cfg.eval_at_epochs) if cfg.eval_at_epochs else None,
             micro_batch_tokens=cfg.micro_batch_tokens,
+            gradient_checkpointing=gradient_checkpointing,
         )
 
     @property
@@ -384,7 +388,17 @@ def run_loop(
     last = evaluate(step) if due else {}
     # eval mode throughout: dropout would make pi_theta's log-probs noisy and the first ratio
     # differ from 1 (pi_old, pi_k and teachers are all scored without dropout); grads still flow
-    model.eval()
+    if settings.gradient_checkpointing:
+        # transformers recomputes layers only in training mode: train mode, dropout off
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(
+                "runtime.gradient_checkpointing",
+                f"{type(model).__name__} does not support activation checkpointing",
+            )
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        train_without_dropout(model)
+    else:
+        model.eval()
     reference = ReferenceLogprobs(ref_model, batch, settings)
     for epoch in range(step // per_epoch, settings.epochs):
         order = _permutation(n, settings.seed, epoch)
@@ -532,7 +546,13 @@ def check_memory(
     tokens = pass_tokens(env.device, cfg.micro_batch_tokens)
     if cfg.micro_batch_size is not None:
         tokens = min(tokens, cfg.micro_batch_size * width)
-    found = check_fits(base, device=env.device, pass_tokens=max(tokens, width), bf16=env.bf16)
+    found = check_fits(
+        base,
+        device=env.device,
+        pass_tokens=max(tokens, width),
+        bf16=env.bf16,
+        gradient_checkpointing=env.gradient_checkpointing,
+    )
     log.info(found.describe())
 
 

@@ -525,6 +525,43 @@ def test_micro_batches_train_like_whole_minibatches(
             assert s0 == s1 and v0 == pytest.approx(v1, rel=1e-4, abs=1e-6), name
 
 
+def test_gradient_checkpointing_trains_like_keeping_activations(
+    demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
+) -> None:
+    """runtime.gradient_checkpointing only changes memory: same weights and step metrics."""
+    stage_env, sink = env
+    stage_env.eval = stage_env.eval.model_copy(update={"size": 20, "pass_k": 0, "sampled": False})
+    results, series, kept = [], [], []
+    for recompute in (False, True):
+        stage_env.gradient_checkpointing = recompute
+        sink.points.clear()
+        saved = [0]
+
+        def keep(tensor: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved[0] += 1  # a tensor autograd keeps for backward
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            res = run_stage1(
+                base=demo / "base" / "checkpoint",
+                batch=batch,
+                cfg=Stage1Config(epochs=1, minibatch_size=128, kl_coef=0.1),
+                env=stage_env,
+                run_dir=tmp_path / str(recompute),
+                run="t",
+            )
+        kept.append(saved[0])
+        results.append(AutoModelForCausalLM.from_pretrained(res.checkpoint).state_dict())
+        series.append({n: sink.series(n) for n in (M.LOSS, M.KL_EXACT, M.ENTROPY_TOKEN)})
+    # the layers' activations really were dropped (and recomputed in backward)
+    assert kept[1] < kept[0] / 2, kept
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], rtol=1e-4, atol=1e-5, msg=name)
+    for name in series[0]:
+        for (s0, v0), (s1, v1) in zip(series[0][name], series[1][name], strict=True):
+            assert s0 == s1 and v0 == pytest.approx(v1, rel=1e-4, abs=1e-6), name
+
+
 def test_resume_refuses_a_stopped_run_of_another_config(
     demo: Path, batch: RolloutBatch, env: Env, tmp_path: Path
 ) -> None:

@@ -50,6 +50,12 @@ def test_the_parts_add_up_and_scale_as_they_should() -> None:
     assert "sharded over 4" in sharded.describe() and "GiB" in sharded.describe()
     fp32 = estimate(config, pass_tokens=4096, bf16=False, params=500_000_000)
     assert fp32.activations > one.activations
+    # recomputing layers in backward keeps one tensor per layer instead of ~34
+    recomputed = estimate(
+        config, pass_tokens=4096, bf16=True, params=500_000_000, gradient_checkpointing=True
+    )
+    logits = 4096 * 151_936 * 14
+    assert recomputed.activations - logits < (one.activations - logits) / 4
 
 
 def test_a_stage_that_cannot_fit_is_refused_before_loading(tmp_path: Path) -> None:
