@@ -88,8 +88,8 @@ def main() -> None:
             base = save_random_base(SHAPES[name], Path(tmp) / "base")
             model, tokenizer = load_model(base, device).eval(), load_tokenizer(base)
             problems = task().train_problems(args.prompts, seed=0)
-            ids = [x for x in encode_prompts(tokenizer, [p.prompt for p in problems])]
-            ids = [x for x in ids for _ in range(args.group)]
+            prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems])
+            ids = [x for x in prompt_ids for _ in range(args.group)]
             for size in args.batch_sizes:
                 best = {"erpd": 0.0, "hf": 0.0}
                 for _ in range(args.repeats):

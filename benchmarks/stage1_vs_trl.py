@@ -158,7 +158,7 @@ def trl_run(base: Path, out: Path, args: argparse.Namespace, device: torch.devic
         disable_tqdm=True,
         seed=0,
     )
-    dataset = Dataset.from_list([{"prompt": p.prompt, "idx": i} for i, p in enumerate(problems)])
+    dataset = Dataset.from_list([{"prompt": p.prompt} for p in problems])
     started = time.perf_counter()
     trainer = GRPOTrainer(model=str(base), reward_funcs=reward, args=config, train_dataset=dataset)
     generation = {"s": 0.0, "tokens": 0, "real": 0}

@@ -386,10 +386,11 @@ def run_loop(
         checkpoint is not None and eval_due(step) and not evaluated_here
     )
     last = evaluate(step) if due else {}
-    # eval mode throughout: dropout would make pi_theta's log-probs noisy and the first ratio
-    # differ from 1 (pi_old, pi_k and teachers are all scored without dropout); grads still flow
+    # no dropout throughout: it would make pi_theta's log-probs noisy and the first ratio differ
+    # from 1 (pi_old, pi_k and teachers are all scored without dropout); grads still flow. Eval
+    # mode, or, with checkpointing (transformers recomputes layers only in training mode),
+    # training mode with every dropout at zero
     if settings.gradient_checkpointing:
-        # transformers recomputes layers only in training mode: train mode, dropout off
         if not model.supports_gradient_checkpointing:
             raise ConfigError(
                 "runtime.gradient_checkpointing",
