@@ -238,6 +238,7 @@ def finish(store: Store, inputs: Inputs, outcome: StageResult | dict[str, float]
                 summary=summary,
                 actor=f"worker:{run.worker}",
                 steps=outcome.steps if isinstance(outcome, StageResult) else None,
+                total=outcome.total_steps if isinstance(outcome, StageResult) else None,
             )
 
     retrying(write)

@@ -164,6 +164,7 @@ def complete_run(
     summary: Mapping[str, float],
     actor: str,
     steps: int | None = None,
+    total: int | None = None,
     now: datetime | None = None,
 ) -> Run:
     """running -> succeeded. A stage-1 run must have registered its teacher checkpoint: its
@@ -171,7 +172,9 @@ def complete_run(
     student is pinned on the runs of the next round, whose base it is.
 
     `steps`, the optimizer steps the stage took, becomes the final progress (the last heartbeat
-    may be a few steps behind); without it a run that reported a total is shown complete."""
+    may be a few steps behind), and `total` its planned steps (a stage shorter than one
+    heartbeat never reported one); without them a run that reported a total is shown
+    complete."""
     now = now or utcnow()
     run = running_attempt(session, run_id=run_id, attempt=attempt, action="complete")
     clean = _clean_summary(summary)
@@ -182,6 +185,8 @@ def complete_run(
     run.status = RunStatus.SUCCEEDED
     run.finished_at = now
     run.summary = clean
+    if total is not None:
+        run.progress_total = total
     if steps is not None:
         run.progress_step = steps
     elif run.progress_total is not None:

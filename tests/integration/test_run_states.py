@@ -146,6 +146,18 @@ def test_lifecycle_claim_heartbeat_complete(factory, builtins) -> None:
     assert kinds == [EventKind.CREATED, EventKind.CLAIMED, EventKind.SUCCEEDED]
 
 
+def test_a_stage_shorter_than_a_heartbeat_still_ends_with_its_progress(factory, builtins) -> None:
+    """No heartbeat carried a total: the stage's own counts are what completion records."""
+    with factory.begin() as s:
+        run = new_run(s, builtins, kind=RunKind.SAMPLE)
+    assert claim(factory, run.id) is not None
+    with factory.begin() as s:
+        complete_run(s, run_id=run.id, attempt=1, summary={}, actor="w", steps=2, total=2)
+    with factory() as s:
+        done = get_run(s, run_id=run.id)
+        assert (done.progress_step, done.progress_total) == (2, 2)
+
+
 def test_illegal_transitions_raise_typed_errors(factory, builtins) -> None:
     with factory.begin() as s:
         run = new_run(s, builtins, kind=RunKind.SAMPLE)
