@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from erpd import distributed
 from erpd.digest import MANIFEST, hash_files, tree_sha256
 from erpd.digest import file_sha256 as file_sha256  # re-exported: callers import it from here
 from erpd.errors import CheckpointError
@@ -97,9 +98,37 @@ def _hash_files(root: Path) -> dict[str, str]:
 def save_model_checkpoint(
     path: str | Path, model: Any, tokenizer: Any, manifest: Mapping[str, Any]
 ) -> str:
-    """Save model + tokenizer + manifest atomically; returns the checkpoint's sha256."""
+    """Save model + tokenizer + manifest atomically; returns the checkpoint's sha256.
+
+    A sharded model is gathered to rank 0, which alone writes: every rank must call this, and
+    the checkpoint is one merged directory whichever way the model was trained."""
+    weights = None
+    if distributed.is_sharded(model):
+        weights = distributed.full_state_dict(model)
+        if getattr(model.config, "tie_word_embeddings", False):  # stored once, as unsharded
+            head = model.get_output_embeddings()
+            weights = {
+                k: v for k, v in weights.items() if k not in _names_of(model, head, "weight")
+            }
+    sha = None
+    if distributed.is_main():
+        sha = _save_model(Path(path), model, tokenizer, manifest, weights)
+    return str(distributed.from_main(sha))
+
+
+def _names_of(model: Any, module: Any, attr: str) -> set[str]:
+    return {f"{name}.{attr}" for name, m in model.named_modules() if m is module}
+
+
+def _save_model(
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    manifest: Mapping[str, Any],
+    weights: dict[str, torch.Tensor] | None,
+) -> str:
     with atomic_dir(path) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
         files = _hash_files(tmp)
         sha = tree_sha256(files)
@@ -194,25 +223,37 @@ def save_resume(
         raise ValueError("keep must be >= 1: the checkpoint just written is always kept")
     root = Path(run_dir) / RESUME_DIR
     target = root / f"step-{step:08d}"
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    # copy=True: tied weights (lm_head = embed_tokens, as in Qwen3) share storage on CPU, and
-    # safetensors refuses shared tensors; loading re-ties them because both names are restored
-    model_tensors = {
-        k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
-    }
+    sharded = distributed.is_sharded(model)
+    model_tensors: dict[str, torch.Tensor] = {}
+    if sharded:  # every rank writes its shards of the weights and AdamW state
+        opt_tensors: dict[str, torch.Tensor] = {}
+        opt_meta: dict[str, Any] = {"sharded": True}
+    else:
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        # copy=True: tied weights (lm_head = embed_tokens, as in Qwen3) share storage on CPU, and
+        # safetensors refuses shared tensors; loading re-ties them because both names are restored
+        model_tensors = {
+            k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
+        }
     extra = {f"extra.{k}": v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
     rng = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["rng.cuda"] = torch.cuda.get_rng_state()
-    with atomic_dir(target) as tmp:
-        save_file(model_tensors, str(tmp / "model.safetensors"))
-        save_file({**opt_tensors, **extra, **rng}, str(tmp / "state.safetensors"))
-        body = {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **(meta or {})}
-        (tmp / "state.json").write_text(json.dumps(body, default=str))
-        files = _hash_files(tmp)
-        (tmp / MANIFEST).write_text(json.dumps({"files": files, "sha256": tree_sha256(files)}))
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    with distributed.main_writes(atomic_dir(target)) as tmp:
+        if sharded:
+            distributed.save_shards(tmp, model, optimizer)  # returns once every rank has written
+        if distributed.is_main():
+            if not sharded:
+                save_file(model_tensors, str(tmp / "model.safetensors"))
+            save_file({**opt_tensors, **extra, **rng}, str(tmp / "state.safetensors"))
+            body = {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, **(meta or {})}
+            (tmp / "state.json").write_text(json.dumps(body, default=str))
+            files = _hash_files(tmp)
+            (tmp / MANIFEST).write_text(json.dumps({"files": files, "sha256": tree_sha256(files)}))
+    if distributed.is_main():
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return target
 
 
@@ -238,11 +279,18 @@ def load_resume(
     """Restore model, optimizer and RNG in place; returns (step, extra tensors, meta)."""
     root = Path(path)
     verify_checkpoint(root)
-    device = next(model.parameters()).device
-    model.load_state_dict(load_file(str(root / "model.safetensors"), device=str(device)))
-    tensors = load_file(str(root / "state.safetensors"), device="cpu")
     meta = json.loads((root / "state.json").read_text())
-    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    tensors = load_file(str(root / "state.safetensors"), device="cpu")
+    if (root / distributed.SHARDS).is_dir():  # DCP reshards: any world size may load it
+        distributed.load_shards(root, model, optimizer)
+    elif distributed.is_sharded(model):
+        raise CheckpointError(
+            f"{root}: written by a single process; resume it with runtime.gpus=1, or start over"
+        )
+    else:
+        device = next(model.parameters()).device
+        model.load_state_dict(load_file(str(root / "model.safetensors"), device=str(device)))
+        _restore_optimizer(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

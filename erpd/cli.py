@@ -198,15 +198,20 @@ def _guard(fn: Callable[[], None]) -> None:
 
 
 def _env(cfg: PipelineConfig, out: Path | None, should_stop: Callable[[], bool] | None = None):
+    from erpd import distributed
     from erpd import metrics as M
     from erpd.pipeline import make_env
-    from erpd.progress import RichProgress
+    from erpd.progress import RichProgress, no_progress
 
+    env = make_env(cfg, M.NullSink(), RichProgress())
+    env.should_stop = should_stop
+    if not distributed.is_main():  # under torchrun, rank 0 alone reports
+        env.progress = no_progress
+        return env
     sinks: list[M.MetricSink] = [M.ConsoleSink(err_console)]
     if out is not None:
         sinks.append(M.JsonlSink(out / "metrics.jsonl"))
-    env = make_env(cfg, M.TeeSink(*sinks), RichProgress())
-    env.should_stop = should_stop
+    env.sink = M.TeeSink(*sinks)
     return env
 
 
@@ -548,6 +553,10 @@ def _print_summary(values: dict[str, float]) -> None:
 
 
 def _report(res: Any) -> None:
+    from erpd import distributed
+
+    if not distributed.is_main():
+        return
     if res.status == "stopped":
         _fail(f"{res.run}: stopped at step {res.steps}; run again to resume", 3)
     out_console.print(

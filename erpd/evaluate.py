@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from erpd import distributed
 from erpd import metrics as M
 from erpd.config import EvalConfig
 from erpd.losses import exact_kl, kl_estimators, masked_mean, token_entropy, token_logprobs
@@ -51,36 +52,31 @@ def policy_vs_reference(
     Computed in chunks so a real vocabulary never materialises (B, R, V) for the whole batch.
     """
     device = next(model.parameters()).device
-    parts: dict[str, list[torch.Tensor]] = {
-        "logp": [],
-        "ref_logp": [],
-        "entropy_sum": [],
-        "kl_sum": [],
-        "k3_sum": [],
-    }
-    order: list[torch.Tensor] = []
+    names = ["logp", "entropy_sum"]
+    if ref_model is not None:
+        names += ["ref_logp", "kl_sum", "k3_sum"]
+    out = {name: torch.zeros(seqs.response_mask.shape[0]) for name in names}  # (B,) each
     passes = forward_passes(seqs, max_rows=batch_size, max_tokens=pass_tokens(device, max_tokens))
     with frozen(model), autocast(device, bf16):
-        for rows, trimmed in passes:
+        for (rows, trimmed), real in distributed.share(passes):
             part = trimmed.to(device)
-            order.append(rows)
             mask = part.response_mask
             logits = response_logits(model, part)  # (b, w, V)
             targets = response_targets(part)
             logp = token_logprobs(logits, targets)  # (b, w)
-            parts["logp"].append((logp * mask).sum(-1).cpu())
-            parts["entropy_sum"].append((token_entropy(logits) * mask).sum(-1).cpu())
+            found = {"logp": logp, "entropy_sum": token_entropy(logits)}
             if ref_model is not None:
                 with frozen(ref_model):
                     ref_logits = response_logits(ref_model, part)
                 ref_logp = token_logprobs(ref_logits, targets)
-                parts["ref_logp"].append((ref_logp * mask).sum(-1).cpu())
-                parts["kl_sum"].append((exact_kl(logits, ref_logits) * mask).sum(-1).cpu())
-                k3 = kl_estimators(logp.float(), ref_logp.float())["k3"]
-                parts["k3_sum"].append((k3 * mask).sum(-1).cpu())
-    # passes hold rows sorted by length: put every per-response value back in batch order
-    position = torch.cat(order).argsort()
-    out = {k: torch.cat(v)[position] for k, v in parts.items() if v}
+                found["ref_logp"] = ref_logp
+                found["kl_sum"] = exact_kl(logits, ref_logits)
+                found["k3_sum"] = kl_estimators(logp.float(), ref_logp.float())["k3"]
+            if real:  # a filler pass only keeps the ranks' sharded forwards in step
+                for name, per_token in found.items():
+                    out[name][rows] = (per_token * mask).sum(-1).float().cpu()
+    for values in out.values():
+        distributed.all_sum_(values)  # each rank filled the rows of its own passes
     out["tokens"] = seqs.response_mask.sum(-1)
     return out
 

@@ -123,12 +123,17 @@ def check_fits(
     bf16: bool,
     gradient_checkpointing: bool = False,
     available: int | None = None,
+    devices: int = 1,
 ) -> MemoryEstimate:
     """Estimate a stage on the model in `base`; a ConfigError naming what to change if it
     cannot fit the device (`available` bytes, default: what the device reports)."""
     config = AutoConfig.from_pretrained(str(base), local_files_only=True, trust_remote_code=False)
     found = estimate(
-        config, pass_tokens=pass_tokens, bf16=bf16, gradient_checkpointing=gradient_checkpointing
+        config,
+        pass_tokens=pass_tokens,
+        bf16=bf16,
+        gradient_checkpointing=gradient_checkpointing,
+        devices=devices,
     )
     room = available if available is not None else available_bytes(device)
     if room is not None and found.total > room:

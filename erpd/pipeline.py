@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from erpd import distributed
 from erpd import metrics as M
 from erpd.checkpoint import parent_record, read_manifest
 from erpd.config import PipelineConfig
@@ -62,7 +63,8 @@ class PipelineResult:
 
 
 def make_env(cfg: PipelineConfig, sink: M.MetricSink, progress: ProgressFactory) -> StageEnv:
-    device = resolve_device(cfg.runtime.device)
+    # under torchrun, this rank's device in the process group (a no-op otherwise)
+    device = distributed.join(resolve_device(cfg.runtime.device))
     task = build_task(cfg.task)
     return StageEnv(
         task=task,

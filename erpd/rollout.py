@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from erpd import distributed
 from erpd.checkpoint import atomic_dir
 from erpd.config import SampleConfig
 from erpd.errors import CheckpointError
@@ -359,11 +360,13 @@ def sequence_logprobs(
     out = torch.zeros(seqs.response_mask.shape)
     budget = pass_tokens(device, max_tokens)
     with frozen(model), autocast(device, bf16):
-        for rows, part in forward_passes(seqs, max_rows=batch_size, max_tokens=budget):
+        passes = forward_passes(seqs, max_rows=batch_size, max_tokens=budget)
+        for (rows, part), real in distributed.share(passes):
             part = part.to(device)
             lp = token_logprobs(response_logits(model, part), response_targets(part))
-            out[rows, : lp.shape[1]] = (lp * part.response_mask).float().cpu()
-    return out
+            if real:
+                out[rows, : lp.shape[1]] = (lp * part.response_mask).float().cpu()
+    return distributed.all_sum_(out)  # each rank scored its own passes
 
 
 # --- the fixed batch ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from erpd.checkpoint import parent_record
 from erpd.config import Stage1Config
 from erpd.errors import ConfigError
 from erpd.losses import Normaliser, Stage1Inputs, stage1_loss
-from erpd.models import load_model, tokenizer_fingerprint
+from erpd.models import tokenizer_fingerprint
 from erpd.rollout import RolloutBatch, sequence_logprobs
 from erpd.trainer import (
     Anchored,
@@ -21,6 +21,7 @@ from erpd.trainer import (
     StageEnv,
     StageResult,
     check_memory,
+    load_frozen,
     load_stage_models,
     train_stage,
 )
@@ -87,7 +88,7 @@ def run_stage1(
     if cfg.objective == "mse" and cfg.mse_reference == "initial":
         if initial is None:
             raise ConfigError("stage1.mse_reference", "'initial' needs pi_0: pass --initial")
-        pi0 = load_model(initial, env.device)
+        pi0 = load_frozen(initial, env.device)
         mse_ref = sequence_logprobs(
             pi0,
             batch.seqs,

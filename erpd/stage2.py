@@ -28,7 +28,7 @@ from erpd.losses import (
     stage2_loss,
     teacher_signal,
 )
-from erpd.models import load_model, tokenizer_fingerprint
+from erpd.models import tokenizer_fingerprint
 from erpd.rollout import RolloutBatch, sequence_logprobs
 from erpd.trainer import (
     Anchored,
@@ -36,6 +36,7 @@ from erpd.trainer import (
     StageEnv,
     StageResult,
     check_memory,
+    load_frozen,
     load_stage_models,
     train_stage,
 )
@@ -132,7 +133,7 @@ def teacher_logprobs(
         expected = pinned[i] if pinned else None
         if expected is not None or (Path(path) / "manifest.json").is_file():
             verify_checkpoint(path, expected)
-        teacher = load_model(path, env.device, verify=False)  # verified just above
+        teacher = load_frozen(path, env.device, verify=False)  # verified just above
         if teacher.config.vocab_size != vocab_size:
             raise CheckpointError(
                 f"{path}: teacher vocabulary {teacher.config.vocab_size} != student's {vocab_size}"
@@ -182,7 +183,7 @@ def run_stage2(
         if initial is None:
             raise ConfigError("stage2.signal", "'contrast' needs pi_0: pass --initial")
         initial_lp = sequence_logprobs(
-            load_model(initial, env.device),
+            load_frozen(initial, env.device),
             batch.seqs,
             bf16=env.bf16,
             batch_size=cfg.forward_batch_size,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from erpd import distributed
 from erpd import metrics as M
 from erpd.checkpoint import RESUME_DIR, latest_resume, load_resume, read_resume_meta, save_resume
 from erpd.config import EvalConfig, Stage1Config, Stage2Config
@@ -151,19 +152,20 @@ class ReferenceLogprobs:
             return
         self.slot = torch.full(mask.shape, -1, dtype=torch.long)
         self.slot[mask] = torch.arange(count)
-        table = torch.empty(count, vocab, device=self.device)
+        table = torch.zeros(count, vocab, device=self.device)
         passes = forward_passes(
             batch.seqs,
             max_rows=settings.forward_batch_size,
             max_tokens=pass_tokens(self.device, settings.micro_batch_tokens),
         )
-        for rows, part in passes:
+        for (rows, part), real in distributed.share(passes):
             part = part.to(self.device)
             logprobs = self._forward(part)
-            keep = part.response_mask.bool()
-            slots = self.slot[rows, : keep.shape[1]].to(self.device)
-            table[slots[keep]] = logprobs[keep]
-        self.table = table
+            if real:
+                keep = part.response_mask.bool()
+                slots = self.slot[rows, : keep.shape[1]].to(self.device)
+                table[slots[keep]] = logprobs[keep]
+        self.table = distributed.all_sum_(table)  # each rank filled its own passes' rows
 
     @torch.no_grad()
     def _forward(self, part: Sequences) -> Tensor:
@@ -407,7 +409,8 @@ def run_loop(
         if first == 0:
             objective.on_epoch_start(epoch, model)
         for k in range(first, per_epoch):
-            if should_stop is not None and should_stop():
+            # one rank's stop (a signal, a cancel flag) stops all, at the same step
+            if should_stop is not None and distributed.any_rank(should_stop()):
                 done = step in evaluated or (step == resumed_at and evaluated_here)
                 _save(run_dir, step, model, optimizer, objective, done, fingerprint)
                 return finish("stopped", last)
@@ -426,7 +429,7 @@ def run_loop(
                 return finish("kl_budget", final_summary())
             if settings.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                values[M.GRAD_NORM] = float(norm)
+                values[M.GRAD_NORM] = distributed.scalar(norm)
             optimizer.step()
             tokens = batch.seqs.response_mask[index].sum().item()
             values[M.TOKENS_PER_S] = tokens / max(time.perf_counter() - tick, 1e-9)
@@ -467,36 +470,48 @@ def _accumulate(
     """
     mask = batch.seqs.response_mask[index]
     norm = Normaliser.of(mask, batch.rewards[index])
-    values: dict[str, float] = dict.fromkeys(_SUMMED, 0.0)
+    summed: dict[str, float] = dict.fromkeys(_SUMMED, 0.0)
+    values: dict[str, float] = {}
     kl_sum = entropy_sum = 0.0
-    log_ratios = []
+    log_ratios = [torch.zeros(0)]
     passes = forward_passes(
         batch.seqs,
         index,
         max_rows=settings.micro_batch_size,
         max_tokens=pass_tokens(device, settings.micro_batch_tokens),
     )
-    for part, trimmed in passes:
+    mine = distributed.share(passes)
+    for i, ((part, trimmed), real) in enumerate(mine):
         mb = trimmed.to(device)
         with autocast(device, settings.bf16):
             logits = response_logits(model, mb)  # (b, R, V)
             logprobs = token_logprobs(logits, response_targets(mb))  # (b, R)
             loss, part_values = objective.loss(part, logprobs, mb.response_mask, norm)
-        loss.backward()
+        distributed.sync_gradients(model, i == len(mine) - 1)
+        # a filler pass (this rank has fewer passes than another) runs in step, weighted zero
+        (loss if real else loss * 0.0).backward()
         with torch.no_grad():
             m = mb.response_mask
             entropy, kl = entropy_and_kl(logits.detach(), reference(part, mb))
-            kl_sum += (kl * m).sum().item()
-            entropy_sum += (entropy * m).sum().item()
-            old = objective.old_logprobs(part)[:, : m.shape[1]].to(device)
-            log_ratios.append((logprobs.detach() - old)[m.bool()].float().cpu())
-        for key, value in part_values.items():
-            values[key] = values[key] + value if key in _SUMMED else value
+            if real:
+                kl_sum += (kl * m).sum().item()
+                entropy_sum += (entropy * m).sum().item()
+                old = objective.old_logprobs(part)[:, : m.shape[1]].to(device)
+                log_ratios.append((logprobs.detach() - old)[m.bool()].float().cpu())
+        if real:
+            for key, value in part_values.items():
+                if key in _SUMMED:
+                    summed[key] += value
+                else:
+                    values[key] = value
         del logits, logprobs, loss, entropy, kl  # free activations before the next pass
+    # every rank ran its share of the minibatch: the step's metrics are sums over all ranks
+    totals = distributed.all_sum([kl_sum, entropy_sum, *summed.values()])
+    values.update(zip(summed, totals[2:], strict=True))
     tokens = max(norm.tokens, 1.0)
-    values[M.KL_EXACT] = kl_sum / tokens
-    values[M.ENTROPY_TOKEN] = entropy_sum / tokens
-    ratios = torch.cat(log_ratios)
+    values[M.KL_EXACT] = totals[0] / tokens
+    values[M.ENTROPY_TOKEN] = totals[1] / tokens
+    ratios = distributed.gather_cat(torch.cat(log_ratios))
     values.update(ratio_stats(ratios, torch.ones_like(ratios), *objective.ratio_bounds))
     return values
 
@@ -550,6 +565,7 @@ def check_memory(
     found = check_fits(
         base,
         device=env.device,
+        devices=distributed.size(),
         pass_tokens=max(tokens, width),
         bf16=env.bf16,
         gradient_checkpointing=env.gradient_checkpointing,
@@ -563,9 +579,24 @@ def load_stage_models(
     """The trainable policy and a frozen copy of pi_k (for exact KL), both from `base`."""
     from erpd.models import load_model, load_tokenizer
 
-    model = load_model(base, device)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # no second read from disk
-    return model, ref_model, load_tokenizer(base)
+    if distributed.size() == 1:
+        model = load_model(base, device)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # no second read from disk
+        return model, ref_model, load_tokenizer(base)
+    # fully_shard moves each rank's shards to its device; the CPU holds the whole model briefly
+    model = distributed.shard(load_model(base, "cpu"))
+    return model, load_frozen(base, device), load_tokenizer(base)
+
+
+def load_frozen(path: str | Path, device: torch.device, *, verify: bool = True) -> PreTrainedModel:
+    """A model that is only scored (pi_k, pi_0, a teacher): sharded like the policy when the
+    stage runs on several ranks, since its forwards then run in step with theirs."""
+    from erpd.models import load_model
+
+    if distributed.size() == 1:
+        return load_model(path, device, verify=verify).eval().requires_grad_(False)
+    model = load_model(path, "cpu", verify=verify).eval().requires_grad_(False)
+    return distributed.shard(model)
 
 
 def train_stage(
