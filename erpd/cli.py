@@ -566,7 +566,18 @@ def _report(res: Any) -> None:
 
 
 def main() -> None:
-    app(prog_name="erpd")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app(prog_name="erpd")
+        return
+    # a torchrun rank (`torchrun ... -m erpd.cli stage1 ...`): exits through exit_rank
+    from erpd import distributed
+
+    code = 0
+    try:
+        app(prog_name="erpd")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    distributed.exit_rank(code)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,19 @@ class SampleConfig(_Strict):
         256, ge=1, le=65_536, description="Sequences per generation/log-prob batch."
     )
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of the prompt draw and of sampling.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What generates the responses: erpd's own KV-cache sampler (any device), or "
+        "vLLM on a GPU (the optional `vllm` extra). Either way the batch's log-probs are "
+        "recomputed by the trainer's forward pass, so stage 1's first ratio is exactly 1.",
+    )
+    vllm_memory: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of the GPU vLLM may take (weights + KV cache); the policy stays "
+        "loaded beside it for the log-probs.",
+    )
 
 
 class _StageCommon(_Strict):
@@ -282,6 +295,15 @@ class RuntimeConfig(_Strict):
         description="Recompute each decoder layer's activations in backward instead of keeping "
         "them: less memory per pass (see the memory estimate a stage logs), ~1/3 more compute, "
         "the same update.",
+    )
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes a stage runs on, one per GPU. Above 1 the worker that owns the "
+        "GPUs (`erpd-hub worker --gpus 0,1,2,3 --group`) launches the stage under torchrun with "
+        "FSDP2: weights, gradients, AdamW state and pi_k sharded, minibatch passes split. On a "
+        "CPU the processes talk over gloo.",
     )
 
 

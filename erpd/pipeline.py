@@ -151,6 +151,7 @@ def sample_batch(
             round_index=round_index,
             bf16=env.bf16,
             advance=advance,
+            model_dir=base,
         )
     batch.meta["policy"] = parent_record(base)
     batch.save(path)

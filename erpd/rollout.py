@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from erpd import distributed
 from erpd.checkpoint import atomic_dir
 from erpd.config import SampleConfig
-from erpd.errors import CheckpointError
+from erpd.errors import CheckpointError, ConfigError
 from erpd.losses import group_advantages, token_logprobs
 from erpd.models import autocast, frozen, tokenizer_fingerprint
 from erpd.tasks import Problem, Task
@@ -484,24 +484,45 @@ def sample_rollout(
     round_index: int = 0,
     bf16: bool = False,
     advance: Advance | None = None,
+    model_dir: str | Path | None = None,
 ) -> RolloutBatch:
-    """Draw N prompts, sample G responses each from pi_k, reward them, compute advantages."""
+    """Draw N prompts, sample G responses each from pi_k, reward them, compute advantages.
+
+    With `cfg.backend == "vllm"` the responses come from vLLM loading `model_dir` (pi_k's
+    directory); only their token ids are kept, and `model` scores them like any others."""
     problems = task.train_problems(cfg.num_prompts, seed=cfg.seed + 1000 * round_index)
     expanded = [p for p in problems for _ in range(cfg.group_size)]
     prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems], chat_template)
     expanded_ids = [ids for ids in prompt_ids for _ in range(cfg.group_size)]
-    responses = generate(
-        model,
-        tokenizer,
-        expanded_ids,
-        max_new_tokens=max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed + 7919 * round_index,
-        bf16=bf16,
-        advance=advance,
-    )
+    seed = cfg.seed + 7919 * round_index
+    if cfg.backend == "vllm":
+        from erpd.vllm_backend import vllm_generate
+
+        if model_dir is None:
+            raise ConfigError("sample.backend", "vllm loads pi_k from its directory; none given")
+        responses = vllm_generate(
+            model_dir,
+            expanded_ids,
+            cfg,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            eos_id=int(tokenizer.eos_token_id),
+        )
+        if advance is not None:
+            advance(len(responses))
+    else:
+        responses = generate(
+            model,
+            tokenizer,
+            expanded_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            bf16=bf16,
+            advance=advance,
+        )
     texts = decode_responses(tokenizer, responses)
     rewards = torch.tensor([task.reward(p, t) for p, t in zip(expanded, texts, strict=True)])
     seqs = pack(expanded_ids, responses, int(tokenizer.pad_token_id), int(tokenizer.eos_token_id))

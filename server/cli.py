@@ -229,6 +229,13 @@ def worker(
         str | None,
         typer.Option(help="GPU indices, e.g. 0,1: one solo-pool worker per GPU. None = CPU."),
     ] = None,
+    group: Annotated[
+        bool,
+        typer.Option(
+            help="One worker owns all the --gpus and runs each stage on runtime.gpus of them "
+            "(torchrun, FSDP2): one worker per node."
+        ),
+    ] = False,
     housekeeping: Annotated[
         bool,
         typer.Option(help="Also start a worker for the cpu queue (webhook deliveries)."),
@@ -272,15 +279,17 @@ def worker(
                 loglevel,
             ]
 
+        if group and gpus is None:
+            _fail("--group: name the GPUs the worker owns with --gpus", 2)
         children = []
-        for slot in slots:
-            env = dict(os.environ)
-            # a stage runs for hours: housekeeping messages must not wait behind one
+        # a stage runs for hours: housekeeping messages must not wait behind one
+        for owned in [slots] if group else [[slot] for slot in slots]:
+            env = dict(os.environ) | {"ERPD_WORKER_GPUS": str(len(owned))}
             queues, name = [settings.queue], "erpd-cpu"
-            if slot is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slot
-                queues.append(f"{settings.queue}.{slot}")
-                name = f"erpd-gpu{slot}"
+            if owned != [None]:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in owned)
+                queues += [f"{settings.queue}.{s}" for s in owned]
+                name = "erpd-gpu" + "-".join(str(s) for s in owned)
             children.append(subprocess.Popen(celery(name, queues, "solo", 1), env=env))
         if housekeeping:
             # webhook deliveries wait on remote hosts: a few threads, no GPU

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         description="Hosts a run's notify_url may point at (JSON list); empty = no webhooks.",
     )
     heartbeat_s: float = Field(5.0, gt=0, description="How often a running stage heartbeats.")
+    worker_gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="GPUs this worker owns (set by `erpd-hub worker --group`): the most "
+        "runtime.gpus it launches a stage on.",
+    )
     heartbeat_timeout_s: float = Field(
         120.0, gt=0, description="The reaper requeues a run whose heartbeat is this old."
     )

@@ -33,6 +33,7 @@ from erpd.config import (
     TaskSpec,
     TinyModelConfig,
 )
+from erpd.launch import LaunchSpec
 from erpd.pipeline import completed, make_env, sample_batch
 from erpd.pretrain import pretrain_base
 from erpd.rollout import RolloutBatch
@@ -43,6 +44,7 @@ from server.db import CheckpointRole, Dataset, Model, RegistryKind, Run, RunKind
 from server.services import complete_run, register_checkpoint
 from server.services.outbox import Publisher
 from server.settings import Settings
+from worker.group import check_gpus, run_sharded
 from worker.sinks import DbSink, retrying
 
 log = logging.getLogger("erpd.worker")
@@ -171,17 +173,26 @@ def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[st
     if clean_partial(run_dir(settings, run.id)):
         log.info("run %s: removed partial files of an earlier attempt", run.id)
     pcfg = pipeline_config(inputs, settings)
+    if run.kind is not RunKind.SAMPLE:  # before anything is loaded or sampled
+        check_gpus(pcfg.runtime.gpus, settings.worker_gpus)
     env = make_env(pcfg, sink, sink.progress)
     env.should_stop = sink.should_stop
     initial = base_model(inputs, pcfg, env, settings)
     base = current_policy(inputs, initial)
     here = run_dir(settings, run.id)
     batch = fixed_batch(inputs, base, pcfg, env, here / "batch")
+    batch_dir = inputs.batch_dir or here / "batch"
     if run.kind is RunKind.SAMPLE:
         reward = float(batch.rewards.mean().item())
         sink.log(run.name, 0, {M.REWARD_MEAN: reward})
         return {M.REWARD_MEAN: reward}
     stage = run.config["stage"]
+    if pcfg.runtime.gpus > 1:
+        return completed(here) or run_sharded(
+            launch_spec(inputs, pcfg, base=base, initial=initial, batch=batch_dir, here=here),
+            gpus=pcfg.runtime.gpus,
+            sink=sink,
+        )
     if run.kind is RunKind.STAGE1:
         result = completed(here) or run_stage1(
             base=base,
@@ -205,6 +216,25 @@ def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[st
             initial=initial,
         )
     return None if result.status == "stopped" or result.checkpoint is None else result
+
+
+def launch_spec(
+    inputs: Inputs, pcfg: PipelineConfig, *, base: Path, initial: Path, batch: Path, here: Path
+) -> LaunchSpec:
+    """What every rank of a multi-GPU stage reads: paths built from ids, never from a request."""
+    run = inputs.run
+    return LaunchSpec(
+        stage="stage1" if run.kind is RunKind.STAGE1 else "stage2",
+        pipeline=pcfg.model_dump(mode="json"),
+        config=run.config["stage"],
+        base=str(base),
+        initial=str(initial),
+        batch=str(batch),
+        run_dir=str(here),
+        run=run.name,
+        teachers=[str(p) for p, _ in inputs.teachers],
+        pinned=[sha for _, sha in inputs.teachers],
+    )
 
 
 def finish(store: Store, inputs: Inputs, outcome: StageResult | dict[str, float]) -> None:

@@ -19,10 +19,12 @@ from server.services import (
     claim_run,
     fail_run,
     get_run,
+    release_run,
 )
 from server.services.outbox import publish_pending
 from server.services.webhooks import NOTIFY_TASK, deliver, payload
 from worker.celery_app import app, settings
+from worker.group import RanksLostError
 from worker.runner import Inputs, Store, execute, finish, run_dir
 from worker.sinks import DbSink, retrying
 
@@ -84,6 +86,19 @@ def run_stage(run_id: str) -> None:
             )
     except StaleAttemptError:
         log.warning("run %s: attempt %d was given up by the reaper; stopping", run.id, run.attempt)
+    except RanksLostError as exc:  # not the run's fault: requeued (resumes from its shards)
+        log.warning("run %s: %s; releasing it", run.id, exc)
+        sink.stop()
+        why = str(exc)
+        _record(
+            lambda session: release_run(
+                session,
+                run_id=run.id,
+                attempt=run.attempt,
+                why=why,
+                actor=f"worker:{run.worker}",
+            )
+        )
     except Exception as exc:  # the run failed: record why, in one line
         log.exception("run %s failed", run.id)
         sink.stop()

@@ -12,7 +12,7 @@ from server.services.errors import (
 )
 from server.services.keys import authenticate, create_api_key, revoke_api_key
 from server.services.metrics import Point, metric_series, record_metrics
-from server.services.reaper import Reaped, requeue_stale
+from server.services.reaper import Reaped, release_run, requeue_stale
 from server.services.registry import ensure_builtins, register
 from server.services.runs import Page, create_run, get_run, list_runs, run_events
 from server.services.transitions import (
@@ -50,6 +50,7 @@ __all__ = [
     "record_metrics",
     "register",
     "register_checkpoint",
+    "release_run",
     "request_cancel",
     "requeue_stale",
     "retry_run",

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.db import EventKind, Run, RunStatus, utcnow
 from server.services.outbox import Publisher, forget_lost_messages, publish_pending
 from server.services.runs import add_event
-from server.services.transitions import end_run
+from server.services.transitions import end_run, running_attempt
 
 WORKER_LOST = "worker_lost"
 log = logging.getLogger("erpd.reaper")
@@ -54,45 +54,64 @@ def requeue_stale(
     for run in stale:
         seen = run.heartbeat_at or run.started_at
         silent = f"no heartbeat from {run.worker} since {seen:%Y-%m-%dT%H:%M:%SZ}"
-        if run.cancel_requested:
-            reason = f"{silent}; cancel was requested"
-            end_run(
-                session,
-                run,
-                RunStatus.CANCELLED,
-                EventKind.CANCELLED,
-                actor=actor,
-                reason=reason,
-                now=now,
-            )
-        elif run.attempt >= run.max_attempts:
-            reason = f"{WORKER_LOST}: {silent} (attempt {run.attempt} of {run.max_attempts})"
-            end_run(
-                session,
-                run,
-                RunStatus.FAILED,
-                EventKind.FAILED,
-                actor=actor,
-                reason=reason,
-                now=now,
-            )
-        else:
-            reason = f"{silent} (attempt {run.attempt} of {run.max_attempts})"
-            run.status = RunStatus.QUEUED
-            run.heartbeat_at = None
-            run.enqueued_at = None  # the outbox publishes it again
-            add_event(
-                session,
-                run,
-                event=EventKind.REQUEUED,
-                from_status=RunStatus.RUNNING,
-                actor=actor,
-                reason=reason,
-                now=now,
-            )
+        reason = give_up(session, run, why=silent, actor=actor, now=now)
         reaped.append(Reaped(run.id, run.status, reason))
     session.flush()
     return reaped
+
+
+def release_run(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    why: str,
+    actor: str,
+    now: datetime | None = None,
+) -> Run:
+    """A worker lost part of its attempt (a torchrun rank died) but not itself: the run is
+    requeued, or failed or cancelled, at once, as the reaper would after the heartbeat timeout."""
+    run = running_attempt(session, run_id=run_id, attempt=attempt, action="release")
+    give_up(session, run, why=why, actor=actor, now=now or utcnow())
+    session.flush()
+    return run
+
+
+def give_up(session: Session, run: Run, *, why: str, actor: str, now: datetime) -> str:
+    """End a running attempt that will not finish: cancelled if a cancel was requested, failed
+    with `worker_lost` after max_attempts, else queued again for the outbox to publish.
+    Returns the reason recorded."""
+    if run.cancel_requested:
+        reason = f"{why}; cancel was requested"
+        end_run(
+            session,
+            run,
+            RunStatus.CANCELLED,
+            EventKind.CANCELLED,
+            actor=actor,
+            reason=reason,
+            now=now,
+        )
+    elif run.attempt >= run.max_attempts:
+        reason = f"{WORKER_LOST}: {why} (attempt {run.attempt} of {run.max_attempts})"
+        end_run(
+            session, run, RunStatus.FAILED, EventKind.FAILED, actor=actor, reason=reason, now=now
+        )
+    else:
+        reason = f"{why} (attempt {run.attempt} of {run.max_attempts})"
+        run.status = RunStatus.QUEUED
+        run.heartbeat_at = None
+        run.enqueued_at = None  # the outbox publishes it again
+        add_event(
+            session,
+            run,
+            event=EventKind.REQUEUED,
+            from_status=RunStatus.RUNNING,
+            actor=actor,
+            reason=reason,
+            now=now,
+        )
+    return reason
 
 
 def reap(

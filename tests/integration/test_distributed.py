@@ -51,7 +51,11 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("distributed")
+    return make_work(tmp_path_factory.mktemp("distributed"), CONFIG)
+
+
+def make_work(root: Path, config: dict[str, object]) -> Path:
+    """A random tied Qwen3 base, a parity-rewarded fixed batch from it, and `config`."""
     base = random_qwen3_dir(root / "base")
     model, tokenizer = load_policy(base)
     batch = sample_rollout(
@@ -65,7 +69,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     batch.advantages = group_advantages(batch.rewards, 5)
     assert batch.advantages.abs().sum() > 0
     batch.save(root / "batch")
-    (root / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
 
 
@@ -101,11 +105,11 @@ def metrics(out: Path) -> dict[tuple[str, int, str], float]:
     return points
 
 
-def assert_same_run(one: Path, two: Path) -> None:
+def assert_same_run(one: Path, two: Path, rel: float = 1e-3, abs: float = 1e-6) -> None:
     a, b = metrics(one), metrics(two)
     assert a.keys() == b.keys()
     for key in a:
-        assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+        assert b[key] == pytest.approx(a[key], rel=rel, abs=abs), key
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -299,6 +299,19 @@ def _erpd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's refusal")
+def test_the_vllm_backend_on_a_cpu_is_refused_in_one_line_naming_the_field(
+    demo: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "batch"
+    base = str(demo / "base" / "checkpoint")
+    proc = _erpd("sample", "--model", base, "--out", str(out), "--set", "sample.backend=vllm")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].endswith("sample.backend: vllm needs a CUDA GPU; use 'transformers' here")
+    assert "Traceback" not in proc.stderr and not (out / "rollout.json").exists()
+
+
 def test_stage_commands_on_a_jsonl_dataset(demo: Path, tmp_path: Path) -> None:
     """sample -> stage1 -> stage2 -> eval as separate commands, on user JSONL data (math-verify)."""
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 40) for b in (17, 58)]
