@@ -45,6 +45,7 @@ bench: $(VENV)/.installed-bench services tools
 	$(BIN)/python benchmarks/gemm_peak.py
 	$(BIN)/python benchmarks/stage1_vs_trl.py
 	$(BIN)/python benchmarks/stage2_cost.py
+	$(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/frozen_models.py
 	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/metric_inserts.py
 	$(BIN)/python benchmarks/worker_sink.py

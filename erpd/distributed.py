@@ -10,7 +10,7 @@ counts, so the update is the *sum* of the ranks' gradients, which is the single-
 gradient.
 
 FSDP's all-gathers are collectives: every rank must run the same number of forward passes,
-or one waits forever. `share` pads a rank that has fewer real passes with repeats weighted
+or one waits forever. `Split` pads a rank that has fewer real passes with repeats weighted
 zero. Evals generate on every rank (identical weights, prompts and seeds give identical
 outputs, so their forwards stay in step); only the scoring passes are split.
 
@@ -95,46 +95,50 @@ def barrier() -> None:
 
 
 # --- work split and reductions --------------------------------------------------------------------
-def share(passes: Sequence[T]) -> list[tuple[T, bool]]:
-    """This rank's passes, each with `real`: every W-th pass (the packer's longest-first order
-    spreads the cost), then repeats flagged False until every rank has the same count."""
-    w = size()
-    if w == 1:
-        return [(p, True) for p in passes]
-    mine = [(p, True) for p in passes[rank() :: w]]
-    count = -(-len(passes) // w)
-    filler = passes[0] if passes else None
-    while len(mine) < count and filler is not None:
-        mine.append((filler, False))
-    return mine
+class Split:
+    """How the passes of `model` are divided. Over the ranks when it is sharded: its forwards
+    are collectives that every rank joins, so each runs a share and the results are summed.
+    Otherwise (one process, or a model only this rank scores) all passes run here."""
 
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.on = size() > 1 and is_sharded(model)
 
-def all_sum(values: Sequence[float]) -> list[float]:
-    """Element-wise sums over ranks (fp64, so summed token counts stay exact)."""
-    if size() == 1:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return t.tolist()
+    def passes(self, passes: Sequence[T]) -> list[tuple[T, bool]]:
+        """This rank's passes, each with `real`: every W-th pass (the packer's longest-first
+        order spreads the cost), then repeats flagged False until every rank has as many."""
+        if not self.on:
+            return [(p, True) for p in passes]
+        w = size()
+        mine = [(p, True) for p in passes[rank() :: w]]
+        count = -(-len(passes) // w)
+        while len(mine) < count:
+            mine.append((passes[0], False))
+        return mine
 
+    def sums(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums over ranks (fp64, so summed token counts stay exact)."""
+        if not self.on:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
 
-def all_sum_(t: Tensor) -> Tensor:
-    """Sum `t` over ranks in place (each rank filled its own rows, zeros elsewhere)."""
-    if size() > 1:
-        moved = t.to(_comm_device())
-        dist.all_reduce(moved)
-        if moved is not t:
-            t.copy_(moved)
-    return t
-
-
-def gather_cat(t: Tensor) -> Tensor:
-    """Concatenate every rank's 1-d CPU tensor (lengths may differ), in rank order."""
-    if size() == 1:
+    def sum_(self, t: Tensor) -> Tensor:
+        """Sum `t` over ranks in place (each rank filled its own rows, zeros elsewhere)."""
+        if self.on:
+            moved = t.to(_comm_device())
+            dist.all_reduce(moved)
+            if moved is not t:
+                t.copy_(moved)
         return t
-    parts: list[Any] = [None] * size()
-    dist.all_gather_object(parts, t.cpu())
-    return torch.cat(parts)
+
+    def cat(self, t: Tensor) -> Tensor:
+        """Every rank's 1-d tensor (lengths may differ) concatenated in rank order."""
+        if not self.on:
+            return t
+        parts: list[Any] = [None] * size()
+        dist.all_gather_object(parts, t.cpu())
+        return torch.cat(parts)
 
 
 def any_rank(flag: bool) -> bool:

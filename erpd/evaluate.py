@@ -57,8 +57,9 @@ def policy_vs_reference(
         names += ["ref_logp", "kl_sum", "k3_sum"]
     out = {name: torch.zeros(seqs.response_mask.shape[0]) for name in names}  # (B,) each
     passes = forward_passes(seqs, max_rows=batch_size, max_tokens=pass_tokens(device, max_tokens))
+    split = distributed.Split(model)
     with frozen(model), autocast(device, bf16):
-        for (rows, trimmed), real in distributed.share(passes):
+        for (rows, trimmed), real in split.passes(passes):
             part = trimmed.to(device)
             mask = part.response_mask
             logits = response_logits(model, part)  # (b, w, V)
@@ -76,7 +77,7 @@ def policy_vs_reference(
                 for name, per_token in found.items():
                     out[name][rows] = (per_token * mask).sum(-1).float().cpu()
     for values in out.values():
-        distributed.all_sum_(values)  # each rank filled the rows of its own passes
+        split.sum_(values)  # each rank filled the rows of its own passes
     out["tokens"] = seqs.response_mask.sum(-1)
     return out
 

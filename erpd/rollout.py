@@ -361,12 +361,13 @@ def sequence_logprobs(
     budget = pass_tokens(device, max_tokens)
     with frozen(model), autocast(device, bf16):
         passes = forward_passes(seqs, max_rows=batch_size, max_tokens=budget)
-        for (rows, part), real in distributed.share(passes):
+        split = distributed.Split(model)
+        for (rows, part), real in split.passes(passes):
             part = part.to(device)
             lp = token_logprobs(response_logits(model, part), response_targets(part))
             if real:
                 out[rows, : lp.shape[1]] = (lp * part.response_mask).float().cpu()
-    return distributed.all_sum_(out)  # each rank scored its own passes
+    return split.sum_(out)  # each rank scored its own passes
 
 
 # --- the fixed batch ------------------------------------------------------------------------

@@ -158,14 +158,15 @@ class ReferenceLogprobs:
             max_rows=settings.forward_batch_size,
             max_tokens=pass_tokens(self.device, settings.micro_batch_tokens),
         )
-        for (rows, part), real in distributed.share(passes):
+        split = distributed.Split(ref_model)
+        for (rows, part), real in split.passes(passes):
             part = part.to(self.device)
             logprobs = self._forward(part)
             if real:
                 keep = part.response_mask.bool()
                 slots = self.slot[rows, : keep.shape[1]].to(self.device)
                 table[slots[keep]] = logprobs[keep]
-        self.table = distributed.all_sum_(table)  # each rank filled its own passes' rows
+        self.table = split.sum_(table)  # each rank filled its own passes' rows
 
     @torch.no_grad()
     def _forward(self, part: Sequences) -> Tensor:
@@ -480,7 +481,8 @@ def _accumulate(
         max_rows=settings.micro_batch_size,
         max_tokens=pass_tokens(device, settings.micro_batch_tokens),
     )
-    mine = distributed.share(passes)
+    split = distributed.Split(model)
+    mine = split.passes(passes)
     for i, ((part, trimmed), real) in enumerate(mine):
         mb = trimmed.to(device)
         with autocast(device, settings.bf16):
@@ -506,12 +508,12 @@ def _accumulate(
                     values[key] = value
         del logits, logprobs, loss, entropy, kl  # free activations before the next pass
     # every rank ran its share of the minibatch: the step's metrics are sums over all ranks
-    totals = distributed.all_sum([kl_sum, entropy_sum, *summed.values()])
+    totals = split.sums([kl_sum, entropy_sum, *summed.values()])
     values.update(zip(summed, totals[2:], strict=True))
     tokens = max(norm.tokens, 1.0)
     values[M.KL_EXACT] = totals[0] / tokens
     values[M.ENTROPY_TOKEN] = totals[1] / tokens
-    ratios = distributed.gather_cat(torch.cat(log_ratios))
+    ratios = split.cat(torch.cat(log_ratios))
     values.update(ratio_stats(ratios, torch.ones_like(ratios), *objective.ratio_bounds))
     return values
 
