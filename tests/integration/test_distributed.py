@@ -188,3 +188,15 @@ def test_stage2_on_two_ranks_logs_and_ends_like_one_process(
     erpd(work, 2, "stage2", "--out", str(sharded), "--teacher", teacher)
     assert_same_run(single, sharded)
     assert_same_weights(single / "checkpoint", sharded / "checkpoint")
+
+
+def test_gradient_checkpointing_on_two_ranks_gives_the_same_run(
+    work: Path, teachers: tuple[Path, Path]
+) -> None:
+    """Recomputing layers under FSDP2 changes memory, not the update."""
+    out = work / "checkpointed-1"
+    erpd(work, 2, "stage1", "--out", str(out), "--set", "runtime.gradient_checkpointing=true")
+    assert_same_run(teachers[0], out)
+    assert_same_weights(
+        teachers[0] / "teacher-sapo" / "checkpoint", out / "teacher-sapo" / "checkpoint"
+    )
