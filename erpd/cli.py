@@ -9,8 +9,10 @@ command again to continue), a second Ctrl-C aborts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,11 +210,25 @@ def _env(cfg: PipelineConfig, out: Path | None, should_stop: Callable[[], bool] 
     if not distributed.is_main():  # under torchrun, rank 0 alone reports
         env.progress = no_progress
         return env
+    _show_memory_estimate()
     sinks: list[M.MetricSink] = [M.ConsoleSink(err_console)]
     if out is not None:
         sinks.append(M.JsonlSink(out / "metrics.jsonl"))
     env.sink = M.TeeSink(*sinks)
     return env
+
+
+class _DimLine(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(record.getMessage(), style="dim", highlight=False, soft_wrap=True)
+
+
+def _show_memory_estimate() -> None:
+    """The estimate a stage makes before loading (erpd.trainer's one log line), on stderr."""
+    trainer_log = logging.getLogger("erpd.trainer")
+    if not any(isinstance(h, _DimLine) for h in trainer_log.handlers):
+        trainer_log.addHandler(_DimLine())
+        trainer_log.setLevel(logging.INFO)
 
 
 def _fmt(v: object) -> str:
@@ -570,6 +586,14 @@ def main() -> None:
         app(prog_name="erpd")
         return
     # a torchrun rank (`torchrun ... -m erpd.cli stage1 ...`): exits through exit_rank
+    if sys.argv[1:2] not in (["stage1"], ["stage2"]):
+        # the others write the same files from every rank
+        err_console.print(
+            "[bold red]error:[/bold red] under torchrun only `erpd stage1` and `erpd stage2` "
+            "run (one process each)",
+            highlight=False,
+        )
+        sys.exit(2)
     from erpd import distributed
 
     code = 0

@@ -90,7 +90,8 @@ def die_with_parent() -> None:
         import signal
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        with contextlib.suppress(OSError, AttributeError):  # a libc without prctl: do without
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def run(spec_path: Path) -> int:

@@ -209,7 +209,12 @@ def stack(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     live = next(servers)
     register_model(live.settings.db_url, "tiny-test", BASE)
-    stack = Stack(live)
+    yield from with_reaper(Stack(live))
+    next(servers, None)
+
+
+def with_reaper(stack: Stack) -> Iterator[Stack]:
+    """Start the stack's worker and a reaper polling every 0.5 s; stop both after."""
     stack.start_worker()
     exe = Path(sys.executable).with_name("erpd-hub")
     reaper = subprocess.Popen(
@@ -222,7 +227,6 @@ def stack(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> Ite
     reaper.terminate()
     reaper.wait(timeout=30)
     stack.stop_worker()
-    next(servers, None)
 
 
 def test_a_pipeline_runs_to_a_student_that_loads(stack: Stack, tmp_path: Path) -> None:

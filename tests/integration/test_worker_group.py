@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import sys
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -18,7 +16,13 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from tests.integration.conftest import Databases, start_live
-from tests.integration.test_worker import QUICK_BASE, Stack, register_model, start_worker
+from tests.integration.test_worker import (
+    QUICK_BASE,
+    Stack,
+    register_model,
+    start_worker,
+    with_reaper,
+)
 
 RUNTIME = {"device": "cpu", "gpus": 2}
 PIPELINE = {
@@ -64,19 +68,7 @@ def stack(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     live = next(servers)
     register_model(live.settings.db_url, "quick", QUICK_BASE)
-    stack = GroupStack(live)
-    stack.start_worker()
-    exe = Path(sys.executable).with_name("erpd-hub")
-    reaper = subprocess.Popen(
-        [str(exe), "reaper", "--every", "0.5"],
-        env=stack.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    yield stack
-    reaper.terminate()
-    reaper.wait(timeout=30)
-    stack.stop_worker()
+    yield from with_reaper(GroupStack(live))
     next(servers, None)
 
 

@@ -204,3 +204,15 @@ def test_a_list_index_past_the_end_is_a_usage_error() -> None:
     apply_override(data, "teachers.0.lr=1")  # appending the first entry is fine
     with pytest.raises(UsageError, match="past the end"):
         apply_override(data, "teachers.100000000.lr=1")
+
+
+def test_under_torchrun_only_the_stage_commands_run(tmp_path: Path) -> None:
+    """`erpd pipeline` on N ranks would write the same files N times: refused in one line."""
+    env = {**os.environ, "WORLD_SIZE": "2", "COLUMNS": "200"}
+    argv = [str(ERPD), "pipeline", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: under torchrun only `erpd stage1` and `erpd stage2` run (one process each)"
+    ]
+    assert not (tmp_path / "out").exists()
