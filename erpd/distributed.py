@@ -188,6 +188,25 @@ def shard(model: ModuleT) -> ModuleT:
     return model
 
 
+def shard_from_main(model: ModuleT, full: dict[str, Any], device: torch.device) -> ModuleT:
+    """Shard `model` (real on rank 0, on the meta device elsewhere) and fill every rank's
+    shards from rank 0's `full` weights, which are broadcast one tensor at a time: collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    shard(model)
+    if not is_main():
+        model.to_empty(device=device)  # allocated, not yet filled
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    # buffers are not in the state dict when non-persistent (rotary inv_freq): rank 0's values
+    for buffer in model.buffers():
+        moved = buffer.to(_comm_device())
+        dist.broadcast(moved, src=0)
+        if moved is not buffer:
+            buffer.copy_(moved)
+    return model
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

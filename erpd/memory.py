@@ -50,8 +50,10 @@ class MemoryEstimate:
         def gib(n: int) -> str:
             return f"{n / GIB:.2f}"
 
+        count = f"{self.params / 1e6:,.1f}M" if self.params >= 1e6 else f"{self.params:,}"
+
         return (
-            f"memory estimate per device ({self.params / 1e6:,.1f}M parameters"
+            f"memory estimate per device ({count} parameters"
             f"{f', sharded over {self.devices}' if self.devices > 1 else ''}): "
             f"~{gib(self.total)} GiB = weights {gib(self.weights)} + gradients "
             f"{gib(self.gradients)} + AdamW {gib(self.optimizer)} + pi_k {gib(self.reference)} "

@@ -154,6 +154,17 @@ def load_model(
     return to_device(model, device)
 
 
+def empty_model(path: str | Path) -> PreTrainedModel:
+    """The model `path` describes, on the meta device: shapes without memory (a rank that will
+    receive its shards from rank 0)."""
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=False, dtype=torch.float32
+        )
+    return model
+
+
 def to_device(model: PreTrainedModel, device: torch.device | str) -> PreTrainedModel:
     """Move in place (transformers types its `.to` wrapper as taking a model, not a device)."""
     torch.nn.Module.to(model, device)

@@ -585,8 +585,7 @@ def load_stage_models(
         model = load_model(base, device)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # no second read from disk
         return model, ref_model, load_tokenizer(base)
-    # fully_shard moves each rank's shards to its device; the CPU holds the whole model briefly
-    model = distributed.shard(load_model(base, "cpu"))
+    model = _load_sharded(base, device, verify=True)
     return model, load_frozen(base, device), load_tokenizer(base)
 
 
@@ -597,8 +596,21 @@ def load_frozen(path: str | Path, device: torch.device, *, verify: bool = True) 
 
     if distributed.size() == 1:
         return load_model(path, device, verify=verify).eval().requires_grad_(False)
-    model = load_model(path, "cpu", verify=verify).eval().requires_grad_(False)
-    return distributed.shard(model)
+    return _load_sharded(path, device, verify=verify).eval().requires_grad_(False)
+
+
+def _load_sharded(path: str | Path, device: torch.device, *, verify: bool) -> PreTrainedModel:
+    """Rank 0 reads the weights, once, into host memory; the other ranks build the model on the
+    meta device (no memory). After sharding, rank 0 sends each tensor and every rank keeps its
+    shards: host memory holds one copy of the model, not one per rank."""
+    from erpd.models import empty_model, load_model
+
+    if distributed.is_main():
+        model = load_model(path, "cpu", verify=verify)
+        full = dict(model.state_dict())  # the whole tensors, before sharding replaces them
+    else:
+        model, full = empty_model(path), {}
+    return distributed.shard_from_main(model, full, device)
 
 
 def train_stage(
