@@ -24,11 +24,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from erpd.progress import Advance
+
+if TYPE_CHECKING:
+    from erpd.rollout import RolloutBatch
+    from erpd.trainer import StageEnv, StageResult
 
 SPEC, METRICS, PROGRESS, STOP, RESULT = (
     "spec.json",
@@ -94,15 +98,43 @@ def die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def run_spec(spec: LaunchSpec, env: StageEnv, batch: RolloutBatch) -> StageResult:
+    """The stage `spec` describes, in this process: one rank of a group, or a worker's only
+    process for a one-GPU run (both read the same spec, so both run the same stage)."""
+    from erpd.config import Stage1Config, Stage2Config
+    from erpd.stage1 import run_stage1
+    from erpd.stage2 import run_stage2
+
+    if spec.stage == "stage1":
+        return run_stage1(
+            base=spec.base,
+            batch=batch,
+            cfg=Stage1Config.model_validate(spec.config),
+            env=env,
+            run_dir=spec.run_dir,
+            run=spec.run,
+            initial=spec.initial,
+        )
+    return run_stage2(
+        base=spec.base,
+        teachers=spec.teachers,
+        pinned=spec.pinned,
+        batch=batch,
+        cfg=Stage2Config.model_validate(spec.config),
+        env=env,
+        run_dir=spec.run_dir,
+        run=spec.run,
+        initial=spec.initial,
+    )
+
+
 def run(spec_path: Path) -> int:
     from erpd import distributed
     from erpd import metrics as M
-    from erpd.config import PipelineConfig, Stage1Config, Stage2Config
+    from erpd.config import PipelineConfig
     from erpd.pipeline import make_env
     from erpd.progress import no_progress
     from erpd.rollout import RolloutBatch
-    from erpd.stage1 import run_stage1
-    from erpd.stage2 import run_stage2
 
     relay = spec_path.parent
     try:
@@ -112,29 +144,7 @@ def run(spec_path: Path) -> int:
             env.sink = M.JsonlSink(relay / METRICS)
             env.progress = FileProgress(relay / PROGRESS)
         env.should_stop = (relay / STOP).exists
-        batch = RolloutBatch.load(spec.batch)
-        if spec.stage == "stage1":
-            result = run_stage1(
-                base=spec.base,
-                batch=batch,
-                cfg=Stage1Config.model_validate(spec.config),
-                env=env,
-                run_dir=spec.run_dir,
-                run=spec.run,
-                initial=spec.initial,
-            )
-        else:
-            result = run_stage2(
-                base=spec.base,
-                teachers=spec.teachers,
-                pinned=spec.pinned,
-                batch=batch,
-                cfg=Stage2Config.model_validate(spec.config),
-                env=env,
-                run_dir=spec.run_dir,
-                run=spec.run,
-                initial=spec.initial,
-            )
+        result = run_spec(spec, env, RolloutBatch.load(spec.batch))
         env.sink.close()
         if distributed.is_main():
             write_json(relay / RESULT, asdict(result))

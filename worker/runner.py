@@ -28,17 +28,13 @@ from erpd.config import (
     JsonlConfig,
     ModelSpec,
     PipelineConfig,
-    Stage1Config,
-    Stage2Config,
     TaskSpec,
     TinyModelConfig,
 )
-from erpd.launch import LaunchSpec
+from erpd.launch import LaunchSpec, run_spec
 from erpd.pipeline import completed, make_env, sample_batch
 from erpd.pretrain import pretrain_base
 from erpd.rollout import RolloutBatch
-from erpd.stage1 import run_stage1
-from erpd.stage2 import run_stage2
 from erpd.trainer import StageEnv, StageResult
 from server.db import CheckpointRole, Dataset, Model, RegistryKind, Run, RunKind
 from server.services import complete_run, register_checkpoint
@@ -186,35 +182,10 @@ def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[st
         reward = float(batch.rewards.mean().item())
         sink.log(run.name, 0, {M.REWARD_MEAN: reward})
         return {M.REWARD_MEAN: reward}
-    stage = run.config["stage"]
+    spec = launch_spec(inputs, pcfg, base=base, initial=initial, batch=batch_dir, here=here)
     if pcfg.runtime.gpus > 1:
-        return completed(here) or run_sharded(
-            launch_spec(inputs, pcfg, base=base, initial=initial, batch=batch_dir, here=here),
-            gpus=pcfg.runtime.gpus,
-            sink=sink,
-        )
-    if run.kind is RunKind.STAGE1:
-        result = completed(here) or run_stage1(
-            base=base,
-            batch=batch,
-            cfg=Stage1Config.model_validate(stage),
-            env=env,
-            run_dir=here,
-            run=run.name,
-            initial=initial,
-        )
-    else:
-        result = completed(here) or run_stage2(
-            base=base,
-            teachers=[p for p, _ in inputs.teachers],
-            pinned=[sha for _, sha in inputs.teachers],
-            batch=batch,
-            cfg=Stage2Config.model_validate(stage),
-            env=env,
-            run_dir=here,
-            run=run.name,
-            initial=initial,
-        )
+        return completed(here) or run_sharded(spec, gpus=pcfg.runtime.gpus, sink=sink)
+    result = completed(here) or run_spec(spec, env, batch)
     return None if result.status == "stopped" or result.checkpoint is None else result
 
 
