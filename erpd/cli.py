@@ -582,6 +582,7 @@ def _report(res: Any) -> None:
 
 
 def main() -> None:
+    # distributed.launched(), read here without importing torch (a typo must stay cheap)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         app(prog_name="erpd")
         return

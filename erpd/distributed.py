@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -126,10 +126,7 @@ class Split:
     def sum_(self, t: Tensor) -> Tensor:
         """Sum `t` over ranks in place (each rank filled its own rows, zeros elsewhere)."""
         if self.on:
-            moved = t.to(_comm_device())
-            dist.all_reduce(moved)
-            if moved is not t:
-                t.copy_(moved)
+            _in_place(t, dist.all_reduce)
         return t
 
     def cat(self, t: Tensor) -> Tensor:
@@ -157,6 +154,15 @@ def from_main(value: T) -> T:
     box: list[Any] = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _in_place(t: Tensor, collective: Callable[[Tensor], object]) -> None:
+    """Run `collective` on `t` where the backend wants it (NCCL: the GPU) and keep the result
+    in `t`, wherever `t` lives."""
+    moved = t.to(_comm_device())
+    collective(moved)
+    if moved is not t:
+        t.copy_(moved)
 
 
 def _comm_device() -> torch.device:
@@ -188,22 +194,23 @@ def shard(model: ModuleT) -> ModuleT:
     return model
 
 
-def shard_from_main(model: ModuleT, full: dict[str, Any], device: torch.device) -> ModuleT:
-    """Shard `model` (real on rank 0, on the meta device elsewhere) and fill every rank's
-    shards from rank 0's `full` weights, which are broadcast one tensor at a time: collective."""
+def shard_from_main(
+    model: ModuleT, weights: dict[str, Any], buffers: dict[str, Tensor], device: torch.device
+) -> ModuleT:
+    """Shard `model` (built on the meta device on every rank) and fill every rank's shards from
+    rank 0's whole `weights` and `buffers`, broadcast one tensor at a time: collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     shard(model)
-    if not is_main():
-        model.to_empty(device=device)  # allocated, not yet filled
+    model.to_empty(device=device)  # allocated, not yet filled
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, full, options=options)
+    # a copy: loading rewrites the dict it is given, and one read may fill several models
+    set_model_state_dict(model, dict(weights), options=options)
     # buffers are not in the state dict when non-persistent (rotary inv_freq): rank 0's values
-    for buffer in model.buffers():
-        moved = buffer.to(_comm_device())
-        dist.broadcast(moved, src=0)
-        if moved is not buffer:
-            buffer.copy_(moved)
+    for name, buffer in model.named_buffers():
+        if is_main():
+            buffer.copy_(buffers[name])
+        _in_place(buffer, lambda t: dist.broadcast(t, src=0))
     return model
 
 

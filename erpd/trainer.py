@@ -579,38 +579,41 @@ def load_stage_models(
     base: str | Path, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
     """The trainable policy and a frozen copy of pi_k (for exact KL), both from `base`."""
-    from erpd.models import load_model, load_tokenizer
+    from erpd.models import empty_model, load_model, load_tokenizer
 
     if distributed.size() == 1:
         model = load_model(base, device)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # no second read from disk
         return model, ref_model, load_tokenizer(base)
-    model = _load_sharded(base, device, verify=True)
-    return model, load_frozen(base, device), load_tokenizer(base)
+    # one read of pi_k (rank 0) serves both the policy and its frozen copy
+    source = _read_on_main(base, verify=True)
+    model = distributed.shard_from_main(empty_model(base), *source, device)
+    ref_model = distributed.shard_from_main(empty_model(base), *source, device)
+    return model, ref_model.eval().requires_grad_(False), load_tokenizer(base)
 
 
 def load_frozen(path: str | Path, device: torch.device, *, verify: bool = True) -> PreTrainedModel:
     """A model that is only scored (pi_k, pi_0, a teacher): sharded like the policy when the
     stage runs on several ranks, since its forwards then run in step with theirs."""
-    from erpd.models import load_model
+    from erpd.models import empty_model, load_model
 
     if distributed.size() == 1:
         return load_model(path, device, verify=verify).eval().requires_grad_(False)
-    return _load_sharded(path, device, verify=verify).eval().requires_grad_(False)
+    source = _read_on_main(path, verify=verify)
+    model = distributed.shard_from_main(empty_model(path), *source, device)
+    return model.eval().requires_grad_(False)
 
 
-def _load_sharded(path: str | Path, device: torch.device, *, verify: bool) -> PreTrainedModel:
-    """Rank 0 reads the weights, once, into host memory; the other ranks build the model on the
-    meta device (no memory). After sharding, rank 0 sends each tensor and every rank keeps its
-    shards: host memory holds one copy of the model, not one per rank."""
-    from erpd.models import empty_model, load_model
+def _read_on_main(path: str | Path, *, verify: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(weights, buffers) of the model in `path`, read by rank 0 alone into host memory (empty
+    elsewhere): the other ranks build the model on the meta device and receive their shards,
+    so host memory holds one copy of the model, not one per rank."""
+    from erpd.models import load_model
 
-    if distributed.is_main():
-        model = load_model(path, "cpu", verify=verify)
-        full = dict(model.state_dict())  # the whole tensors, before sharding replaces them
-    else:
-        model, full = empty_model(path), {}
-    return distributed.shard_from_main(model, full, device)
+    if not distributed.is_main():
+        return {}, {}
+    model = load_model(path, "cpu", verify=verify)
+    return dict(model.state_dict()), dict(model.named_buffers())
 
 
 def train_stage(
