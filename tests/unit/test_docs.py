@@ -1,5 +1,5 @@
-"""The README's configuration table against the code: every `ERPD_*` variable the code reads is
-documented, and no row documents one that no longer exists."""
+"""The operations guide's configuration table against the code: every `ERPD_*` variable the
+code reads is documented, and no row documents one that no longer exists."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def read_by_code() -> set[str]:
 
 
 def configuration_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("\n## Configuration\n")
-    end = readme.index("\n## ", start + 1)
-    return readme[start:end]
+    text = (ROOT / "docs" / "operations.md").read_text()
+    start = text.index("\n## Configuration\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
 
 
 def test_the_configuration_table_names_every_setting_and_only_those() -> None:
