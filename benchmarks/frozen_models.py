@@ -37,7 +37,7 @@ from erpd.rollout import (
     response_targets,
     sequence_logprobs,
 )
-from erpd.trainer import load_frozen, load_stage_models
+from erpd.stage import load_frozen, load_stage_models
 
 
 def timed(fn: Any, repeats: int) -> float:
@@ -104,14 +104,14 @@ def measure(
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        mine = distributed.Split(policy).passes(
-            forward_passes(batch.seqs, index, max_tokens=budget)
+        passes = distributed.RankPasses(
+            policy, forward_passes(batch.seqs, index, max_tokens=budget)
         )
-        for i, ((_, part), real) in enumerate(mine):
-            distributed.sync_gradients(policy, i == len(mine) - 1)
-            lp = token_logprobs(response_logits(policy, part), response_targets(part))
-            loss = (lp * part.response_mask).sum() / max(float(minibatch.response_mask.sum()), 1)
-            (loss if real else loss * 0.0).backward()
+        for weight, group in ((1.0, passes.mine), (0.0, passes.fillers)):
+            for _, part in group:
+                lp = token_logprobs(response_logits(policy, part), response_targets(part))
+                tokens = max(float(minibatch.response_mask.sum()), 1)
+                passes.backward(weight * (lp * part.response_mask).sum() / tokens)
         optimizer.step()
 
     vocab = int(policy.get_output_embeddings().weight.shape[0])

@@ -88,7 +88,7 @@ def erpd_run(
         objective="sapo", epochs=args.epochs, minibatch_size=args.minibatch, lr=1e-4, seed=0
     )
     result = run_stage1(
-        base=base,
+        pi_k=base,
         batch=batch,
         cfg=cfg,
         env=env(device, args.max_new_tokens, recorder, bf16=bf16),
@@ -117,12 +117,12 @@ def erpd_run(
 
 
 def _minibatches(n: int, args: argparse.Namespace) -> list[torch.Tensor]:
-    from erpd.trainer import _permutation
+    from erpd.schedule import epoch_order
 
     return [
         index
         for epoch in range(args.epochs)
-        for index in _permutation(n, 0, epoch).split(args.minibatch)
+        for index in epoch_order(n, 0, epoch).split(args.minibatch)
     ]
 
 

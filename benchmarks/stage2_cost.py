@@ -25,9 +25,9 @@ import torch
 from common import machine, write_json
 from training import SHAPES, StepRecorder, env, fixed_batch, save_random_base, shape_args
 
+import erpd.objective
 import erpd.stage1
 import erpd.stage2
-import erpd.trainer
 from erpd.config import Stage1Config, Stage2Config
 from erpd.models import load_model
 
@@ -63,7 +63,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
             started = time.perf_counter()
             if stage == "stage1":
                 result = erpd.stage1.run_stage1(
-                    base=base,
+                    pi_k=base,
                     batch=batch,
                     cfg=Stage1Config(objective="sapo", lr=1e-4, **common),
                     env=env(device, args.max_new_tokens, recorder),
@@ -74,7 +74,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
                 teacher = result.checkpoint
             else:
                 erpd.stage2.run_stage2(
-                    base=base,
+                    pi_k=base,
                     teachers=[teacher],
                     batch=batch,
                     cfg=Stage2Config(signal="logratio", kl_budget=None, lr=1e-5, **common),
@@ -95,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     counted(erpd.stage2, "teacher")  # teacher (and pi_0) log-probs
-    counted(erpd.trainer, "pi_old")  # re-anchoring at epoch starts
+    counted(erpd.objective, "pi_old")  # re-anchoring at epoch starts
     rows = [measure(name, args, device) for name in args.models]
     print(
         f"{'model':>6} {'stage1 s':>9} {'stage2 s':>9} {'s2/s1':>6} "

@@ -20,8 +20,8 @@ from erpd.config import ArithmeticConfig, EvalConfig, SampleConfig, TaskSpec, Ti
 from erpd.losses import group_advantages, token_logprobs
 from erpd.models import autocast, build_char_tokenizer, build_tiny_model, load_tokenizer
 from erpd.rollout import RolloutBatch, response_logits, response_targets, sample_rollout
+from erpd.stage import StageEnv
 from erpd.tasks import ALPHABET, Task, build_task
-from erpd.trainer import StageEnv
 
 SHAPES = {
     # erpd's built-in tiny model (~1M parameters)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from erpd import metrics as M
 from erpd.config import BaseTrainConfig, PipelineConfig, Stage1Config
-from erpd.pipeline import make_env, sample_batch
 from erpd.pretrain import pretrain_base
-from erpd.progress import no_progress
+from erpd.spec import sample_batch
+from erpd.stage import StageEnv
 from erpd.stage1 import run_stage1
 from server.db import Dataset, Model, RunKind, make_engine, migrate, session_factory
 from server.services import claim_run, create_run, ensure_builtins
@@ -42,7 +42,7 @@ def main() -> None:
             "runtime": {"device": "cpu"},
         }
     )
-    env = make_env(cfg, M.NullSink(), no_progress)
+    env = StageEnv.of(cfg)
     base = pretrain_base(
         shape=cfg.model.tiny,
         cfg=BaseTrainConfig(target_acc=0.3, eval_size=100),
@@ -63,7 +63,7 @@ def main() -> None:
         shutil.rmtree(tmp / name, ignore_errors=True)
         env.sink = sink
         started = time.perf_counter()
-        run_stage1(base=base, batch=batch, cfg=stage, env=env, run_dir=tmp / name, run=name)
+        run_stage1(pi_k=base, batch=batch, cfg=stage, env=env, run_dir=tmp / name, run=name)
         sink.close()
         return time.perf_counter() - started
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 import yaml
@@ -26,6 +26,9 @@ from rich.table import Table
 
 from erpd.config import PipelineConfig
 from erpd.errors import ERPDError
+
+if TYPE_CHECKING:
+    from erpd.spec import StageSpec
 
 app = typer.Typer(
     name="erpd",
@@ -202,10 +205,10 @@ def _guard(fn: Callable[[], None]) -> None:
 def _env(cfg: PipelineConfig, out: Path | None, should_stop: Callable[[], bool] | None = None):
     from erpd import distributed
     from erpd import metrics as M
-    from erpd.pipeline import make_env
     from erpd.progress import RichProgress, no_progress
+    from erpd.stage import StageEnv
 
-    env = make_env(cfg, M.NullSink(), RichProgress())
+    env = StageEnv.of(cfg, progress=RichProgress())
     env.should_stop = should_stop
     if not distributed.is_main():  # under torchrun, rank 0 alone reports
         env.progress = no_progress
@@ -224,11 +227,11 @@ class _DimLine(logging.Handler):
 
 
 def _show_memory_estimate() -> None:
-    """The estimate a stage makes before loading (erpd.trainer's one log line), on stderr."""
-    trainer_log = logging.getLogger("erpd.trainer")
-    if not any(isinstance(h, _DimLine) for h in trainer_log.handlers):
-        trainer_log.addHandler(_DimLine())
-        trainer_log.setLevel(logging.INFO)
+    """The estimate a stage makes before loading (erpd.stage's one log line), on stderr."""
+    stage_log = logging.getLogger("erpd.stage")
+    if not any(isinstance(h, _DimLine) for h in stage_log.handlers):
+        stage_log.addHandler(_DimLine())
+        stage_log.setLevel(logging.INFO)
 
 
 def _fmt(v: object) -> str:
@@ -246,6 +249,35 @@ def print_rows(rows: list[dict[str, Any]], title: str) -> None:
         shown = {**row, "name": str(row.get("name", "")).split("/")[-1]}
         table.add_row(*(_fmt(shown.get(c)) for c in cols))
     out_console.print(table)
+
+
+def _spec(
+    cfg: PipelineConfig,
+    stage: Literal["stage1", "stage2"],
+    config: dict[str, Any],
+    *,
+    paths: dict[str, Path | None],
+    fresh: bool,
+    out: Path,
+    run: str,
+    teachers: list[Path] | None = None,
+) -> StageSpec:
+    """One stage of the command: pi_k = --model on the --batch (`paths`, with --initial)."""
+    from erpd.spec import StageSpec
+
+    initial = paths["initial"]
+    return StageSpec(
+        stage=stage,
+        pipeline=cfg.model_dump(mode="json"),
+        config=config,
+        pi_k=str(paths["model"]),
+        pi_0=None if initial is None else str(initial),
+        batch=str(paths["batch"]),
+        run_dir=str(out),
+        run=run,
+        teachers=[str(t) for t in teachers or []],
+        resume=not fresh,
+    )
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -331,8 +363,8 @@ def sample(
         cfg = load_config(config, set_, **{"runtime.device": device})
         require_dirs(model=model)
         from erpd.checkpoint import check_replaceable
-        from erpd.pipeline import sample_batch
         from erpd.rollout import ROLLOUT_META
+        from erpd.spec import sample_batch
 
         check_replaceable(out, ROLLOUT_META)  # before sampling, not after
 
@@ -363,23 +395,23 @@ def stage1(
         require_dirs(model=model, batch=batch, initial=initial)
         output_dir(out)
         from erpd.rollout import RolloutBatch
-        from erpd.stage1 import run_stage1
 
         fixed = RolloutBatch.load(batch)
         with _graceful_stop() as stop:
             env = _env(cfg, out, stop)
+            paths = {"model": model, "batch": batch, "initial": initial}
             for t in cfg.teachers:
-                res = run_stage1(
-                    base=model,
-                    batch=fixed,
-                    cfg=t,
-                    env=env,
-                    run_dir=out / f"teacher-{t.label}",
-                    run=f"teacher-{t.label}",
-                    initial=initial,
-                    resume=not fresh,
+                name = f"teacher-{t.label}"
+                spec = _spec(
+                    cfg,
+                    "stage1",
+                    t.model_dump(),
+                    paths=paths,
+                    fresh=fresh,
+                    out=out / name,
+                    run=name,
                 )
-                _report(res)
+                _report(spec.run_stage(env, fixed))
         env.sink.close()
 
     _guard(go)
@@ -409,22 +441,21 @@ def stage2(
         require_dirs(model=model, batch=batch, initial=initial)
         output_dir(out)
         from erpd.rollout import RolloutBatch
-        from erpd.stage2 import run_stage2
 
         fixed = RolloutBatch.load(batch)
+        spec = _spec(
+            cfg,
+            "stage2",
+            cfg.stage2.model_dump(),
+            paths={"model": model, "batch": batch, "initial": initial},
+            fresh=fresh,
+            out=out,
+            run="student",
+            teachers=teachers,
+        )
         with _graceful_stop() as stop:
             env = _env(cfg, out, stop)
-            res = run_stage2(
-                base=model,
-                teachers=teachers,
-                batch=fixed,
-                cfg=cfg.stage2,
-                env=env,
-                run_dir=out,
-                run="student",
-                initial=initial,
-                resume=not fresh,
-            )
+            res = spec.run_stage(env, fixed)
         env.sink.close()
         _report(res)
 
@@ -451,17 +482,15 @@ def eval_(
 
         env = _env(cfg, None)
         policy, tokenizer = load_policy(model, env.device)
-        ref = load_model(reference, env.device) if reference else None
+        pi_k = load_model(reference, env.device) if reference else None
         fixed = RolloutBatch.load(batch) if batch else None
         if fixed is not None:
             fixed.check_model(
                 policy.config.vocab_size, str(model), tokenizer_fingerprint(tokenizer)
             )
-            if ref is not None and reference is not None:
-                fixed.check_model(ref.config.vocab_size, str(reference))
-        values = env.evaluator(tokenizer, cfg.runtime.seed)(
-            policy, step=0, ref_model=ref, batch=fixed
-        )
+            if pi_k is not None and reference is not None:
+                fixed.check_model(pi_k.config.vocab_size, str(reference))
+        values = env.evaluator(tokenizer, cfg.runtime.seed)(policy, step=0, pi_k=pi_k, batch=fixed)
         if as_json:
             out_console.print_json(json.dumps(values))
         else:

@@ -2,7 +2,7 @@
 
 This module imports only pydantic (and the standard library) so that the API server can reuse the
 models without importing torch. Every field documents its meaning; choices that are our
-reconstruction of the paper (see METHOD.md) say so. Invalid combinations fail here, not mid-run.
+reconstruction of the paper (docs/method.md) say so. Invalid combinations fail here, not mid-run.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
-Stage1Objective = Literal["sapo", "grpo", "ce", "ce_weighted", "mse"]
-Stage2Signal = Literal["logratio", "sign", "gated_advantage", "contrast", "advantage"]
-Region = Literal["top_frac", "threshold", "all"]
+Stage1ObjectiveName = Literal["sapo", "grpo", "ce", "ce_weighted", "mse"]
+Stage2SignalName = Literal["logratio", "sign", "gated_advantage", "contrast", "advantage"]
+RegionName = Literal["top_frac", "threshold", "all"]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 UnitInterval = Annotated[float, Field(gt=0, le=1)]
@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 
 
 class TinyModelConfig(_Strict):
-    """Shape of the built-in tiny Llama (calibrated in METHOD.md: 1.05M parameters)."""
+    """Shape of the built-in tiny Llama (calibrated in docs/method.md: 1.05M parameters)."""
 
     hidden_size: int = Field(128, ge=8, le=4096, description="Model width.")
     num_layers: int = Field(4, ge=1, le=64, description="Decoder layers.")
@@ -110,7 +110,7 @@ class TaskSpec(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Held-out evaluation: greedy and sampled (T=1) accuracy are both reported (METHOD.md)."""
+    """Held-out evaluation: greedy and sampled (T=1) accuracy are both reported (docs/method.md)."""
 
     size: int | None = Field(
         None, ge=1, le=1_000_000, description="Evaluate on the first N held-out problems."
@@ -205,11 +205,20 @@ class _StageCommon(_Strict):
         """Rows per forward pass, with or without gradients (the memory bound of a stage)."""
         return self.micro_batch_size or self.minibatch_size
 
+    def steps_per_epoch(self, num_rows: int) -> int:
+        return -(-num_rows // self.minibatch_size)
+
+    def total_steps(self, num_rows: int) -> int:
+        """Optimizer steps of the whole stage on a fixed batch of `num_rows` responses."""
+        return self.epochs * self.steps_per_epoch(num_rows)
+
 
 class Stage1Config(_StageCommon):
     """Stage 1: many weakly constrained off-policy epochs on the fixed batch -> a teacher."""
 
-    objective: Stage1Objective = Field("sapo", description="Teacher objective (METHOD.md).")
+    objective: Stage1ObjectiveName = Field(
+        "sapo", description="Teacher objective (docs/method.md)."
+    )
     eval_every_epochs: int = Field(2, ge=1, description="Evaluate after every k epochs.")
     lr: PositiveFloat = Field(1e-4, description="Calibrated: 1e-4 shows rise-then-collapse.")
     epochs: int = Field(20, ge=1, le=10_000)
@@ -247,12 +256,12 @@ class Stage1Config(_StageCommon):
 class Stage2Config(_StageCommon):
     """Stage 2: distil the teachers' token-level signal into pi_k under a trust region."""
 
-    signal: Stage2Signal = Field(
+    signal: Stage2SignalName = Field(
         "logratio",
         description="Signal construction: logratio (strong teachers), sign, gated_advantage "
         "(weak teachers), contrast (delta against pi_0), advantage (no-teacher control).",
     )
-    region: Region = Field("top_frac", description="Extreme-region token selection.")
+    region: RegionName = Field("top_frac", description="Extreme-region token selection.")
     top_frac: UnitInterval = Field(0.2, description="Share of tokens kept by |delta| (top_frac).")
     threshold: float | None = Field(
         None,
@@ -280,6 +289,10 @@ class Stage2Config(_StageCommon):
         if self.region == "threshold" and self.threshold is None:
             raise ValueError("region 'threshold' needs 'threshold'")
         return self
+
+
+StageConfig = Stage1Config | Stage2Config
+"""Either stage's config: the shared loop reads only the fields of `_StageCommon`."""
 
 
 class RuntimeConfig(_Strict):

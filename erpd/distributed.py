@@ -10,8 +10,9 @@ counts, so the update is the *sum* of the ranks' gradients, which is the single-
 gradient.
 
 FSDP's all-gathers are collectives: every rank must run the same number of forward passes,
-or one waits forever. `Split` pads a rank that has fewer real passes with repeats weighted
-zero. Evals generate on every rank (identical weights, prompts and seeds give identical
+or one waits forever. `RankPasses` gives a rank its share of the passes and, when it has fewer
+than another rank, filler repeats (weighted zero in a backward); on one process there are none,
+so the code that reads a single-device run can skip that loop. Evals generate on every rank (identical weights, prompts and seeds give identical
 outputs, so their forwards stay in step); only the scoring passes are split.
 
 Nothing here is called when WORLD_SIZE is unset or 1: a single process runs as it always did.
@@ -24,7 +25,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -136,6 +137,26 @@ class Split:
         parts: list[Any] = [None] * size()
         dist.all_gather_object(parts, t.cpu())
         return torch.cat(parts)
+
+
+class RankPasses(Generic[T]):
+    """This rank's share of one minibatch's forward/backward passes, and the filler passes a
+    sharded model needs: FSDP's all-gathers are collectives, so a rank with fewer real passes
+    runs repeats weighted zero until every rank has run as many. On one process `mine` is every
+    pass and `fillers` is empty, so a single-device reader can ignore the second loop."""
+
+    def __init__(self, model: torch.nn.Module, passes: Sequence[T]) -> None:
+        self.model, self.split = model, Split(model)
+        assigned = self.split.passes(passes)
+        self.mine = [p for p, real in assigned if real]
+        self.fillers = [p for p, real in assigned if not real]
+        self._left = len(assigned)
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward one pass; sharded gradients are reduced in this rank's last backward only."""
+        self._left -= 1
+        sync_gradients(self.model, self._left == 0)
+        loss.backward()
 
 
 def any_rank(flag: bool) -> bool:

@@ -1,4 +1,8 @@
-"""Held-out accuracy (greedy and sampled) and diagnostics of a policy on the fixed batch."""
+"""Held-out accuracy (greedy and sampled) and diagnostics of a policy on the fixed batch.
+
+KL and log-prob drift are measured against pi_k, the round's base; outside a stage (`erpd eval
+--reference`) any model can stand in for it.
+"""
 
 from __future__ import annotations
 
@@ -35,56 +39,65 @@ def _accuracy(task: Task, problems: Sequence[Problem], texts: Sequence[str]) -> 
 
 
 @torch.no_grad()
-def policy_vs_reference(
+def policy_vs_pi_k(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel | None,
+    pi_k: PreTrainedModel | None,
     seqs: Sequences,
     *,
     batch_size: int = 256,
     bf16: bool = False,
     max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-response sums and per-token means of log-prob, entropy and exact KL against ref.
+    """Per-response sums of log-prob, entropy and exact KL against pi_k.
 
-    Returns tensors over the B responses: `logp` (sequence log-prob under model), `ref_logp`,
+    Returns tensors over the B responses: `logp` (sequence log-prob under model), `pi_k_logp`,
     `entropy_sum`, `kl_sum` (full-vocabulary KL summed over tokens), `k3_sum` (k3 on the
     sampled tokens, summed) and `tokens` (count).
     Computed in chunks so a real vocabulary never materialises (B, R, V) for the whole batch.
     """
     device = next(model.parameters()).device
     names = ["logp", "entropy_sum"]
-    if ref_model is not None:
-        names += ["ref_logp", "kl_sum", "k3_sum"]
+    if pi_k is not None:
+        names += ["pi_k_logp", "kl_sum", "k3_sum"]
     out = {name: torch.zeros(seqs.response_mask.shape[0]) for name in names}  # (B,) each
-    passes = forward_passes(seqs, max_rows=batch_size, max_tokens=pass_tokens(device, max_tokens))
-    split = distributed.Split(model)
+    passes = distributed.RankPasses(
+        model,
+        forward_passes(seqs, max_rows=batch_size, max_tokens=pass_tokens(device, max_tokens)),
+    )
     with frozen(model), autocast(device, bf16):
-        for (rows, trimmed), real in split.passes(passes):
+        for rows, trimmed in passes.mine:
             part = trimmed.to(device)
-            mask = part.response_mask
-            logits = response_logits(model, part)  # (b, w, V)
-            targets = response_targets(part)
-            logp = token_logprobs(logits, targets)  # (b, w)
-            found = {"logp": logp, "entropy_sum": token_entropy(logits)}
-            if ref_model is not None:
-                with frozen(ref_model):
-                    ref_logits = response_logits(ref_model, part)
-                ref_logp = token_logprobs(ref_logits, targets)
-                found["ref_logp"] = ref_logp
-                found["kl_sum"] = exact_kl(logits, ref_logits)
-                found["k3_sum"] = kl_estimators(logp.float(), ref_logp.float())["k3"]
-            if real:  # a filler pass only keeps the ranks' sharded forwards in step
-                for name, per_token in found.items():
-                    out[name][rows] = (per_token * mask).sum(-1).float().cpu()
+            for name, per_token in _scores(model, pi_k, part).items():
+                out[name][rows] = (per_token * part.response_mask).sum(-1).float().cpu()
+        for _, trimmed in passes.fillers:  # only keeps the ranks' sharded forwards in step
+            _scores(model, pi_k, trimmed.to(device))
     for values in out.values():
-        split.sum_(values)  # each rank filled the rows of its own passes
+        passes.split.sum_(values)  # each rank filled the rows of its own passes
     out["tokens"] = seqs.response_mask.sum(-1)
     return out
 
 
+def _scores(
+    model: PreTrainedModel, pi_k: PreTrainedModel | None, part: Sequences
+) -> dict[str, torch.Tensor]:
+    """Per-token log-prob and entropy of `model` on one pass, and its KL to pi_k: (b, w) each."""
+    logits = response_logits(model, part)  # (b, w, V)
+    targets = response_targets(part)
+    logp = token_logprobs(logits, targets)  # (b, w)
+    found = {"logp": logp, "entropy_sum": token_entropy(logits)}
+    if pi_k is not None:
+        with frozen(pi_k):
+            pi_k_logits = response_logits(pi_k, part)
+        pi_k_logp = token_logprobs(pi_k_logits, targets)
+        found["pi_k_logp"] = pi_k_logp
+        found["kl_sum"] = exact_kl(logits, pi_k_logits)
+        found["k3_sum"] = kl_estimators(logp.float(), pi_k_logp.float())["k3"]
+    return found
+
+
 def batch_diagnostics(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel | None,
+    pi_k: PreTrainedModel | None,
     batch: RolloutBatch,
     *,
     bf16: bool = False,
@@ -92,15 +105,15 @@ def batch_diagnostics(
     max_tokens: int | None = None,
 ) -> dict[str, float]:
     """Exact KL to pi_k, token entropy and log-prob drift of correct/incorrect responses."""
-    stats = policy_vs_reference(
-        model, ref_model, batch.seqs, batch_size=batch_size, bf16=bf16, max_tokens=max_tokens
+    stats = policy_vs_pi_k(
+        model, pi_k, batch.seqs, batch_size=batch_size, bf16=bf16, max_tokens=max_tokens
     )
     tokens = stats["tokens"].sum().clamp_min(1.0)
     out = {M.ENTROPY_BATCH: (stats["entropy_sum"].sum() / tokens).item()}
-    if ref_model is not None:
+    if pi_k is not None:
         out[M.KL_EXACT_BATCH] = (stats["kl_sum"].sum() / tokens).item()
         out[M.KL_K3_BATCH] = (stats["k3_sum"].sum() / tokens).item()
-        drift = stats["logp"] - stats["ref_logp"]  # (B,)
+        drift = stats["logp"] - stats["pi_k_logp"]  # (B,)
         correct = batch.rewards > 0
         out[M.DRIFT_CORRECT] = drift[correct].mean().item() if correct.any() else 0.0
         out[M.DRIFT_INCORRECT] = drift[~correct].mean().item() if (~correct).any() else 0.0
@@ -152,26 +165,26 @@ class Evaluator:
         model: PreTrainedModel,
         *,
         step: int,
-        ref_model: PreTrainedModel | None = None,
+        pi_k: PreTrainedModel | None = None,
         batch: RolloutBatch | None = None,
     ) -> dict[str, float]:
         greedy = decode_responses(self.tokenizer, self._gen(model, self.prompt_ids, True, 0))
         out = {M.ACC_EVAL: _accuracy(self.task, self.problems, greedy)}
         if self.cfg.sampled:
-            out.update(self._sampled(model, ref_model, seed=self.seed * 1_000_003 + step))
+            out.update(self._sampled(model, pi_k, seed=self.seed * 1_000_003 + step))
         if batch is not None:
             prompts = batch.prompt_problems()
             out[M.ACC_TRAIN_BATCH] = self.accuracy(model, prompts, greedy=True)
             out[M.REWARD_MEAN] = batch.rewards.mean().item()
             out.update(
                 batch_diagnostics(
-                    model, ref_model, batch, bf16=self.bf16, batch_size=self.cfg.batch_size
+                    model, pi_k, batch, bf16=self.bf16, batch_size=self.cfg.batch_size
                 )
             )
         return out
 
     def _sampled(
-        self, model: PreTrainedModel, ref_model: PreTrainedModel | None, *, seed: int
+        self, model: PreTrainedModel, pi_k: PreTrainedModel | None, *, seed: int
     ) -> dict[str, float]:
         k = max(1, self.cfg.pass_k)
         ids = [x for x in self.prompt_ids for _ in range(k)]
@@ -187,13 +200,11 @@ class Evaluator:
         seqs = pack(
             ids, responses, int(self.tokenizer.pad_token_id), int(self.tokenizer.eos_token_id)
         )
-        stats = policy_vs_reference(
-            model, ref_model, seqs, bf16=self.bf16, batch_size=self.cfg.batch_size
-        )
+        stats = policy_vs_pi_k(model, pi_k, seqs, bf16=self.bf16, batch_size=self.cfg.batch_size)
         out[M.ENTROPY_SAMPLED] = (
             stats["entropy_sum"].sum() / stats["tokens"].sum().clamp_min(1)
         ).item()
-        if ref_model is not None:
-            seq_k3 = kl_estimators(stats["logp"], stats["ref_logp"])["k3"]
+        if pi_k is not None:
+            seq_k3 = kl_estimators(stats["logp"], stats["pi_k_logp"])["k3"]
             out[M.KL_SEQ_K3] = masked_mean(seq_k3, torch.ones_like(seq_k3)).item()
         return out

@@ -3,26 +3,57 @@
 Shapes: B responses, T response-aligned token positions (targets), V vocabulary. Every per-token
 tensor is aligned to the *predicted* token: `logprobs[b, t] = log pi(y[b, t+1] | y[b, :t+1])`, and
 `mask[b, t]` is 1 on response tokens up to and including the first end token. Losses average over
-masked tokens of the minibatch (token mean). Objectives are registered by name and return
-`(loss, metrics)`; the loops look them up and know nothing about the algorithm (see METHOD.md for
-which parts are stated by the paper and which are our reconstruction).
+masked tokens of the minibatch (token mean). Stage-1 objectives, stage-2 signal constructions
+and regions are registered by name (`Registry`) and checked against the config's names at import;
+the loops look them up and know nothing about the algorithm. docs/method.md says which parts are
+stated by the paper and which are our reconstruction, and defines the notation: pi_theta (the
+policy being trained), pi_old (the PPO anchor of the ratio), pi_k (the round's base and sampler),
+pi_0 (the pipeline's initial policy), T (a teacher).
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
+from erpd import config as C
 from erpd import metrics as M
 from erpd.config import Stage1Config, Stage2Config
+
+F = TypeVar("F")
 
 # exp() of a log-ratio beyond +-20 overflows float32 gradients long before it carries meaning;
 # the clamp only bites on tokens whose probability already moved by a factor of ~5e8.
 LOG_RATIO_CLAMP = 20.0
+
+
+class Registry(dict[str, F], Generic[F]):
+    """Named implementations of one config choice; `check` ties them to the config's Literal,
+    so a name the config accepts always has an implementation and nothing else is registered."""
+
+    def __init__(self, choice: str) -> None:
+        super().__init__()
+        self.choice = choice
+
+    def register(self, name: str) -> Callable[[F], F]:
+        def add(fn: F) -> F:
+            self[name] = fn
+            return fn
+
+        return add
+
+    def check(self, names: object) -> None:
+        accepted = set(typing.get_args(names))
+        if set(self) != accepted:
+            raise RuntimeError(
+                f"{self.choice}: the config accepts {sorted(accepted)}, "
+                f"the registry implements {sorted(self)}"
+            )
 
 
 # --- token-level primitives -----------------------------------------------------------------
@@ -75,21 +106,22 @@ def exact_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def entropy_and_kl(logits: Tensor, ref_logprobs: Tensor) -> tuple[Tensor, Tensor]:
-    """Token entropy of `logits` and KL(softmax(logits) || ref) per context, from one
+def entropy_and_kl(logits: Tensor, pi_k_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """Token entropy of `logits` and KL(softmax(logits) || pi_k) per context, from one
     log-softmax: (B, T, V), (B, T, V) log-probs -> (B, T), (B, T)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
-    return -(p * logp).sum(-1), (p * (logp - ref_logprobs.float())).sum(-1)
+    return -(p * logp).sum(-1), (p * (logp - pi_k_logprobs.float())).sum(-1)
 
 
-def kl_estimators(logprobs: Tensor, ref_logprobs: Tensor) -> dict[str, Tensor]:
-    """Schulman's k1/k2/k3 of KL(pi || ref) per token, from log-probs of the sampled tokens.
+def kl_estimators(logprobs: Tensor, pi_k_logprobs: Tensor) -> dict[str, Tensor]:
+    """Schulman's k1/k2/k3 of KL(pi_theta || pi_k) per token, from log-probs of sampled tokens.
 
-    With log rho = log ref - log pi: k1 = -log rho, k2 = (log rho)^2 / 2, k3 = rho - 1 - log rho.
+    With log rho = log pi_k - log pi_theta: k1 = -log rho, k2 = (log rho)^2 / 2,
+    k3 = rho - 1 - log rho.
     The clamp sits inside exp only, so the linear term keeps pulling collapsed tokens back.
     """
-    log_rho = ref_logprobs - logprobs
+    log_rho = pi_k_logprobs - logprobs
     return {
         "k1": -log_rho,
         "k2": 0.5 * log_rho.square(),
@@ -129,12 +161,12 @@ class Stage1Inputs:
     """One minibatch for a stage-1 objective. Per-token tensors are (B, T); per-response (B,)."""
 
     logprobs: Tensor  # log pi_theta, carries the gradient
-    old_logprobs: Tensor  # log pi_old: pi_k (anchor=behaviour) or the epoch's start (anchor=epoch)
-    ref_logprobs: Tensor  # log pi_k: the round's frozen base, for KL
+    pi_old_logprobs: Tensor  # pi_k (anchor=behaviour) or the epoch's start (anchor=epoch)
+    pi_k_logprobs: Tensor  # the round's frozen base, for KL
     mask: Tensor
     advantages: Tensor
     rewards: Tensor
-    mse_ref_logprobs: Tensor | None = None  # pi_0 when mse_reference == "initial"
+    pi_0_logprobs: Tensor | None = None  # the mse reference when mse_reference == "initial"
     norm: Normaliser | None = None  # the minibatch's counts when this is one micro-batch of it
 
     @property
@@ -142,26 +174,18 @@ class Stage1Inputs:
         return self.norm if self.norm is not None else Normaliser.of(self.mask, self.rewards)
 
 
-class Stage1Objective(Protocol):
+class Stage1Loss(Protocol):
     def __call__(self, x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]: ...
 
 
-STAGE1_OBJECTIVES: dict[str, Stage1Objective] = {}
-
-
-def _register(name: str) -> Callable[[Stage1Objective], Stage1Objective]:
-    def add(fn: Stage1Objective) -> Stage1Objective:
-        STAGE1_OBJECTIVES[name] = fn
-        return fn
-
-    return add
+STAGE1_OBJECTIVES: Registry[Stage1Loss] = Registry("stage1.objective")
 
 
 def _ratio(x: Stage1Inputs) -> Tensor:
-    return (x.logprobs - x.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    return (x.logprobs - x.pi_old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
 
 
-@_register("sapo")
+@STAGE1_OBJECTIVES.register("sapo")
 def sapo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
     """Soft-gated policy gradient: g = (4/tau) sigmoid(tau (r - 1)); loss = -mean(g A).
 
@@ -175,7 +199,7 @@ def sapo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, flo
     return loss, {}
 
 
-@_register("grpo")
+@STAGE1_OBJECTIVES.register("grpo")
 def grpo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
     """PPO-clipped surrogate with wide, asymmetric clip: -min(r A, clip(r, 1-lo, 1+hi) A)."""
     adv = x.advantages.unsqueeze(1)
@@ -186,7 +210,7 @@ def grpo_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, flo
     return loss, {}
 
 
-@_register("ce")
+@STAGE1_OBJECTIVES.register("ce")
 def ce_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
     """Rejection-sampling fine-tuning: cross-entropy on the tokens of correct responses only."""
     correct = (x.rewards > 0).to(x.mask.dtype).unsqueeze(1)  # (B, 1)
@@ -194,38 +218,40 @@ def ce_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float
     return loss, {}
 
 
-@_register("ce_weighted")
+@STAGE1_OBJECTIVES.register("ce_weighted")
 def ce_weighted_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
     """Advantage-weighted cross-entropy: -A_i log pi (REINFORCE without a ratio)."""
     loss = -normalised_sum(x.advantages.unsqueeze(1) * x.logprobs, x.mask, x.n.tokens)
     return loss, {}
 
 
-@_register("mse")
+@STAGE1_OBJECTIVES.register("mse")
 def mse_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
-    """Weak teacher: regress beta * sum_t [log pi - log pi_ref] onto A_i, per response.
+    """Weak teacher: regress beta * sum_t [log pi_theta - log pi_ref] onto A_i, per response.
 
-    pi_ref is the *unlearned* policy (pi_k, or pi_0 with mse_reference=initial). Only the
+    pi_ref is an *unlearned* policy: pi_k, or pi_0 with mse_reference=initial. Only the
     sequence-level log-ratio is fitted, so the token-level credit the teacher learns is weak.
     """
-    ref = x.mse_ref_logprobs if x.mse_ref_logprobs is not None else x.ref_logprobs
-    seq_log_ratio = ((x.logprobs - ref) * x.mask).sum(dim=1)  # (B,)
+    pi_ref = x.pi_0_logprobs if x.pi_0_logprobs is not None else x.pi_k_logprobs
+    seq_log_ratio = ((x.logprobs - pi_ref) * x.mask).sum(dim=1)  # (B,)
     residual = cfg.mse_beta * seq_log_ratio - x.advantages
     loss = residual.square().sum() / max(x.n.responses, 1.0)
     return loss, {}
 
 
 def stage1_loss(x: Stage1Inputs, cfg: Stage1Config) -> tuple[Tensor, dict[str, float]]:
-    """The configured objective, plus the optional k3 penalty to pi_k, plus diagnostics."""
+    """The configured objective, plus the optional k3 penalty to pi_k, plus diagnostics.
+
+    The importance-ratio statistics are not among them: they need the whole minibatch's
+    tokens (a quantile), so the loop computes them once per step with `ratio_stats`."""
     objective_loss, out = STAGE1_OBJECTIVES[cfg.objective](x, cfg)
-    kl = kl_estimators(x.logprobs, x.ref_logprobs)
+    kl = kl_estimators(x.logprobs, x.pi_k_logprobs)
     k3 = normalised_sum(kl["k3"], x.mask, x.n.tokens)
     loss = objective_loss + cfg.kl_coef * k3 if cfg.kl_coef > 0 else objective_loss
     with torch.no_grad():
         out[M.LOSS] = loss.item()
         out[M.KL_K1] = normalised_sum(kl["k1"], x.mask, x.n.tokens).item()
         out[M.KL_K3] = k3.item()
-        out.update(ratio_stats(x.logprobs - x.old_logprobs, x.mask, cfg.eps_low, cfg.eps_high))
     return loss, out
 
 
@@ -236,31 +262,51 @@ def _masked_std(x: Tensor, mask: Tensor) -> Tensor:
     return masked_mean((x - mean).square(), m).sqrt()
 
 
+class SignalFn(Protocol):
+    def __call__(self, delta: Tensor, adv: Tensor, mask: Tensor, gate_c: float) -> Tensor: ...
+
+
+STAGE2_SIGNALS: Registry[SignalFn] = Registry("stage2.signal")
+"""a_t of one teacher from delta_t: (B, T) delta, (B, 1) advantages, (B, T) float mask."""
+
+
+@STAGE2_SIGNALS.register("logratio")
+@STAGE2_SIGNALS.register("contrast")  # logratio of a delta the caller takes against pi_0
+def _logratio(delta: Tensor, adv: Tensor, mask: Tensor, gate_c: float) -> Tensor:
+    return delta / (_masked_std(delta, mask) + 1e-6)
+
+
+@STAGE2_SIGNALS.register("sign")
+def _sign(delta: Tensor, adv: Tensor, mask: Tensor, gate_c: float) -> Tensor:
+    return torch.sign(delta)
+
+
+@STAGE2_SIGNALS.register("gated_advantage")
+def _gated_advantage(delta: Tensor, adv: Tensor, mask: Tensor, gate_c: float) -> Tensor:
+    # the teacher only re-weights the outcome advantage by how much it moved the token in the
+    # advantage's direction, inside [1-c, 1+c]: a weak teacher cannot flip its sign
+    weight = torch.exp(torch.sign(adv) * delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return adv * weight.clamp(1.0 - gate_c, 1.0 + gate_c)
+
+
+@STAGE2_SIGNALS.register("advantage")  # the no-teacher control
+def _advantage(delta: Tensor, adv: Tensor, mask: Tensor, gate_c: float) -> Tensor:
+    return adv.expand_as(delta)
+
+
 def teacher_signal(
     signal: str, delta: Tensor, advantages: Tensor, mask: Tensor, *, gate_c: float = 0.2
 ) -> Tensor:
-    """Per-token signal a_t of ONE teacher from delta_t = log T - log pi_k (or - log pi_0).
+    """Per-token signal a_t of ONE teacher from delta_t = log pi_T - log pi_k (or - log pi_0).
 
     delta: (B, T) for the whole fixed batch (normalisation statistics are batch-wide);
     advantages: (B,). `contrast` is `logratio` applied to a delta taken against pi_0 (the caller
     passes that delta). Returns (B, T), zero outside the mask.
     """
-    m = mask.to(delta.dtype)
-    adv = advantages.unsqueeze(1)  # (B, 1)
-    if signal in ("logratio", "contrast"):
-        a = delta / (_masked_std(delta, m) + 1e-6)
-    elif signal == "sign":
-        a = torch.sign(delta)
-    elif signal == "gated_advantage":
-        # the teacher only re-weights the outcome advantage by how much it moved the token in the
-        # advantage's direction, inside [1-c, 1+c]: a weak teacher cannot flip its sign
-        weight = torch.exp(torch.sign(adv) * delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-        a = adv * weight.clamp(1.0 - gate_c, 1.0 + gate_c)
-    elif signal == "advantage":
-        a = adv.expand_as(delta)
-    else:
+    if signal not in STAGE2_SIGNALS:
         raise ValueError(f"unknown stage-2 signal {signal!r}")
-    return a * m
+    m = mask.to(delta.dtype)
+    return STAGE2_SIGNALS[signal](delta, advantages.unsqueeze(1), m, gate_c) * m
 
 
 def combine_signals(signals: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
@@ -285,6 +331,40 @@ def region_score(deltas: Sequence[Tensor], mask: Tensor, weights: Sequence[float
     return combine_signals(scaled, weights).abs() * mask.to(scaled[0].dtype)
 
 
+class RegionFn(Protocol):
+    def __call__(
+        self, score: Tensor, valid: Tensor, top_frac: float, threshold: float | None
+    ) -> Tensor: ...
+
+
+REGIONS: Registry[RegionFn] = Registry("stage2.region")
+"""Which tokens keep their signal, from the (B, T) score and the bool response mask."""
+
+
+@REGIONS.register("all")
+def _all_tokens(score: Tensor, valid: Tensor, top_frac: float, threshold: float | None) -> Tensor:
+    return valid
+
+
+@REGIONS.register("threshold")
+def _above_threshold(
+    score: Tensor, valid: Tensor, top_frac: float, threshold: float | None
+) -> Tensor:
+    if threshold is None:
+        raise ValueError("region 'threshold' needs a threshold")
+    return valid & (score > threshold)
+
+
+@REGIONS.register("top_frac")
+def _top_share(score: Tensor, valid: Tensor, top_frac: float, threshold: float | None) -> Tensor:
+    values = score[valid]
+    if values.numel() == 0:
+        return valid
+    k = max(1, int(top_frac * values.numel() + 0.5))  # round half up, not to even
+    cutoff = torch.topk(values, k).values.min()
+    return valid & (score >= cutoff)
+
+
 def select_region(
     score: Tensor,
     mask: Tensor,
@@ -298,21 +378,9 @@ def select_region(
     top_frac keeps the tokens whose score is among the top share of the batch's response tokens
     (ties at the cut-off are kept); threshold keeps score > threshold; all keeps every token.
     """
-    valid = mask.bool()
-    if region == "all":
-        return valid
-    if region == "threshold":
-        if threshold is None:
-            raise ValueError("region 'threshold' needs a threshold")
-        return valid & (score > threshold)
-    if region == "top_frac":
-        values = score[valid]
-        if values.numel() == 0:
-            return valid
-        k = max(1, int(top_frac * values.numel() + 0.5))  # round half up, not to even
-        cutoff = torch.topk(values, k).values.min()
-        return valid & (score >= cutoff)
-    raise ValueError(f"unknown region {region!r}")
+    if region not in REGIONS:
+        raise ValueError(f"unknown region {region!r}")
+    return REGIONS[region](score, mask.bool(), top_frac, threshold)
 
 
 @dataclass
@@ -320,8 +388,8 @@ class Stage2Inputs:
     """One minibatch for the trust-region distillation loss (per-token tensors (B, T))."""
 
     logprobs: Tensor  # log pi_theta, carries the gradient
-    old_logprobs: Tensor  # log pi_old, re-anchored at the start of each epoch
-    ref_logprobs: Tensor  # log pi_k
+    pi_old_logprobs: Tensor  # re-anchored at the start of each epoch
+    pi_k_logprobs: Tensor
     signal: Tensor  # a_t, already zero outside the selected region
     mask: Tensor
     norm: Normaliser | None = None  # the minibatch's counts when this is one micro-batch of it
@@ -331,14 +399,15 @@ def stage2_loss(x: Stage2Inputs, cfg: Stage2Config) -> tuple[Tensor, dict[str, f
     """-mean_t min(r a_t, clip(r, 1-eps, 1+eps) a_t) + kl_coef * k3(pi_theta || pi_k).
 
     The mean runs over all response tokens: unselected tokens have a_t = 0 and only feel the
-    KL term, which pulls them back toward pi_k (the "drop drift" half of the method).
+    KL term, which pulls them back toward pi_k (the "drop drift" half of the method). As in
+    stage 1, the ratio statistics are the loop's, once per minibatch.
     """
-    r = (x.logprobs - x.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    r = (x.logprobs - x.pi_old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     unclipped = r * x.signal
     clipped = r.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * x.signal
     tokens = x.norm.tokens if x.norm is not None else float(x.mask.sum())
     policy_loss = -normalised_sum(torch.minimum(unclipped, clipped), x.mask, tokens)
-    kl = kl_estimators(x.logprobs, x.ref_logprobs)
+    kl = kl_estimators(x.logprobs, x.pi_k_logprobs)
     k3 = normalised_sum(kl["k3"], x.mask, tokens)
     loss = policy_loss + cfg.kl_coef * k3
     with torch.no_grad():
@@ -347,8 +416,13 @@ def stage2_loss(x: Stage2Inputs, cfg: Stage2Config) -> tuple[Tensor, dict[str, f
             M.KL_K1: normalised_sum(kl["k1"], x.mask, tokens).item(),
             M.KL_K3: k3.item(),
         }
-        out.update(ratio_stats(x.logprobs - x.old_logprobs, x.mask, cfg.clip_eps, cfg.clip_eps))
     return loss, out
+
+
+# every name the config accepts has an implementation, and nothing else is registered
+STAGE1_OBJECTIVES.check(C.Stage1ObjectiveName)
+STAGE2_SIGNALS.check(C.Stage2SignalName)
+REGIONS.check(C.RegionName)
 
 
 def supervised_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:

@@ -38,13 +38,13 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer: int
-    reference: int
+    pi_k: int  # the frozen copy the exact KL is measured against
     activations: int
     devices: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.reference + self.activations
+        return self.weights + self.gradients + self.optimizer + self.pi_k + self.activations
 
     def describe(self) -> str:
         def gib(n: int) -> str:
@@ -56,7 +56,7 @@ class MemoryEstimate:
             f"memory estimate per device ({count} parameters"
             f"{f', sharded over {self.devices}' if self.devices > 1 else ''}): "
             f"~{gib(self.total)} GiB = weights {gib(self.weights)} + gradients "
-            f"{gib(self.gradients)} + AdamW {gib(self.optimizer)} + pi_k {gib(self.reference)} "
+            f"{gib(self.gradients)} + AdamW {gib(self.optimizer)} + pi_k {gib(self.pi_k)} "
             f"+ activations {gib(self.activations)}"
         )
 
@@ -98,7 +98,7 @@ def estimate(
         weights=math.ceil(4 * n / share),
         gradients=math.ceil(4 * n / share),
         optimizer=math.ceil(8 * n / share),
-        reference=math.ceil(4 * n / share),
+        pi_k=math.ceil(4 * n / share),
         activations=activations,
         devices=share,
     )
@@ -118,7 +118,7 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_fits(
-    base: str | Path,
+    pi_k: str | Path,
     *,
     device: torch.device,
     pass_tokens: int,
@@ -127,9 +127,9 @@ def check_fits(
     available: int | None = None,
     devices: int = 1,
 ) -> MemoryEstimate:
-    """Estimate a stage on the model in `base`; a ConfigError naming what to change if it
-    cannot fit the device (`available` bytes, default: what the device reports)."""
-    config = AutoConfig.from_pretrained(str(base), local_files_only=True, trust_remote_code=False)
+    """Estimate a stage trained from the model directory `pi_k`; a ConfigError naming what to
+    change if it cannot fit the device (`available` bytes, default: what the device reports)."""
+    config = AutoConfig.from_pretrained(str(pi_k), local_files_only=True, trust_remote_code=False)
     found = estimate(
         config,
         pass_tokens=pass_tokens,

@@ -89,7 +89,7 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig) -> LlamaForCausalLM:
-    """A randomly initialised small Llama (untied embeddings, as calibrated in METHOD.md)."""
+    """A randomly initialised small Llama (untied embeddings, as calibrated in docs/method.md)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -211,6 +211,23 @@ def train_without_dropout(model: torch.nn.Module) -> None:
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0  # type: ignore[assignment]
     model.train()
+
+
+def prepare_to_train(policy: PreTrainedModel, *, gradient_checkpointing: bool) -> None:
+    """No dropout while training: it would make pi_theta's log-probs noisy and the first ratio
+    differ from 1 (pi_old, pi_k and teachers are all scored without dropout); gradients still
+    flow. Eval mode, or, with checkpointing (transformers recomputes layers only in training
+    mode), training mode with every dropout at zero."""
+    if not gradient_checkpointing:
+        policy.eval()
+        return
+    if not policy.supports_gradient_checkpointing:
+        raise ConfigError(
+            "runtime.gradient_checkpointing",
+            f"{type(policy).__name__} does not support activation checkpointing",
+        )
+    policy.activation_checkpointing_enable({"use_reentrant": False})
+    train_without_dropout(policy)
 
 
 @contextlib.contextmanager

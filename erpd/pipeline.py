@@ -19,21 +19,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from erpd import distributed
 from erpd import metrics as M
-from erpd.checkpoint import parent_record, read_manifest
 from erpd.config import PipelineConfig
-from erpd.errors import CheckpointError, ConfigError
+from erpd.errors import ConfigError
 from erpd.evaluate import batch_diagnostics
-from erpd.models import load_policy, resolve_device, use_bf16
-from erpd.pretrain import pretrain_base
+from erpd.models import load_policy
 from erpd.progress import ProgressFactory, no_progress
-from erpd.rollout import RolloutBatch, sample_rollout
-from erpd.stage1 import run_stage1
-from erpd.stage2 import run_stage2
-from erpd.tasks import build_task
-from erpd.trainer import StageEnv, StageResult
+from erpd.rollout import ROLLOUT_META, RolloutBatch
+from erpd.spec import StageSpec, fixed_batch, tiny_base
+from erpd.stage import StageEnv, StageResult
 
 
 @dataclass
@@ -60,43 +56,6 @@ class PipelineResult:
     metrics: Path
     summary: Path
     wall_time: float
-
-
-def make_env(cfg: PipelineConfig, sink: M.MetricSink, progress: ProgressFactory) -> StageEnv:
-    # under torchrun, this rank's device in the process group (a no-op otherwise)
-    device = distributed.join(resolve_device(cfg.runtime.device))
-    task = build_task(cfg.task)
-    return StageEnv(
-        task=task,
-        eval=cfg.eval,
-        device=device,
-        max_new_tokens=cfg.task.max_new_tokens or task.max_new_tokens,
-        bf16=use_bf16(device, cfg.runtime.precision),
-        gradient_checkpointing=cfg.runtime.gradient_checkpointing,
-        chat_template=cfg.model.chat_template,
-        sink=sink,
-        progress=progress,
-    )
-
-
-def completed(run_dir: Path) -> StageResult | None:
-    """A stage whose final checkpoint exists (manifest written last) is not run again."""
-    checkpoint = run_dir / "checkpoint"
-    try:
-        manifest = read_manifest(checkpoint)
-    except CheckpointError:
-        return None
-    return StageResult(
-        run=manifest["run"],
-        status=manifest["status"],
-        run_dir=run_dir,
-        checkpoint=checkpoint,
-        sha256=manifest["sha256"],
-        summary=manifest.get("summary", {}),
-        steps=manifest["step"],
-        total_steps=manifest.get("total_steps", manifest["step"]),
-        wall_time=0.0,
-    )
 
 
 def _row(k: int, role: str, res: StageResult) -> Row:
@@ -134,37 +93,42 @@ def _base_row(k: int, path: Path, batch: RolloutBatch, env: StageEnv) -> Row:
     )
 
 
-def sample_batch(
-    base: str | Path, path: str | Path, cfg: PipelineConfig, env: StageEnv, round_index: int = 0
-) -> RolloutBatch:
-    """Sample round `round_index`'s fixed batch from pi_k = `base` and save it to `path`."""
-    model, tokenizer = load_policy(base, env.device)
-    total = cfg.sample.num_prompts * cfg.sample.group_size
-    with env.progress(f"round {round_index}: sample {total} responses", total) as advance:
-        batch = sample_rollout(
-            model,
-            tokenizer,
-            env.task,
-            cfg.sample,
-            max_new_tokens=env.max_new_tokens,
-            chat_template=cfg.model.chat_template,
-            round_index=round_index,
-            bf16=env.bf16,
-            advance=advance,
-            model_dir=base,
-        )
-    batch.meta["policy"] = parent_record(base)
-    batch.save(path)
-    return batch
-
-
-def _sample(k: int, base: Path, out: Path, cfg: PipelineConfig, env: StageEnv) -> RolloutBatch:
+def _sample(k: int, pi_k: Path, out: Path, cfg: PipelineConfig, env: StageEnv) -> RolloutBatch:
     path = out / f"round-{k}" / "batch"
-    if (path / "rollout.json").is_file():
+    if (path / ROLLOUT_META).is_file():
         return RolloutBatch.load(path)
-    batch = sample_batch(base, path, cfg, env, k)
+    batch = fixed_batch(pi_k, path, cfg, env, k)
     env.sink.log(f"round-{k}/sample", 0, {M.REWARD_MEAN: batch.rewards.mean().item()})
     return batch
+
+
+@dataclass
+class _Round:
+    """What every stage of round k shares: the pipeline, pi_0, pi_k and the fixed batch."""
+
+    cfg: PipelineConfig
+    out: Path
+    k: int
+    pi_0: Path
+    pi_k: Path
+    batch: RolloutBatch
+
+    def run(
+        self, env: StageEnv, stage: Literal["stage1", "stage2"], name: str, **extra: Any
+    ) -> StageResult:
+        """The stage `name` of this round, unless it finished in an earlier invocation."""
+        run_dir = self.out / f"round-{self.k}" / name
+        spec = StageSpec(
+            stage=stage,
+            pipeline=self.cfg.model_dump(mode="json"),
+            pi_k=str(self.pi_k),
+            pi_0=str(self.pi_0),
+            batch=str(run_dir.parent / "batch"),
+            run_dir=str(run_dir),
+            run=f"round-{self.k}/{name}",
+            **extra,
+        )
+        return StageResult.finished(run_dir) or spec.run_stage(env, self.batch)
 
 
 def run_pipeline(
@@ -179,60 +143,39 @@ def run_pipeline(
     started = time.time()
     out = Path(out_dir)
     jsonl = M.JsonlSink(out / "metrics.jsonl")
-    env = make_env(cfg, M.TeeSink(jsonl, sink) if sink else jsonl, progress)  # validates first
+    env = StageEnv.of(cfg, M.TeeSink(jsonl, sink) if sink else jsonl, progress)  # validates first
     _claim_output_dir(out, cfg)
     env.should_stop = should_stop
     rows: list[Row] = []
     try:
-        if cfg.model.path is not None:
-            initial = Path(cfg.model.path)
-        else:
-            base = completed(out / "base") or pretrain_base(
-                shape=cfg.model.tiny,
-                cfg=cfg.base,
-                env=env,
-                out_dir=out / "base",
-                seed=cfg.runtime.seed,
-            )
-            assert base.checkpoint is not None
-            initial = base.checkpoint
-        current = initial
+        pi_0 = Path(cfg.model.path) if cfg.model.path is not None else None
+        if pi_0 is None:
+            pi_0 = tiny_base(cfg.model.tiny, cfg.base, env, out / "base", cfg.runtime.seed)
+        pi_k = pi_0
         for k in range(cfg.rounds):
-            batch = _sample(k, current, out, cfg, env)
-            rows.append(_base_row(k, current, batch, env))
+            batch = _sample(k, pi_k, out, cfg, env)
+            rows.append(_base_row(k, pi_k, batch, env))
+            this = _Round(cfg, out, k, pi_0, pi_k, batch)
             teachers: list[StageResult] = []
             for t in cfg.teachers:
-                run_dir = out / f"round-{k}" / f"teacher-{t.label}"
-                res = completed(run_dir) or run_stage1(
-                    base=current,
-                    batch=batch,
-                    cfg=t,
-                    env=env,
-                    run_dir=run_dir,
-                    run=f"round-{k}/teacher-{t.label}",
-                    initial=initial,
-                )
-                if res.status == "stopped":
-                    return _finish(out, rows, current, jsonl, started, "stopped")
+                res = this.run(env, "stage1", f"teacher-{t.label}", config=t.model_dump())
+                if res.stopped:
+                    return _finish(out, rows, pi_k, jsonl, started, "stopped")
                 teachers.append(res)
                 rows.append(_row(k, "teacher", res))
-            run_dir = out / f"round-{k}" / "student"
-            student = completed(run_dir) or run_stage2(
-                base=current,
-                teachers=[t.checkpoint for t in teachers],  # type: ignore[misc]
+            student = this.run(
+                env,
+                "stage2",
+                "student",
+                config=cfg.stage2.model_dump(),
+                teachers=[str(t.checkpoint) for t in teachers],
                 pinned=[t.sha256 for t in teachers],
-                batch=batch,
-                cfg=cfg.stage2,
-                env=env,
-                run_dir=run_dir,
-                run=f"round-{k}/student",
-                initial=initial,
             )
-            if student.status == "stopped" or student.checkpoint is None:
-                return _finish(out, rows, current, jsonl, started, "stopped")
+            if student.stopped or student.checkpoint is None:
+                return _finish(out, rows, pi_k, jsonl, started, "stopped")
             rows.append(_row(k, "student", student))
-            current = student.checkpoint
-        return _finish(out, rows, current, jsonl, started, "completed")
+            pi_k = student.checkpoint
+        return _finish(out, rows, pi_k, jsonl, started, "completed")
     finally:
         env.sink.close()
 

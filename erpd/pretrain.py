@@ -1,7 +1,7 @@
 """Supervised pretraining of the tiny base model to a *partial* accuracy.
 
 RL needs room to show gains: the base stops as soon as greedy held-out accuracy reaches
-`base.target_acc` (METHOD.md calibration: ~40% after ~350 steps on `ab+cd=`).
+`base.target_acc` (docs/method.md calibration: ~40% after ~350 steps on `ab+cd=`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from erpd.models import (
     to_device,
 )
 from erpd.rollout import Sequences, encode_prompts, pack, response_logits, response_targets
+from erpd.stage import StageEnv, StageResult
 from erpd.tasks import ALPHABET, Problem
-from erpd.trainer import StageEnv, StageResult
 
 
 def _supervised_batch(tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) -> Sequences:

@@ -360,14 +360,16 @@ def sequence_logprobs(
     out = torch.zeros(seqs.response_mask.shape)
     budget = pass_tokens(device, max_tokens)
     with frozen(model), autocast(device, bf16):
-        passes = forward_passes(seqs, max_rows=batch_size, max_tokens=budget)
-        split = distributed.Split(model)
-        for (rows, part), real in split.passes(passes):
+        passes = distributed.RankPasses(
+            model, forward_passes(seqs, max_rows=batch_size, max_tokens=budget)
+        )
+        for rows, part in passes.mine:
             part = part.to(device)
             lp = token_logprobs(response_logits(model, part), response_targets(part))
-            if real:
-                out[rows, : lp.shape[1]] = (lp * part.response_mask).float().cpu()
-    return split.sum_(out)  # each rank scored its own passes
+            out[rows, : lp.shape[1]] = (lp * part.response_mask).float().cpu()
+        for _, part in passes.fillers:
+            response_logits(model, part.to(device))
+    return passes.split.sum_(out)  # each rank scored its own passes
 
 
 # --- the fixed batch ------------------------------------------------------------------------
@@ -375,13 +377,13 @@ def sequence_logprobs(
 class RolloutBatch:
     """N prompts x G responses sampled once from pi_k, scored, with group advantages.
 
-    Rows are ordered group by group (row i belongs to prompt i // G). `behaviour_logprobs` are
-    pi_k's log-probs recomputed in one teacher-forced pass (not the sampler's), so the first ratio
-    of stage 1 is exactly 1.
+    Rows are ordered group by group (row i belongs to prompt i // G). `pi_k_logprobs` are pi_k's
+    log-probs recomputed in one teacher-forced pass (not the sampler's), so the first ratio of
+    stage 1 is exactly 1.
     """
 
     seqs: Sequences
-    behaviour_logprobs: Tensor  # (B, R)
+    pi_k_logprobs: Tensor  # (B, R)
     rewards: Tensor  # (B,)
     advantages: Tensor  # (B,)
     group_size: int
@@ -402,7 +404,8 @@ class RolloutBatch:
             "input_ids": self.seqs.input_ids.contiguous(),
             "attention_mask": self.seqs.attention_mask.contiguous(),
             "response_mask": self.seqs.response_mask.contiguous(),
-            "behaviour_logprobs": self.behaviour_logprobs.contiguous(),
+            # the file's name for pi_k's log-probs since format 1 (batches on disk keep loading)
+            "behaviour_logprobs": self.pi_k_logprobs.contiguous(),
             "rewards": self.rewards.contiguous(),
             "advantages": self.advantages.contiguous(),
         }
@@ -431,7 +434,7 @@ class RolloutBatch:
             )
             return cls(
                 seqs=seqs,
-                behaviour_logprobs=t["behaviour_logprobs"],
+                pi_k_logprobs=t["behaviour_logprobs"],
                 rewards=t["rewards"],
                 advantages=t["advantages"],
                 group_size=meta["group_size"],
@@ -527,10 +530,10 @@ def sample_rollout(
     texts = decode_responses(tokenizer, responses)
     rewards = torch.tensor([task.reward(p, t) for p, t in zip(expanded, texts, strict=True)])
     seqs = pack(expanded_ids, responses, int(tokenizer.pad_token_id), int(tokenizer.eos_token_id))
-    behaviour = sequence_logprobs(model, seqs, batch_size=cfg.batch_size, bf16=bf16)
+    pi_k_logprobs = sequence_logprobs(model, seqs, batch_size=cfg.batch_size, bf16=bf16)
     return RolloutBatch(
         seqs=seqs,
-        behaviour_logprobs=behaviour,
+        pi_k_logprobs=pi_k_logprobs,
         rewards=rewards.float(),
         advantages=group_advantages(rewards, cfg.group_size),
         group_size=cfg.group_size,

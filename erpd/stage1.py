@@ -1,4 +1,4 @@
-"""Stage 1: many weakly constrained off-policy epochs on the fixed batch -> a teacher.
+"""Stage 1: many weakly constrained off-policy epochs on the fixed batch -> a teacher (pi_T).
 
 Orchestration only: the objective is looked up by name in erpd.losses.
 """
@@ -14,10 +14,9 @@ from erpd.config import Stage1Config
 from erpd.errors import ConfigError
 from erpd.losses import Normaliser, Stage1Inputs, stage1_loss
 from erpd.models import tokenizer_fingerprint
+from erpd.objective import AnchoredObjective
 from erpd.rollout import RolloutBatch, sequence_logprobs
-from erpd.trainer import (
-    Anchored,
-    LoopSettings,
+from erpd.stage import (
     StageEnv,
     StageResult,
     check_memory,
@@ -27,7 +26,7 @@ from erpd.trainer import (
 )
 
 
-class Stage1Objective(Anchored):
+class TeacherObjective(AnchoredObjective):
     """Binds a stage-1 objective to the fixed batch; pi_old re-anchors only with anchor=epoch."""
 
     def __init__(
@@ -36,7 +35,7 @@ class Stage1Objective(Anchored):
         cfg: Stage1Config,
         *,
         bf16: bool,
-        mse_ref_logprobs: Tensor | None = None,
+        pi_0_logprobs: Tensor | None = None,
     ) -> None:
         super().__init__(
             batch,
@@ -45,7 +44,7 @@ class Stage1Objective(Anchored):
             forward_batch_size=cfg.forward_batch_size,
             pass_tokens=cfg.micro_batch_tokens,
         )
-        self.cfg, self.mse_ref = cfg, mse_ref_logprobs
+        self.cfg, self.pi_0 = cfg, pi_0_logprobs
         self.ratio_bounds = (cfg.eps_low, cfg.eps_high)
 
     def loss(
@@ -55,14 +54,12 @@ class Stage1Objective(Anchored):
         b = self.batch
         inputs = Stage1Inputs(
             logprobs=logprobs,
-            old_logprobs=self.rows(self.anchor, index, logprobs),
-            ref_logprobs=self.rows(b.behaviour_logprobs, index, logprobs),
+            pi_old_logprobs=self.rows(self.pi_old, index, logprobs),
+            pi_k_logprobs=self.rows(b.pi_k_logprobs, index, logprobs),
             mask=mask,
             advantages=b.advantages[index].to(device),
             rewards=b.rewards[index].to(device),
-            mse_ref_logprobs=None
-            if self.mse_ref is None
-            else self.rows(self.mse_ref, index, logprobs),
+            pi_0_logprobs=None if self.pi_0 is None else self.rows(self.pi_0, index, logprobs),
             norm=norm,
         )
         return stage1_loss(inputs, self.cfg)
@@ -70,44 +67,43 @@ class Stage1Objective(Anchored):
 
 def run_stage1(
     *,
-    base: str | Path,
+    pi_k: str | Path,
     batch: RolloutBatch,
     cfg: Stage1Config,
     env: StageEnv,
     run_dir: str | Path,
     run: str,
-    initial: str | Path | None = None,
+    pi_0: str | Path | None = None,
     resume: bool = True,
 ) -> StageResult:
-    """Train a teacher from pi_k (`base`) on `batch`; the checkpoint lands in run_dir/checkpoint."""
+    """Train a teacher from pi_k on `batch`; the checkpoint lands in run_dir/checkpoint."""
     run_dir = Path(run_dir)
-    check_memory(base, batch, cfg, env)
-    model, ref_model, tokenizer = load_stage_models(base, env.device)
-    batch.check_model(model.config.vocab_size, str(base), tokenizer_fingerprint(tokenizer))
-    mse_ref = None
+    check_memory(pi_k, batch, cfg, env)
+    policy, frozen_pi_k, tokenizer = load_stage_models(pi_k, env.device)
+    batch.check_model(policy.config.vocab_size, str(pi_k), tokenizer_fingerprint(tokenizer))
+    pi_0_logprobs = None
     if cfg.objective == "mse" and cfg.mse_reference == "initial":
-        if initial is None:
+        if pi_0 is None:
             raise ConfigError("stage1.mse_reference", "'initial' needs pi_0: pass --initial")
-        pi0 = load_frozen(initial, env.device)
-        mse_ref = sequence_logprobs(
-            pi0,
+        model = load_frozen(pi_0, env.device)
+        pi_0_logprobs = sequence_logprobs(
+            model,
             batch.seqs,
             bf16=env.bf16,
             batch_size=cfg.forward_batch_size,
             max_tokens=cfg.micro_batch_tokens,
         )
-        del pi0
-    objective = Stage1Objective(batch, cfg, bf16=env.bf16, mse_ref_logprobs=mse_ref)
+        del model
+    objective = TeacherObjective(batch, cfg, bf16=env.bf16, pi_0_logprobs=pi_0_logprobs)
     return train_stage(
         stage="stage1",
-        models=(model, ref_model, tokenizer),
+        models=(policy, frozen_pi_k, tokenizer),
         batch=batch,
         objective=objective,
-        settings=LoopSettings.of(
-            run, cfg, bf16=env.bf16, gradient_checkpointing=env.gradient_checkpointing
-        ),
+        cfg=cfg,
         env=env,
         run_dir=run_dir,
+        run=run,
         resume=resume,
-        manifest={"config": cfg.model_dump(), "base": parent_record(base), "teachers": []},
+        manifest={"config": cfg.model_dump(), "base": parent_record(pi_k), "teachers": []},
     )

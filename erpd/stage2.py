@@ -29,10 +29,9 @@ from erpd.losses import (
     teacher_signal,
 )
 from erpd.models import tokenizer_fingerprint
+from erpd.objective import AnchoredObjective
 from erpd.rollout import RolloutBatch, sequence_logprobs
-from erpd.trainer import (
-    Anchored,
-    LoopSettings,
+from erpd.stage import (
     StageEnv,
     StageResult,
     check_memory,
@@ -55,9 +54,9 @@ def build_signal(
     batch: RolloutBatch,
     cfg: Stage2Config,
     teacher_logprobs: Sequence[Tensor],
-    initial_logprobs: Tensor | None = None,
+    pi_0_logprobs: Tensor | None = None,
 ) -> Signal:
-    """Combine per-teacher signals, then keep only the extreme region (METHOD.md, stage 2)."""
+    """Combine per-teacher signals, then keep only the extreme region (docs/method.md)."""
     mask = batch.seqs.response_mask
     if cfg.signal == "advantage":
         # the no-teacher control: no delta exists to rank tokens by, so every token is kept
@@ -66,10 +65,11 @@ def build_signal(
     else:
         if not teacher_logprobs:
             raise ValueError(f"stage2.signal {cfg.signal!r} needs at least one teacher")
-        base = batch.behaviour_logprobs
-        if cfg.signal == "contrast":
-            base = initial_logprobs if initial_logprobs is not None else batch.behaviour_logprobs
-        deltas = [(t - base) * mask for t in teacher_logprobs]
+        # delta_t = log pi_T - log pi_k; `contrast` takes it against pi_0 instead
+        baseline = batch.pi_k_logprobs
+        if cfg.signal == "contrast" and pi_0_logprobs is not None:
+            baseline = pi_0_logprobs
+        deltas = [(t - baseline) * mask for t in teacher_logprobs]
         per_teacher = [
             teacher_signal(cfg.signal, d, batch.advantages, mask, gate_c=cfg.gate_c) for d in deltas
         ]
@@ -87,7 +87,7 @@ def build_signal(
     return Signal(values, selected, stats)
 
 
-class Stage2Objective(Anchored):
+class DistillObjective(AnchoredObjective):
     """Trust-region distillation on the fixed batch; pi_old is re-anchored every epoch."""
 
     def __init__(self, batch: RolloutBatch, cfg: Stage2Config, signal: Signal, *, bf16: bool):
@@ -106,8 +106,8 @@ class Stage2Objective(Anchored):
     ) -> tuple[Tensor, dict[str, float]]:
         inputs = Stage2Inputs(
             logprobs=logprobs,
-            old_logprobs=self.rows(self.anchor, index, logprobs),
-            ref_logprobs=self.rows(self.batch.behaviour_logprobs, index, logprobs),
+            pi_old_logprobs=self.rows(self.pi_old, index, logprobs),
+            pi_k_logprobs=self.rows(self.batch.pi_k_logprobs, index, logprobs),
             signal=self.rows(self.signal.values, index, logprobs),
             mask=mask,
             norm=norm,
@@ -149,59 +149,58 @@ def teacher_logprobs(
 
 def run_stage2(
     *,
-    base: str | Path,
+    pi_k: str | Path,
     teachers: Sequence[str | Path],
     batch: RolloutBatch,
     cfg: Stage2Config,
     env: StageEnv,
     run_dir: str | Path,
     run: str,
-    initial: str | Path | None = None,
+    pi_0: str | Path | None = None,
     pinned: Sequence[str | None] | None = None,
     resume: bool = True,
 ) -> StageResult:
-    """Distil `teachers` into pi_k (`base`); the student lands in run_dir/checkpoint."""
+    """Distil `teachers` into pi_k; the student (pi_{k+1}) lands in run_dir/checkpoint."""
     run_dir = Path(run_dir)
     if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
         raise ValueError("stage2.teacher_weights must have one weight per teacher")
-    check_memory(base, batch, cfg, env)
-    model, ref_model, tokenizer = load_stage_models(base, env.device)
-    batch.check_model(model.config.vocab_size, str(base), tokenizer_fingerprint(tokenizer))
+    check_memory(pi_k, batch, cfg, env)
+    policy, frozen_pi_k, tokenizer = load_stage_models(pi_k, env.device)
+    batch.check_model(policy.config.vocab_size, str(pi_k), tokenizer_fingerprint(tokenizer))
     teacher_lp: list[Tensor] = []
     if cfg.signal != "advantage":
         teacher_lp = teacher_logprobs(
             teachers,
             batch,
             env,
-            vocab_size=model.config.vocab_size,
+            vocab_size=policy.config.vocab_size,
             pinned=pinned,
             batch_size=cfg.forward_batch_size,
             max_tokens=cfg.micro_batch_tokens,
         )
-    initial_lp = None
+    pi_0_lp = None
     if cfg.signal == "contrast":
-        if initial is None:
+        if pi_0 is None:
             raise ConfigError("stage2.signal", "'contrast' needs pi_0: pass --initial")
-        initial_lp = sequence_logprobs(
-            load_frozen(initial, env.device),
+        pi_0_lp = sequence_logprobs(
+            load_frozen(pi_0, env.device),
             batch.seqs,
             bf16=env.bf16,
             batch_size=cfg.forward_batch_size,
             max_tokens=cfg.micro_batch_tokens,
         )
-    signal = build_signal(batch, cfg, teacher_lp, initial_lp)
-    objective = Stage2Objective(batch, cfg, signal, bf16=env.bf16)
+    signal = build_signal(batch, cfg, teacher_lp, pi_0_lp)
+    objective = DistillObjective(batch, cfg, signal, bf16=env.bf16)
     lineage = [parent_record(t) for t in teachers] if cfg.signal != "advantage" else []
     return train_stage(
         stage="stage2",
-        models=(model, ref_model, tokenizer),
+        models=(policy, frozen_pi_k, tokenizer),
         batch=batch,
         objective=objective,
-        settings=LoopSettings.of(
-            run, cfg, bf16=env.bf16, gradient_checkpointing=env.gradient_checkpointing
-        ),
+        cfg=cfg,
         env=env,
         run_dir=run_dir,
+        run=run,
         resume=resume,
-        manifest={"config": cfg.model_dump(), "base": parent_record(base), "teachers": lineage},
+        manifest={"config": cfg.model_dump(), "base": parent_record(pi_k), "teachers": lineage},
     )

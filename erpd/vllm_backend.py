@@ -1,7 +1,7 @@
 """Responses from vLLM (`sample.backend: vllm`): the optional fast sampler on a GPU machine.
 
 Only the sampled token ids are taken from vLLM. Its log-probs come from another kernel and
-numerics than the trainer's, so the batch's behaviour log-probs are recomputed by the
+numerics than the trainer's, so the batch's pi_k log-probs are recomputed by the
 trainer's own forward pass, as for every backend: stage 1's first ratio is exactly 1.
 
 vLLM is never needed by the tests or on a CPU; `pip install 'erpd-hub[vllm]'` adds it to a GPU

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from erpd.errors import ConfigError
-from erpd.launch import METRICS, PROGRESS, RESULT, SPEC, STOP, LaunchSpec
-from erpd.trainer import StageResult
+from erpd.launch import METRICS, PROGRESS, RESULT, SPEC, STOP
+from erpd.spec import StageSpec
+from erpd.stage import StageResult
 from worker.sinks import DbSink
 
 log = logging.getLogger("erpd.worker")
@@ -84,8 +85,8 @@ def check_gpus(gpus: int, owned: int) -> None:
         )
 
 
-def run_sharded(spec: LaunchSpec, *, gpus: int, sink: DbSink) -> StageResult | None:
-    """Run the stage on `gpus` ranks; its result, or None if it stopped on a cancel."""
+def run_sharded(spec: StageSpec, *, gpus: int, sink: DbSink) -> StageResult:
+    """Run the stage on `gpus` ranks; its result (`stopped` when a cancel stopped it)."""
     directory = Path(spec.run_dir) / RELAY
     shutil.rmtree(directory, ignore_errors=True)  # an earlier attempt's files are not this one's
     directory.mkdir(parents=True)
@@ -122,14 +123,13 @@ def run_sharded(spec: LaunchSpec, *, gpus: int, sink: DbSink) -> StageResult | N
     if proc.returncode == 0 and (directory / RESULT).is_file():
         body = json.loads((directory / RESULT).read_text())
         checkpoint = body["checkpoint"]
-        result = StageResult(
+        return StageResult(
             **{
                 **body,
                 "run_dir": Path(body["run_dir"]),
                 "checkpoint": checkpoint and Path(checkpoint),
             }
         )
-        return None if result.status == "stopped" else result
     errors = relay.errors()
     if len(errors) == gpus:  # every rank raised: the stage failed, not the machine
         raise StageError(errors[0]["error"])

@@ -1,6 +1,7 @@
 """Execute one claimed run: build the erpd environment from the stored config and registries,
-run the stage (resuming from its own checkpoints after a lost worker), register the checkpoint,
-complete the run, and publish the runs that were waiting for it.
+prepare the stage's inputs (pi_0, pi_k, the fixed batch), run it through erpd's `StageSpec`
+(resuming from its own checkpoints after a lost worker), register the checkpoint and complete
+the run; the task then publishes the runs that were waiting for it.
 
 Directories are built from ids only: `<artifacts>/runs/<run id>/` for a run's batch, stage
 checkpoints and resume points; `<home>/models/tiny-<hash>/` for a pretrained built-in base.
@@ -31,11 +32,9 @@ from erpd.config import (
     TaskSpec,
     TinyModelConfig,
 )
-from erpd.launch import LaunchSpec, run_spec
-from erpd.pipeline import completed, make_env, sample_batch
-from erpd.pretrain import pretrain_base
 from erpd.rollout import RolloutBatch
-from erpd.trainer import StageEnv, StageResult
+from erpd.spec import StageSpec, fixed_batch, tiny_base
+from erpd.stage import SampleResult, StageEnv, StageResult
 from server.db import CheckpointRole, Dataset, Model, RegistryKind, Run, RunKind
 from server.services import complete_run, register_checkpoint
 from server.services.outbox import Publisher
@@ -64,7 +63,7 @@ class Inputs:
     batch_dir: Path | None
     teachers: list[tuple[Path, str | None]]
     # a later round's pi_k: the previous student's checkpoint and its pinned sha256
-    base: tuple[Path, str | None] | None = None
+    pi_k: tuple[Path, str | None] | None = None
 
 
 def run_dir(settings: Settings, run_id: uuid.UUID) -> Path:
@@ -101,8 +100,8 @@ def pipeline_config(inputs: Inputs, settings: Settings) -> PipelineConfig:
     )
 
 
-def base_model(inputs: Inputs, pcfg: PipelineConfig, env: StageEnv, settings: Settings) -> Path:
-    """pi_k: a registered directory, or the built-in tiny model pretrained once per shape and
+def initial_policy(inputs: Inputs, pcfg: PipelineConfig, env: StageEnv, settings: Settings) -> Path:
+    """pi_0: a registered directory, or the built-in tiny model pretrained once per shape and
     base config and cached (a file lock keeps two workers from training it twice)."""
     if inputs.model.kind is not RegistryKind.BUILTIN:
         return Path(inputs.model.location)
@@ -118,36 +117,19 @@ def base_model(inputs: Inputs, pcfg: PipelineConfig, env: StageEnv, settings: Se
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / f".tiny-{digest}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        done = completed(out)
-        if done is None:
-            # its points would share the run's step axis with the stage's: keep them out
-            quiet = dataclasses.replace(env, sink=M.NullSink())
-            done = pretrain_base(
-                shape=pcfg.model.tiny, cfg=base_cfg, env=quiet, out_dir=out, seed=pcfg.runtime.seed
-            )
-    assert done.checkpoint is not None
-    return done.checkpoint
+        # its points would share the run's step axis with the stage's: keep them out
+        quiet = dataclasses.replace(env, sink=M.NullSink())
+        return tiny_base(pcfg.model.tiny, base_cfg, quiet, out, pcfg.runtime.seed)
 
 
-def current_policy(inputs: Inputs, initial: Path) -> Path:
-    """pi_k: the registered (or built-in) model in round 0, the previous round's student after;
-    a student whose files no longer match the sha256 pinned when it succeeded fails the run."""
-    if inputs.base is None:
-        return initial
-    path, pinned = inputs.base
+def current_policy(inputs: Inputs, pi_0: Path) -> Path:
+    """pi_k: pi_0 in round 0, the previous round's student after; a student whose files no
+    longer match the sha256 pinned when it succeeded fails the run."""
+    if inputs.pi_k is None:
+        return pi_0
+    path, pinned = inputs.pi_k
     verify_checkpoint(path, pinned)
     return path
-
-
-def fixed_batch(
-    inputs: Inputs, base: Path, pcfg: PipelineConfig, env: StageEnv, own: Path
-) -> RolloutBatch:
-    """The batch run's saved batch; a stage without one samples (and keeps) its own."""
-    if inputs.batch_dir is not None:
-        return RolloutBatch.load(inputs.batch_dir)
-    if (own / "rollout.json").is_file():
-        return RolloutBatch.load(own)
-    return sample_batch(base, own, pcfg, env, inputs.run.round)
 
 
 def clean_partial(directory: Path) -> int:
@@ -163,43 +145,53 @@ def clean_partial(directory: Path) -> int:
     return removed
 
 
-def execute(store: Store, inputs: Inputs, sink: DbSink) -> StageResult | dict[str, float] | None:
-    """Run the stage; returns its result (a summary for a sample run), or None if it stopped."""
+RunOutcome = SampleResult | StageResult
+"""What a run leaves to record: either kind has a summary, and a stage's a checkpoint."""
+
+
+def execute(store: Store, inputs: Inputs, sink: DbSink) -> RunOutcome:
+    """Run the sample or the stage (`stopped` when a cancel stopped it)."""
     run, settings = inputs.run, store.settings
-    if clean_partial(run_dir(settings, run.id)):
+    here = run_dir(settings, run.id)
+    if clean_partial(here):
         log.info("run %s: removed partial files of an earlier attempt", run.id)
     pcfg = pipeline_config(inputs, settings)
     if run.kind is not RunKind.SAMPLE:  # before anything is loaded or sampled
         check_gpus(pcfg.runtime.gpus, settings.worker_gpus)
-    env = make_env(pcfg, sink, sink.progress)
+    env = StageEnv.of(pcfg, sink, sink.progress)
     env.should_stop = sink.should_stop
-    initial = base_model(inputs, pcfg, env, settings)
-    base = current_policy(inputs, initial)
-    here = run_dir(settings, run.id)
-    batch = fixed_batch(inputs, base, pcfg, env, here / "batch")
+    pi_0 = initial_policy(inputs, pcfg, env, settings)
+    pi_k = current_policy(inputs, pi_0)
+    # the batch run's saved batch; a stage without one samples (and keeps) its own
     batch_dir = inputs.batch_dir or here / "batch"
+    if inputs.batch_dir is not None:
+        batch = RolloutBatch.load(inputs.batch_dir)
+    else:
+        batch = fixed_batch(pi_k, batch_dir, pcfg, env, run.round)
     if run.kind is RunKind.SAMPLE:
         reward = float(batch.rewards.mean().item())
         sink.log(run.name, 0, {M.REWARD_MEAN: reward})
-        return {M.REWARD_MEAN: reward}
-    spec = launch_spec(inputs, pcfg, base=base, initial=initial, batch=batch_dir, here=here)
+        return SampleResult(run.name, batch_dir, {M.REWARD_MEAN: reward})
+    spec = stage_spec(inputs, pcfg, pi_k=pi_k, pi_0=pi_0, batch=batch_dir, here=here)
+    done = StageResult.finished(here)
+    if done is not None:
+        return done
     if pcfg.runtime.gpus > 1:
-        return completed(here) or run_sharded(spec, gpus=pcfg.runtime.gpus, sink=sink)
-    result = completed(here) or run_spec(spec, env, batch)
-    return None if result.status == "stopped" or result.checkpoint is None else result
+        return run_sharded(spec, gpus=pcfg.runtime.gpus, sink=sink)
+    return spec.run_stage(env, batch)
 
 
-def launch_spec(
-    inputs: Inputs, pcfg: PipelineConfig, *, base: Path, initial: Path, batch: Path, here: Path
-) -> LaunchSpec:
-    """What every rank of a multi-GPU stage reads: paths built from ids, never from a request."""
+def stage_spec(
+    inputs: Inputs, pcfg: PipelineConfig, *, pi_k: Path, pi_0: Path, batch: Path, here: Path
+) -> StageSpec:
+    """The stage every rank runs: paths built from ids, never from a request."""
     run = inputs.run
-    return LaunchSpec(
+    return StageSpec(
         stage="stage1" if run.kind is RunKind.STAGE1 else "stage2",
         pipeline=pcfg.model_dump(mode="json"),
         config=run.config["stage"],
-        base=str(base),
-        initial=str(initial),
+        pi_k=str(pi_k),
+        pi_0=str(pi_0),
         batch=str(batch),
         run_dir=str(here),
         run=run.name,
@@ -208,15 +200,14 @@ def launch_spec(
     )
 
 
-def finish(store: Store, inputs: Inputs, outcome: StageResult | dict[str, float]) -> None:
-    """Register the checkpoint and complete the run in one transaction (the caller then
-    publishes the runs that waited for it)."""
+def finish(store: Store, inputs: Inputs, outcome: RunOutcome) -> None:
+    """Register the checkpoint (a stage's) and complete the run in one transaction (the caller
+    then publishes the runs that waited for it)."""
     run = inputs.run
-    summary = outcome if isinstance(outcome, dict) else outcome.summary
 
     def write() -> None:
         with store.writes.begin() as session:
-            if isinstance(outcome, StageResult) and outcome.checkpoint is not None:
+            if outcome.checkpoint is not None:
                 ckpt = outcome.checkpoint
                 manifest: dict[str, Any] = json.loads((ckpt / "manifest.json").read_text())
                 register_checkpoint(
@@ -226,7 +217,7 @@ def finish(store: Store, inputs: Inputs, outcome: StageResult | dict[str, float]
                     role=CheckpointRole.TEACHER
                     if run.kind is RunKind.STAGE1
                     else CheckpointRole.STUDENT,
-                    step=outcome.steps,
+                    step=outcome.steps or 0,
                     key=ckpt.relative_to(store.settings.artifacts).as_posix(),
                     size=sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
                     sha256=str(outcome.sha256),
@@ -236,10 +227,10 @@ def finish(store: Store, inputs: Inputs, outcome: StageResult | dict[str, float]
                 session,
                 run_id=run.id,
                 attempt=run.attempt,
-                summary=summary,
+                summary=outcome.summary,
                 actor=f"worker:{run.worker}",
-                steps=outcome.steps if isinstance(outcome, StageResult) else None,
-                total=outcome.total_steps if isinstance(outcome, StageResult) else None,
+                steps=outcome.steps,
+                total=outcome.total_steps,
             )
 
     retrying(write)

@@ -2,7 +2,7 @@
 
     OUT/reproduce.json   the config of the last invocation (marks OUT as a reproduction)
     OUT/results.json     every arm's per-seed values, means and spreads, curves, verdicts
-    OUT/report.md        tables, one figure per experiment, a verdict per METHOD.md claim
+    OUT/report.md        tables, one figure per experiment, a verdict per docs/method.md claim
     OUT/fig_*.png
     OUT/invocations.jsonl  wall time and runs trained per invocation (the total is the cost)
     OUT/runs/            every base, batch and stage run, reused by a later invocation
@@ -25,6 +25,7 @@ from typing import Any
 
 from erpd.config import TaskSpec
 from erpd.errors import ConfigError
+from erpd.files import write_json
 from erpd.progress import ProgressFactory, no_progress
 from erpd.reproduce.config import EXPERIMENTS, ReproduceConfig, preset
 from erpd.reproduce.verdicts import Verdict
@@ -50,7 +51,7 @@ def _claim(out: Path, cfg: ReproduceConfig) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ConfigError("--out", f"{out} is not empty and holds no erpd reproduction")
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / MARKER, cfg.model_dump(mode="json"))
+    write_json(out / MARKER, _finite(cfg.model_dump(mode="json")), indent=1, allow_nan=False)
 
 
 def _finite(value: Any) -> Any:
@@ -62,12 +63,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def _write(path: Path, body: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(body), indent=1, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def _record_invocation(out: Path, wall: float, trained: int) -> list[dict[str, Any]]:
@@ -132,7 +127,7 @@ def run_reproduce(
     lab.env(cfg.primary)  # validates tasks and device before anything is written
     _claim(out, cfg)
     results: dict[str, Any] = {}
-    for name in EXPERIMENTS:  # METHOD.md's order, whatever order the config lists them in
+    for name in EXPERIMENTS:  # docs/method.md's order, whatever order the config lists them in
         if name in cfg.experiments:
             log(f"experiment {name}")
             results[name] = RUNNERS[name](lab)
@@ -153,6 +148,6 @@ def run_reproduce(
     }
     results_path = out / "results.json"
     body = {"meta": meta, "config": cfg.model_dump(mode="json"), "verdicts": as_json(verdicts)}
-    _write(results_path, {**body, "experiments": results})
+    write_json(results_path, _finite({**body, "experiments": results}), indent=1, allow_nan=False)
     report = write_report(out, results, verdicts, meta)
     return ReproduceResult(report, results_path, verdicts, wall, lab.trained)

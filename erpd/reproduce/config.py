@@ -1,8 +1,8 @@
-"""What `erpd reproduce` runs: the experiments of METHOD.md at tiny scale, as one validated config.
+"""What `erpd reproduce` runs: the experiments of docs/method.md at tiny scale, in one config.
 
 Like erpd.config this imports only pydantic, so the service can offer the same template. The two
 presets differ in size only (seeds, sweep points, ablations); every knob can be overridden with
-`--set` or a YAML file, and the defaults are the calibrated ones of METHOD.md.
+`--set` or a YAML file, and the defaults are the calibrated ones of docs/method.md.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from erpd.config import (
     RuntimeConfig,
     SampleConfig,
     Stage1Config,
-    Stage1Objective,
+    Stage1ObjectiveName,
     Stage2Config,
-    Stage2Signal,
+    Stage2SignalName,
     TaskSpec,
     _Strict,
 )
@@ -51,7 +51,8 @@ def _default_tasks() -> dict[str, TaskSpec]:
 
 
 class ReproduceConfig(_Strict):
-    """The paper's experiments at tiny scale (METHOD.md, "What a correct implementation shows")."""
+    """The paper's experiments at tiny scale (docs/method.md, "What a correct implementation
+    shows")."""
 
     preset: Preset = Field("quick", description="Which preset these values started from.")
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -90,19 +91,19 @@ class ReproduceConfig(_Strict):
         description="Stage-1 aggressiveness: eval points of one long run per objective (a run "
         "of E epochs passes through every shorter one: constant lr, per-epoch seeded order).",
     )
-    sweep_objectives: list[Stage1Objective] = Field(["sapo", "grpo"], min_length=1)
+    sweep_objectives: list[Stage1ObjectiveName] = Field(["sapo", "grpo"], min_length=1)
     kl_coefs: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: [0.0, 0.1, 1.0],
         min_length=2,
         description="Stage-1 kl_coef sweep (sapo); the first is the reference (normally 0).",
     )
-    strong_objectives: list[Stage1Objective] = Field(
+    strong_objectives: list[Stage1ObjectiveName] = Field(
         ["sapo", "ce"],
         min_length=1,
         description="Strong teachers; the first is the one the controls and ablations use, "
         "the first two are combined in the two-teacher experiment.",
     )
-    other_task_objectives: list[Stage1Objective] | None = Field(
+    other_task_objectives: list[Stage1ObjectiveName] | None = Field(
         None,
         description="Strong teachers on the tasks after the first (None = strong_objectives). "
         "The quick preset trains only the first there, to fit its time budget.",
@@ -123,13 +124,15 @@ class ReproduceConfig(_Strict):
         description="Stage-2 variants of the student from the first strong teacher: name "
         "-> fields that differ from `student`.",
     )
-    weak_objective: Stage1Objective = Field(
+    weak_objective: Stage1ObjectiveName = Field(
         "mse", description="The weak teacher (mse against the unlearned pi_k by default)."
     )
-    weak_signals: list[Stage2Signal] = Field(["logratio", "sign", "gated_advantage"], min_length=1)
-    weak_primary: Stage2Signal = Field(
+    weak_signals: list[Stage2SignalName] = Field(
+        ["logratio", "sign", "gated_advantage"], min_length=1
+    )
+    weak_primary: Stage2SignalName = Field(
         "gated_advantage",
-        description="The signal construction METHOD.md names for weak teachers; the claim's "
+        description="The signal construction docs/method.md names for weak teachers; the claim's "
         "verdict uses it (the others are reported), decided before any result was seen.",
     )
     rounds: int = Field(3, ge=2, le=10, description="ERPD rounds vs repeated stage 1.")
@@ -169,7 +172,7 @@ class ReproduceConfig(_Strict):
     def primary(self) -> str:
         return next(iter(self.tasks))
 
-    def objectives(self, task: str) -> list[Stage1Objective]:
+    def objectives(self, task: str) -> list[Stage1ObjectiveName]:
         """The strong teachers trained on `task`."""
         if task == self.primary or self.other_task_objectives is None:
             return self.strong_objectives

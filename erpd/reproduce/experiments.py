@@ -1,4 +1,4 @@
-"""The six experiments of METHOD.md, each a function of the Lab returning plain JSON data.
+"""The six experiments of docs/method.md, each a function of the Lab returning plain JSON data.
 
 Every experiment runs once per fixed batch (seed) and reports, per arm, each seed's final values
 and their mean and spread; sweeps also report curves over epochs. Nothing here decides a verdict
@@ -83,13 +83,13 @@ def _per_seed(lab: Lab, fn: Callable[[int], dict[str, Outcome]]) -> dict[str, li
 def stage1_sweep(lab: Lab) -> Result:
     """Epochs on the fixed batch vs accuracy, entropy, KL and log-prob drift, per objective."""
     task = lab.cfg.primary
-    base = lab.base(task)
+    pi_0 = lab.pi_0(task)
 
     def one(seed: int) -> dict[str, Outcome]:
-        batch = lab.batch(task, seed, base)
+        batch = lab.batch(task, seed, pi_0)
         return {
             obj: lab.stage1(
-                task, seed, lab.sweep_config(obj), base=base, batch=batch, label=f"sweep-{obj}"
+                task, seed, lab.sweep_config(obj), pi_k=pi_0, batch=batch, label=f"sweep-{obj}"
             )
             for obj in lab.cfg.sweep_objectives
         }
@@ -106,16 +106,16 @@ def stage1_sweep(lab: Lab) -> Result:
 def kl_sweep(lab: Lab) -> Result:
     """sapo with a k3 penalty to pi_k: the accuracy ceiling and KL per coefficient."""
     task = lab.cfg.primary
-    base = lab.base(task)
+    pi_0 = lab.pi_0(task)
 
     def one(seed: int) -> dict[str, Outcome]:
-        batch = lab.batch(task, seed, base)
+        batch = lab.batch(task, seed, pi_0)
         return {
             f"kl_coef={coef:g}": lab.stage1(
                 task,
                 seed,
                 lab.sweep_config("sapo", kl_coef=coef),
-                base=base,
+                pi_k=pi_0,
                 batch=batch,
                 label=f"sweep-sapo-kl{coef:g}",
             )
@@ -146,18 +146,18 @@ def strong_teacher(lab: Lab) -> Result:
     first = c.strong_objectives[0]
     out: Result = {"first_teacher": first, "tasks": {}}
     for task in c.tasks:
-        base = lab.base(task)
+        pi_0 = lab.pi_0(task)
 
-        def one(seed: int, task: str = task, base: Any = base) -> dict[str, Outcome]:
-            batch = lab.batch(task, seed, base)
-            arms = {"base": lab.measure(task, seed, base, ref=base, batch=batch, label="base")}
+        def one(seed: int, task: str = task, pi_0: Any = pi_0) -> dict[str, Outcome]:
+            batch = lab.batch(task, seed, pi_0)
+            arms = {"base": lab.measure(task, seed, pi_0, pi_k=pi_0, batch=batch, label="base")}
             teachers = {}
             for obj in c.objectives(task):
                 t = lab.stage1(
                     task,
                     seed,
                     lab.teacher_config(obj),
-                    base=base,
+                    pi_k=pi_0,
                     batch=batch,
                     label=f"teacher-{obj}",
                 )
@@ -166,7 +166,7 @@ def strong_teacher(lab: Lab) -> Result:
                     task,
                     seed,
                     c.student,
-                    base=base,
+                    pi_k=pi_0,
                     batch=batch,
                     teachers=[t],
                     label=f"student-{obj}",
@@ -177,7 +177,7 @@ def strong_teacher(lab: Lab) -> Result:
                 update={"signal": "advantage", "epochs": c.control_max_epochs, "kl_budget": kl}
             )
             arms["control-advantage"] = lab.stage2(
-                task, seed, control, base=base, batch=batch, teachers=[], label="control-advantage"
+                task, seed, control, pi_k=pi_0, batch=batch, teachers=[], label="control-advantage"
             )
             early = lab.teacher_config(
                 first, kl_budget=kl, eval_at_epochs=None, eval_every_epochs=1
@@ -186,7 +186,7 @@ def strong_teacher(lab: Lab) -> Result:
                 task,
                 seed,
                 early,
-                base=base,
+                pi_k=pi_0,
                 batch=batch,
                 label="control-early-stop",
                 eval_start=False,
@@ -197,7 +197,7 @@ def strong_teacher(lab: Lab) -> Result:
                         task,
                         seed,
                         c.ablation(name),
-                        base=base,
+                        pi_k=pi_0,
                         batch=batch,
                         teachers=[teachers[first]],
                         label=f"ablation-{name.replace('=', '')}",
@@ -214,20 +214,20 @@ def weak_teacher(lab: Lab) -> Result:
     """An mse teacher against the unlearned pi_k, distilled with each signal construction."""
     c = lab.cfg
     task = c.primary
-    base = lab.base(task)
+    pi_0 = lab.pi_0(task)
 
     def one(seed: int) -> dict[str, Outcome]:
-        batch = lab.batch(task, seed, base)
+        batch = lab.batch(task, seed, pi_0)
         teacher = lab.stage1(
             task,
             seed,
             lab.teacher_config(c.weak_objective),
-            base=base,
+            pi_k=pi_0,
             batch=batch,
             label=f"teacher-{c.weak_objective}",
         )
         arms = {
-            "base": lab.measure(task, seed, base, ref=base, batch=batch, label="base"),
+            "base": lab.measure(task, seed, pi_0, pi_k=pi_0, batch=batch, label="base"),
             f"teacher-{c.weak_objective}": teacher,
         }
         for signal in c.weak_signals:
@@ -236,7 +236,7 @@ def weak_teacher(lab: Lab) -> Result:
                 task,
                 seed,
                 cfg,
-                base=base,
+                pi_k=pi_0,
                 batch=batch,
                 teachers=[teacher],
                 label=f"weak-student-{signal}",
@@ -257,20 +257,20 @@ def two_teachers(lab: Lab) -> Result:
     """The first two strong teachers' signals combined (w = 1/2 each) vs each alone."""
     c = lab.cfg
     task = c.primary
-    base = lab.base(task)
+    pi_0 = lab.pi_0(task)
     pair = c.strong_objectives[:2]
 
     def one(seed: int) -> dict[str, Outcome]:
-        batch = lab.batch(task, seed, base)
+        batch = lab.batch(task, seed, pi_0)
         teachers = [
             lab.stage1(
-                task, seed, lab.teacher_config(o), base=base, batch=batch, label=f"teacher-{o}"
+                task, seed, lab.teacher_config(o), pi_k=pi_0, batch=batch, label=f"teacher-{o}"
             )
             for o in pair
         ]
         arms = {
             f"student-{o}": lab.stage2(
-                task, seed, c.student, base=base, batch=batch, teachers=[t], label=f"student-{o}"
+                task, seed, c.student, pi_k=pi_0, batch=batch, teachers=[t], label=f"student-{o}"
             )
             for o, t in zip(pair, teachers, strict=True)
         }
@@ -278,7 +278,7 @@ def two_teachers(lab: Lab) -> Result:
             task,
             seed,
             c.student,
-            base=base,
+            pi_k=pi_0,
             batch=batch,
             teachers=teachers,
             label="student-" + "-".join(pair),
@@ -297,86 +297,16 @@ def rounds(lab: Lab) -> Result:
     pi_0 and entropy on the seed's round-0 batch (the cumulative cost of all rounds).
     """
     c = lab.cfg
-    task = c.primary
-    base = lab.base(task)
-    first = c.strong_objectives[0]
-    teacher_cfg = lab.teacher_config(first)
-    batches_per_round = c.sample.num_prompts // c.onpolicy_prompts
-    onpolicy_cfg = teacher_cfg.model_copy(
-        update={
-            "objective": "grpo",
-            "epochs": 1,
-            "minibatch_size": c.onpolicy_prompts * c.sample.group_size,
-            "eval_at_epochs": None,
-        }
-    )
     series: dict[str, list[list[Outcome]]] = defaultdict(list)  # arm -> seed -> rounds
     own_kl: dict[str, list[list[float]]] = defaultdict(list)  # KL to each round's own pi_k
     for seed in lab.seeds:
-        batch0 = lab.batch(task, seed, base)
-
-        def measure(outcome: Outcome, name: str, seed: int = seed, batch0: Any = batch0) -> Outcome:
-            policy = Path(str(outcome.checkpoint))
-            return lab.measure(task, seed, policy, ref=base, batch=batch0, label=name)
-
-        def teacher_on(pi_k: Path, r: int, seed: int = seed) -> tuple[Outcome, Any]:
-            batch = lab.batch(task, seed, pi_k, round_index=r)
-            label = f"teacher-{first}"
-            if r == 0:  # the strong-teacher experiment's teacher, with its curve
-                return lab.stage1(
-                    task, seed, teacher_cfg, base=pi_k, batch=batch, label=label
-                ), batch
-            # later rounds are measured by `measure`: the teacher's own evals would be wasted
-            final_only = teacher_cfg.model_copy(update={"eval_at_epochs": [teacher_cfg.epochs]})
-            teacher = lab.stage1(
-                task, seed, final_only, base=pi_k, batch=batch, label=label, eval_start=False
-            )
-            return teacher, batch
-
-        current = repeated = policy = base
-        arms: dict[str, list[Outcome]] = defaultdict(list)
-        kls: dict[str, list[float]] = defaultdict(list)
-        for r in range(c.rounds):
-            # round 0 of both arms is the strong-teacher experiment's teacher and student
-            teacher, batch = teacher_on(current, r)
-            student = lab.stage2(
-                task,
-                seed,
-                c.student,
-                base=current,
-                batch=batch,
-                teachers=[teacher],
-                label=f"student-{first}",
-            )
-            arms["erpd"].append(measure(student, f"erpd-round{r + 1}"))
-            kls["erpd"].append(student.get(M.KL_EXACT_BATCH))
-            current = Path(str(student.checkpoint))
-
-            teacher, _ = teacher_on(repeated, r)
-            arms["stage1_repeated"].append(measure(teacher, f"stage1-round{r + 1}"))
-            kls["stage1_repeated"].append(teacher.get(M.KL_EXACT_BATCH))
-            repeated = Path(str(teacher.checkpoint))
-
-            for j in range(r * batches_per_round, (r + 1) * batches_per_round):
-                fresh = lab.batch(task, seed, policy, round_index=j, num_prompts=c.onpolicy_prompts)
-                step = lab.stage1(
-                    task,
-                    seed,
-                    onpolicy_cfg,
-                    base=policy,
-                    batch=fresh,
-                    label=f"onpolicy-{j}",
-                    evaluate=False,
-                )
-                policy = Path(str(step.checkpoint))
-            arms["onpolicy_grpo"].append(measure(step, f"onpolicy-round{r + 1}"))
+        arms, kls = _rounds_of_seed(lab, seed)
         for name, outcomes in arms.items():
             series[name].append(outcomes)
             if name in kls:
                 own_kl[name].append(kls[name])
-
     out: Result = {
-        "task": task,
+        "task": c.primary,
         "rounds": c.rounds,
         "samples_per_round": c.sample.num_prompts * c.sample.group_size,
         "arms": {},
@@ -391,6 +321,71 @@ def rounds(lab: Lab) -> Result:
             for r in range(c.rounds)
         ]
     return out
+
+
+def _rounds_of_seed(lab: Lab, seed: int) -> tuple[dict[str, list[Outcome]], dict[str, list[float]]]:
+    """One seed's three arms, round by round: each arm's measured policy after every round,
+    and the KL each ERPD student and repeated teacher spent against its own round's pi_k."""
+    c = lab.cfg
+    task = c.primary
+    pi_0 = lab.pi_0(task)
+    first = c.strong_objectives[0]
+    teacher_cfg = lab.teacher_config(first)
+    batches_per_round = c.sample.num_prompts // c.onpolicy_prompts
+    onpolicy_cfg = teacher_cfg.model_copy(
+        update={
+            "objective": "grpo",
+            "epochs": 1,
+            "minibatch_size": c.onpolicy_prompts * c.sample.group_size,
+            "eval_at_epochs": None,
+        }
+    )
+    batch0 = lab.batch(task, seed, pi_0)
+
+    def measure(outcome: Outcome, name: str) -> Outcome:
+        policy = Path(str(outcome.checkpoint))
+        return lab.measure(task, seed, policy, pi_k=pi_0, batch=batch0, label=name)
+
+    def teacher_on(pi_k: Path, r: int) -> tuple[Outcome, Any]:
+        batch = lab.batch(task, seed, pi_k, round_index=r)
+        label = f"teacher-{first}"
+        if r == 0:  # the strong-teacher experiment's teacher, with its curve
+            return lab.stage1(task, seed, teacher_cfg, pi_k=pi_k, batch=batch, label=label), batch
+        # later rounds are measured by `measure`: the teacher's own evals would be wasted
+        final_only = teacher_cfg.model_copy(update={"eval_at_epochs": [teacher_cfg.epochs]})
+        teacher = lab.stage1(
+            task, seed, final_only, pi_k=pi_k, batch=batch, label=label, eval_start=False
+        )
+        return teacher, batch
+
+    current = repeated = policy = pi_0
+    arms: dict[str, list[Outcome]] = defaultdict(list)
+    kls: dict[str, list[float]] = defaultdict(list)
+    for r in range(c.rounds):
+        # round 0 of both arms is the strong-teacher experiment's teacher and student
+        teacher, batch = teacher_on(current, r)
+        label = f"student-{first}"
+        student = lab.stage2(
+            task, seed, c.student, pi_k=current, batch=batch, teachers=[teacher], label=label
+        )
+        arms["erpd"].append(measure(student, f"erpd-round{r + 1}"))
+        kls["erpd"].append(student.get(M.KL_EXACT_BATCH))
+        current = Path(str(student.checkpoint))
+
+        teacher, _ = teacher_on(repeated, r)
+        arms["stage1_repeated"].append(measure(teacher, f"stage1-round{r + 1}"))
+        kls["stage1_repeated"].append(teacher.get(M.KL_EXACT_BATCH))
+        repeated = Path(str(teacher.checkpoint))
+
+        for j in range(r * batches_per_round, (r + 1) * batches_per_round):
+            fresh = lab.batch(task, seed, policy, round_index=j, num_prompts=c.onpolicy_prompts)
+            label = f"onpolicy-{j}"
+            step = lab.stage1(
+                task, seed, onpolicy_cfg, pi_k=policy, batch=fresh, label=label, evaluate=False
+            )
+            policy = Path(str(step.checkpoint))
+        arms["onpolicy_grpo"].append(measure(step, f"onpolicy-round{r + 1}"))
+    return arms, kls
 
 
 RUNNERS: dict[str, Callable[[Lab], Result]] = {

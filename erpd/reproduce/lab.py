@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +26,14 @@ from erpd import metrics as M
 from erpd.checkpoint import read_manifest
 from erpd.config import PipelineConfig, Stage1Config, Stage2Config
 from erpd.errors import CheckpointError, StopRequestedError
-from erpd.pipeline import completed, make_env, sample_batch
+from erpd.files import write_json
 from erpd.progress import ProgressFactory, no_progress
 from erpd.reproduce.config import ReproduceConfig
 from erpd.rollout import RolloutBatch
-from erpd.trainer import StageEnv, StageResult
+from erpd.spec import fixed_batch, tiny_base
+from erpd.stage import StageEnv, StageResult
+from erpd.stage1 import run_stage1
+from erpd.stage2 import run_stage2
 
 Log = Callable[[str], None]
 
@@ -63,13 +65,6 @@ def identity(policy: Path) -> str:
         return str(read_manifest(policy)["sha256"])
     except CheckpointError:
         return str(policy.resolve())
-
-
-def _write_json(path: Path, body: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=2))
-    os.replace(tmp, path)
 
 
 class Lab:
@@ -121,7 +116,7 @@ class Lab:
 
     def env(self, task: str) -> StageEnv:
         if task not in self._envs:
-            env = make_env(self.pipeline_config(task), M.NullSink(), self.progress)
+            env = StageEnv.of(self.pipeline_config(task), progress=self.progress)
             env.should_stop = self.should_stop
             self._envs[task] = env
         return self._envs[task]
@@ -135,13 +130,11 @@ class Lab:
         return dataclasses.replace(env, sink=sink, evaluate=evaluate, eval_start=eval_start)
 
     # --- policies and batches ---------------------------------------------------------------
-    def base(self, task: str) -> Path:
+    def pi_0(self, task: str) -> Path:
         """pi_0 of a task: the given model directory, or the tiny base pretrained on the task."""
         if self.cfg.model.path is not None:
             return Path(self.cfg.model.path)
         if task not in self._bases:
-            from erpd.pretrain import pretrain_base
-
             c = self.cfg
             spec = {
                 "task": c.tasks[task],
@@ -150,22 +143,18 @@ class Lab:
                 "seed": c.runtime.seed,
             }
             run_dir = self.runs / task / f"base-{digest({k: _dump(v) for k, v in spec.items()})}"
-            res = completed(run_dir)
-            if res is None:
+            done = StageResult.finished(run_dir)
+            if done is not None and done.checkpoint is not None:
+                self._bases[task] = done.checkpoint
+            else:
                 self.log(f"{task}: pretraining the tiny base")
                 env = self._run_env(task, run_dir)
                 try:
-                    res = pretrain_base(
-                        shape=c.model.tiny,
-                        cfg=c.base,
-                        env=env,
-                        out_dir=run_dir,
-                        seed=c.runtime.seed,
+                    self._bases[task] = tiny_base(
+                        c.model.tiny, c.base, env, run_dir, c.runtime.seed
                     )
                 finally:
                     env.sink.close()
-            assert res.checkpoint is not None
-            self._bases[task] = res.checkpoint
         return self._bases[task]
 
     def batch(
@@ -185,11 +174,8 @@ class Lab:
         key = digest({"policy": identity(policy), "sample": _dump(sample), "round": round_index})
         path = self.runs / task / f"seed-{seed}" / f"batch-{key}"
         if path not in self._batches:
-            if (path / "rollout.json").is_file():
-                self._batches[path] = RolloutBatch.load(path)
-            else:
-                cfg = self.pipeline_config(task).model_copy(update={"sample": sample})
-                self._batches[path] = sample_batch(policy, path, cfg, self.env(task), round_index)
+            cfg = self.pipeline_config(task).model_copy(update={"sample": sample})
+            self._batches[path] = fixed_batch(policy, path, cfg, self.env(task), round_index)
         return self._batches[path]
 
     # --- runs -------------------------------------------------------------------------------
@@ -199,7 +185,7 @@ class Lab:
         seed: int,
         cfg: Stage1Config,
         *,
-        base: Path,
+        pi_k: Path,
         batch: RolloutBatch,
         label: str,
         evaluate: bool = True,
@@ -207,23 +193,21 @@ class Lab:
     ) -> Outcome:
         """A stage-1 run. evaluate=False: no held-out evals (the caller measures the result);
         eval_start=False: no eval of pi_k at step 0 (curves then start at the first epoch)."""
-        from erpd.stage1 import run_stage1
-
         cfg = cfg.model_copy(update={"seed": seed})
         evals = {"evaluate": evaluate, "eval_start": eval_start}
 
         def train(env: StageEnv, run_dir: Path) -> StageResult:
             return run_stage1(
-                base=base,
+                pi_k=pi_k,
                 batch=batch,
                 cfg=cfg,
                 env=env,
                 run_dir=run_dir,
                 run=label,
-                initial=self.base(task),
+                pi_0=self.pi_0(task),
             )
 
-        key = {"cfg": _dump(cfg), "base": identity(base), "batch": batch.fingerprint(), **evals}
+        key = {"cfg": _dump(cfg), "base": identity(pi_k), "batch": batch.fingerprint(), **evals}
         stem = f"stage1-{cfg.objective}"
         res = self._cached(task, seed, stem, key, label, train, **evals)
         return self._outcome(label, res, batch, cfg.minibatch_size)
@@ -234,19 +218,17 @@ class Lab:
         seed: int,
         cfg: Stage2Config,
         *,
-        base: Path,
+        pi_k: Path,
         batch: RolloutBatch,
         teachers: Sequence[Outcome],
         label: str,
     ) -> Outcome:
-        from erpd.stage2 import run_stage2
-
         cfg = cfg.model_copy(update={"seed": seed})
         pinned = [t.sha256 for t in teachers]
 
         def train(env: StageEnv, run_dir: Path) -> StageResult:
             return run_stage2(
-                base=base,
+                pi_k=pi_k,
                 teachers=[t.checkpoint for t in teachers if t.checkpoint],
                 pinned=pinned,
                 batch=batch,
@@ -254,12 +236,12 @@ class Lab:
                 env=env,
                 run_dir=run_dir,
                 run=label,
-                initial=self.base(task),
+                pi_0=self.pi_0(task),
             )
 
         key: dict[str, Any] = {
             "cfg": _dump(cfg),
-            "base": identity(base),
+            "base": identity(pi_k),
             "batch": batch.fingerprint(),
         }
         stem = f"stage2-{cfg.signal}"
@@ -282,7 +264,7 @@ class Lab:
         # named by what the run is, never by which experiment asked first: a run two
         # experiments need (the sapo sweep is also the teacher and kl_coef=0) trains once
         run_dir = self.runs / task / f"seed-{seed}" / f"{stem}-{digest({'stem': stem, **key})}"
-        res = completed(run_dir)
+        res = StageResult.finished(run_dir)
         if res is None:
             self.log(f"{task} seed {seed}: {label}")
             env = self._run_env(task, run_dir, **evals)
@@ -294,12 +276,12 @@ class Lab:
         return res
 
     def measure(
-        self, task: str, seed: int, policy: Path, *, ref: Path, batch: RolloutBatch, label: str
+        self, task: str, seed: int, policy: Path, *, pi_k: Path, batch: RolloutBatch, label: str
     ) -> Outcome:
         """Evaluate a policy without training: held-out accuracy, and KL/entropy/drift against
-        `ref` on `batch` (evaluated with the eval seed of the seed's stage runs)."""
+        pi_k on `batch` (evaluated with the eval seed of the seed's stage runs)."""
         key = digest(
-            {"policy": identity(policy), "ref": identity(ref), "batch": batch.fingerprint()}
+            {"policy": identity(policy), "ref": identity(pi_k), "batch": batch.fingerprint()}
         )
         path = self.runs / task / f"seed-{seed}" / f"measure-{key}.json"
         if path.is_file():
@@ -309,13 +291,13 @@ class Lab:
 
             env = self.env(task)
             model, tokenizer = load_policy(policy, env.device)
-            ref_model = model if ref == policy else load_model(ref, env.device)
-            final = env.evaluator(tokenizer, seed)(model, step=0, ref_model=ref_model, batch=batch)
-            _write_json(path, final)
+            frozen_pi_k = model if pi_k == policy else load_model(pi_k, env.device)
+            final = env.evaluator(tokenizer, seed)(model, step=0, pi_k=frozen_pi_k, batch=batch)
+            write_json(path, final, indent=2)
         return Outcome(label, "measured", 0, final, checkpoint=str(policy), sha256=identity(policy))
 
     def _done(self, res: StageResult) -> None:
-        if res.status == "stopped":
+        if res.stopped:
             raise StopRequestedError(
                 f"stopped in {res.run} at step {res.steps}; run the same command again to resume"
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,7 @@ def _verdict_rows(verdicts: Sequence[Verdict]) -> str:
         return "**holds**" if b else "does not hold"
 
     rows = [[v.claim, v.statement, yes(v.holds), yes(v.holds_sampled)] for v in verdicts]
-    return _table(rows, ["claim", "statement (METHOD.md)", "greedy", "sampled (T=1)"])
+    return _table(rows, ["claim", "statement (docs/method.md)", "greedy", "sampled (T=1)"])
 
 
 def _evidence(verdicts: Sequence[Verdict], prefix: str) -> str:
@@ -208,7 +208,7 @@ def write_report(
         "",
         "Only the paper's abstract and secondary descriptions were available: the objectives, "
         "signal constructions, region rule and trust region are our reconstruction "
-        "(METHOD.md), so a claim that does not hold here may still hold for the paper's exact "
+        "(docs/method.md), so a claim that does not hold here may still hold for the paper's exact "
         "method. Each verdict applies a rule fixed in `erpd/reproduce/verdicts.py` before any "
         f"result existed: a difference counts only beyond max({TOL}, 2 standard errors of the "
         "per-seed paired differences). Decided on greedy accuracy; the sampled column applies "
@@ -223,129 +223,155 @@ def write_report(
         _verdict_rows(verdicts),
         "",
     ]
-    if "stage1_sweep" in results:
-        r = results["stage1_sweep"]
-        plot_curves(out / "fig_stage1_sweep.png", r["arms"], f"Stage 1 on task {r['task']}")
-        parts += [
-            "## 1. Stage-1 aggressiveness",
-            "",
-            f"Task `{r['task']}`; one run per objective evaluated after {r['epochs']} epochs.",
-            "",
-            "![stage-1 sweep](fig_stage1_sweep.png)",
-            "",
-            "Final values:",
-            "",
-            arm_table({name: a["final"] for name, a in r["arms"].items()}),
-            "",
-            _evidence(verdicts, "1a"),
-            "",
-        ]
-    if "kl_sweep" in results:
-        r = results["kl_sweep"]
-        plot_curves(out / "fig_kl_sweep.png", r["arms"], f"Stage-1 kl_coef on task {r['task']}")
-        rows = [
-            [name, f"{a['ceiling']:.3f}", f"{a['ceiling_sampled']:.3f}", _fmt(a["final"][KL])]
-            for name, a in r["arms"].items()
-        ]
-        parts += [
-            "## 2. Stage-1 KL coefficient",
-            "",
-            "![kl sweep](fig_kl_sweep.png)",
-            "",
-            _table(rows, ["sapo", "ceiling (greedy)", "ceiling (T=1)", "final KL exact"]),
-            "",
-            _evidence(verdicts, "1b"),
-            "",
-        ]
-    if "strong_teacher" in results:
-        r = results["strong_teacher"]
-        plot_tradeoff(
-            out / "fig_strong_teacher.png", r["tasks"], "Strong teachers, students and controls"
-        )
-        parts += [
-            "## 3. ERPD with strong teachers, controls at matched KL, stage-2 ablations",
-            "",
-            "Controls get the student's KL as their budget: `control-advantage` is stage 2 with "
-            "the plain advantage as signal (no teacher), `control-early-stop` is the first "
-            "teacher's stage 1 stopped at that KL. The budget is checked before every update, so "
-            "a control can overshoot it by one update: compare the KL columns. Ablations change "
-            "one stage-2 field of the student from the first teacher.",
-            "",
-            "![strong teacher](fig_strong_teacher.png)",
-            "",
-        ]
-        for task, arms in r["tasks"].items():
-            parts += [f"### Task `{task}`", "", arm_table(arms), ""]
-        parts += [_evidence(verdicts, "2"), ""]
-    if "weak_teacher" in results:
-        r = results["weak_teacher"]
-        plot_bars(out / "fig_weak_teacher.png", r["arms"], "Weak teacher and signal constructions")
-        parts += [
-            "## 4. A weak teacher and the signal constructions",
-            "",
-            f"Teacher `{r['teacher']}` against the unlearned pi_k; the verdict uses "
-            f"`{r['primary_signal']}` (fixed in advance), the others are reported.",
-            "",
-            "![weak teacher](fig_weak_teacher.png)",
-            "",
-            arm_table(r["arms"]),
-            "",
-            _evidence(verdicts, "3"),
-            "",
-        ]
-    if "two_teachers" in results:
-        r = results["two_teachers"]
-        plot_bars(out / "fig_two_teachers.png", r["arms"], "Two teachers combined vs each alone")
-        parts += [
-            "## 5. Two teachers combined",
-            "",
-            "![two teachers](fig_two_teachers.png)",
-            "",
-            arm_table(r["arms"]),
-            "",
-            _evidence(verdicts, "4"),
-            "",
-        ]
-    if "rounds" in results:
-        r = results["rounds"]
-        plot_rounds(out / "fig_rounds.png", r)
-        rows = [
-            [
-                name,
-                str(p["round"]),
-                _fmt(p[ACC]),
-                _fmt(p[ACC_T1]),
-                _fmt(p[KL]),
-                _fmt(p["kl_round"]) if p.get("kl_round") else "-",
-                _fmt(p[ENT]),
-            ]
-            for name, per_round in r["arms"].items()
-            for p in per_round
-        ]
-        head = [
-            "arm",
-            "round",
-            "acc greedy",
-            "acc T=1",
-            "KL to pi_0",
-            "KL to round's pi_k",
-            "entropy",
-        ]
-        parts += [
-            "## 6. Rounds",
-            "",
-            f"ERPD (teacher + student per round) vs repeated stage 1 (the teacher becomes the next "
-            f"base) vs on-policy GRPO (one step per fresh batch, the same "
-            f"{r['samples_per_round']} samples per round). KL to pi_0 and entropy are measured on "
-            "the round-0 batch.",
-            "",
-            "![rounds](fig_rounds.png)",
-            "",
-            _table(rows, head),
-            "",
-            _evidence(verdicts, "5"),
-            "",
-        ]
+    for name, section in SECTIONS.items():
+        if name in results:
+            parts += section(out, results[name], verdicts)
     report = out / "report.md"
     report.write_text("\n".join(parts))
     return report
+
+
+def _stage1_sweep(out: Path, r: dict[str, Any], verdicts: Sequence[Verdict]) -> list[str]:
+    plot_curves(out / "fig_stage1_sweep.png", r["arms"], f"Stage 1 on task {r['task']}")
+    parts: list[str] = [
+        "## 1. Stage-1 aggressiveness",
+        "",
+        f"Task `{r['task']}`; one run per objective evaluated after {r['epochs']} epochs.",
+        "",
+        "![stage-1 sweep](fig_stage1_sweep.png)",
+        "",
+        "Final values:",
+        "",
+        arm_table({name: a["final"] for name, a in r["arms"].items()}),
+        "",
+        _evidence(verdicts, "1a"),
+        "",
+    ]
+    return parts
+
+
+def _kl_sweep(out: Path, r: dict[str, Any], verdicts: Sequence[Verdict]) -> list[str]:
+    plot_curves(out / "fig_kl_sweep.png", r["arms"], f"Stage-1 kl_coef on task {r['task']}")
+    rows = [
+        [name, f"{a['ceiling']:.3f}", f"{a['ceiling_sampled']:.3f}", _fmt(a["final"][KL])]
+        for name, a in r["arms"].items()
+    ]
+    parts: list[str] = [
+        "## 2. Stage-1 KL coefficient",
+        "",
+        "![kl sweep](fig_kl_sweep.png)",
+        "",
+        _table(rows, ["sapo", "ceiling (greedy)", "ceiling (T=1)", "final KL exact"]),
+        "",
+        _evidence(verdicts, "1b"),
+        "",
+    ]
+    return parts
+
+
+def _strong_teacher(out: Path, r: dict[str, Any], verdicts: Sequence[Verdict]) -> list[str]:
+    plot_tradeoff(
+        out / "fig_strong_teacher.png", r["tasks"], "Strong teachers, students and controls"
+    )
+    parts: list[str] = [
+        "## 3. ERPD with strong teachers, controls at matched KL, stage-2 ablations",
+        "",
+        "Controls get the student's KL as their budget: `control-advantage` is stage 2 with "
+        "the plain advantage as signal (no teacher), `control-early-stop` is the first "
+        "teacher's stage 1 stopped at that KL. The budget is checked before every update, so "
+        "a control can overshoot it by one update: compare the KL columns. Ablations change "
+        "one stage-2 field of the student from the first teacher.",
+        "",
+        "![strong teacher](fig_strong_teacher.png)",
+        "",
+    ]
+    for task, arms in r["tasks"].items():
+        parts += [f"### Task `{task}`", "", arm_table(arms), ""]
+    parts += [_evidence(verdicts, "2"), ""]
+    return parts
+
+
+def _weak_teacher(out: Path, r: dict[str, Any], verdicts: Sequence[Verdict]) -> list[str]:
+    plot_bars(out / "fig_weak_teacher.png", r["arms"], "Weak teacher and signal constructions")
+    parts: list[str] = [
+        "## 4. A weak teacher and the signal constructions",
+        "",
+        f"Teacher `{r['teacher']}` against the unlearned pi_k; the verdict uses "
+        f"`{r['primary_signal']}` (fixed in advance), the others are reported.",
+        "",
+        "![weak teacher](fig_weak_teacher.png)",
+        "",
+        arm_table(r["arms"]),
+        "",
+        _evidence(verdicts, "3"),
+        "",
+    ]
+    return parts
+
+
+def _two_teachers(out: Path, r: dict[str, Any], verdicts: Sequence[Verdict]) -> list[str]:
+    plot_bars(out / "fig_two_teachers.png", r["arms"], "Two teachers combined vs each alone")
+    parts: list[str] = [
+        "## 5. Two teachers combined",
+        "",
+        "![two teachers](fig_two_teachers.png)",
+        "",
+        arm_table(r["arms"]),
+        "",
+        _evidence(verdicts, "4"),
+        "",
+    ]
+    return parts
+
+
+def _rounds(out: Path, r: dict[str, Any], verdicts: Sequence[Verdict]) -> list[str]:
+    plot_rounds(out / "fig_rounds.png", r)
+    rows = [
+        [
+            name,
+            str(p["round"]),
+            _fmt(p[ACC]),
+            _fmt(p[ACC_T1]),
+            _fmt(p[KL]),
+            _fmt(p["kl_round"]) if p.get("kl_round") else "-",
+            _fmt(p[ENT]),
+        ]
+        for name, per_round in r["arms"].items()
+        for p in per_round
+    ]
+    head = [
+        "arm",
+        "round",
+        "acc greedy",
+        "acc T=1",
+        "KL to pi_0",
+        "KL to round's pi_k",
+        "entropy",
+    ]
+    parts: list[str] = [
+        "## 6. Rounds",
+        "",
+        f"ERPD (teacher + student per round) vs repeated stage 1 (the teacher becomes the next "
+        f"base) vs on-policy GRPO (one step per fresh batch, the same "
+        f"{r['samples_per_round']} samples per round). KL to pi_0 and entropy are measured on "
+        "the round-0 batch.",
+        "",
+        "![rounds](fig_rounds.png)",
+        "",
+        _table(rows, head),
+        "",
+        _evidence(verdicts, "5"),
+        "",
+    ]
+    return parts
+
+
+# one section per experiment, in the report's order
+SECTIONS: dict[str, Callable[[Path, dict[str, Any], Sequence[Verdict]], list[str]]] = {
+    "stage1_sweep": _stage1_sweep,
+    "kl_sweep": _kl_sweep,
+    "strong_teacher": _strong_teacher,
+    "weak_teacher": _weak_teacher,
+    "two_teachers": _two_teachers,
+    "rounds": _rounds,
+}

@@ -1,11 +1,11 @@
-"""The claims of METHOD.md ("What a correct implementation shows") as rules fixed in code.
+"""The claims of docs/method.md ("What a correct implementation shows") as rules fixed in code.
 
 These rules were written before any reproduction result existed and must not be tuned after
-seeing one. Each claim is decided on greedy held-out accuracy (METHOD.md's headline metric) and,
-separately, on sampled (T=1) accuracy, because the two disagree whenever entropy moves.
+seeing one. Each claim is decided on greedy held-out accuracy (docs/method.md's headline metric)
+and, separately, on sampled (T=1) accuracy, because the two disagree whenever entropy moves.
 
 Noise: a difference counts only beyond `margin`: the larger of TOL (3 points, the low end of
-METHOD.md's "tolerances of 3-5 points for any comparison") and two standard errors of the
+docs/method.md's "tolerances of 3-5 points for any comparison") and two standard errors of the
 per-seed paired differences. "At least as good" means diff >= -margin; "better" diff > margin.
 """
 
@@ -26,7 +26,7 @@ ACCURACY = {"greedy": M.ACC_EVAL, "sampled": M.ACC_EVAL_SAMPLED}
 
 @dataclass
 class Verdict:
-    claim: str  # METHOD.md claim number and variant, e.g. "2a final/sapo"
+    claim: str  # docs/method.md claim number and variant, e.g. "2a final/sapo"
     statement: str
     rule: str
     holds: bool  # on greedy accuracy
@@ -258,7 +258,7 @@ def claim_5(rounds: dict[str, Any]) -> Verdict:
 
 
 def decide_all(results: dict[str, Any]) -> list[Verdict]:
-    """Every claim whose experiment ran, in METHOD.md's order."""
+    """Every claim whose experiment ran, in docs/method.md's order."""
     out: list[Verdict] = []
     if "stage1_sweep" in results:
         out += [claim_1a(obj, results["stage1_sweep"]) for obj in results["stage1_sweep"]["arms"]]

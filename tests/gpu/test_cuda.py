@@ -48,7 +48,7 @@ def test_pipeline_on_cuda_with_bf16(tmp_path: Path) -> None:
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
-def test_bf16_behaviour_logprobs_are_reproducible() -> None:
+def test_bf16_pi_k_logprobs_are_reproducible() -> None:
     """The first ratio is 1 only if the trainer's bf16 pass matches the sampler's recompute."""
     from erpd.config import TinyModelConfig
     from erpd.models import build_char_tokenizer, build_tiny_model
@@ -63,4 +63,4 @@ def test_bf16_behaviour_logprobs_are_reproducible() -> None:
         model, tokenizer, task, cfg, max_new_tokens=task.max_new_tokens, bf16=True
     )
     again = sequence_logprobs(model, batch.seqs, bf16=True)
-    torch.testing.assert_close(again, batch.behaviour_logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, batch.pi_k_logprobs, rtol=0, atol=1e-6)

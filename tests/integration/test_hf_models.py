@@ -18,10 +18,10 @@ from erpd.errors import CheckpointError
 from erpd.models import build_char_tokenizer, load_policy
 from erpd.progress import no_progress
 from erpd.rollout import encode_prompts, generate, pack, sample_rollout, sequence_logprobs
+from erpd.stage import StageEnv
 from erpd.stage1 import run_stage1
 from erpd.stage2 import run_stage2
 from erpd.tasks import ALPHABET, build_task
-from erpd.trainer import StageEnv
 from tests.conftest import random_model_dir, random_qwen3_dir
 
 
@@ -60,7 +60,7 @@ def test_qwen3_runs_one_stage1_and_one_stage2_step(qwen3_dir: Path, tmp_path: Pa
     batch.advantages[0], batch.advantages[1] = 1.0, -1.0
     one_step = {"epochs": 1, "minibatch_size": 16, "lr": 1e-3}
     teacher = run_stage1(
-        base=qwen3_dir,
+        pi_k=qwen3_dir,
         batch=batch,
         cfg=Stage1Config(**one_step),
         env=env,
@@ -69,7 +69,7 @@ def test_qwen3_runs_one_stage1_and_one_stage2_step(qwen3_dir: Path, tmp_path: Pa
     )
     assert teacher.status == "completed" and teacher.steps == 1
     student = run_stage2(
-        base=qwen3_dir,
+        pi_k=qwen3_dir,
         teachers=[teacher.checkpoint],
         pinned=[teacher.sha256],
         batch=batch,
@@ -93,12 +93,12 @@ def test_stage2_refuses_a_teacher_that_changed(qwen3_dir: Path, tmp_path: Path) 
     )
     cfg = Stage1Config(epochs=1, minibatch_size=8)
     teacher = run_stage1(
-        base=qwen3_dir, batch=batch, cfg=cfg, env=env, run_dir=tmp_path / "t", run="t"
+        pi_k=qwen3_dir, batch=batch, cfg=cfg, env=env, run_dir=tmp_path / "t", run="t"
     )
     assert teacher.checkpoint is not None
     with pytest.raises(CheckpointError, match="sha256"):
         run_stage2(
-            base=qwen3_dir,
+            pi_k=qwen3_dir,
             teachers=[teacher.checkpoint],
             pinned=["0" * 64],
             batch=batch,
@@ -150,9 +150,9 @@ def test_bf16_autocast_path_runs_on_cpu(qwen3_dir: Path, tmp_path: Path) -> None
         max_new_tokens=8,
         bf16=True,
     )
-    assert batch.behaviour_logprobs.dtype == torch.float32  # log-probs are always fp32
+    assert batch.pi_k_logprobs.dtype == torch.float32  # log-probs are always fp32
     res = run_stage1(
-        base=qwen3_dir,
+        pi_k=qwen3_dir,
         batch=batch,
         cfg=Stage1Config(epochs=1, minibatch_size=8),
         env=env,
@@ -182,7 +182,7 @@ def test_a_batch_from_another_tokenizer_is_refused(
     other_tok.save_pretrained(other)
     with pytest.raises(CheckpointError, match="tokenizer"):
         run_stage1(
-            base=other,
+            pi_k=other,
             batch=batch,
             cfg=Stage1Config(epochs=1),
             env=env,

@@ -23,12 +23,11 @@ from erpd import metrics as M
 from erpd.checkpoint import latest_resume, read_manifest, verify_checkpoint
 from erpd.config import Stage1Config, Stage2Config
 from erpd.errors import ConfigError
-from erpd.pipeline import make_env
 from erpd.progress import no_progress
 from erpd.rollout import RolloutBatch
+from erpd.stage import StageEnv
 from erpd.stage1 import run_stage1
 from erpd.stage2 import run_stage2
-from erpd.trainer import StageEnv
 from tests.conftest import tiny_pipeline_config
 
 
@@ -86,7 +85,7 @@ def quick_env(env: Env) -> Env:
 @pytest.fixture
 def env() -> Env:
     sink = ListSink()
-    return make_env(tiny_pipeline_config(), sink, progress=no_progress), sink
+    return StageEnv.of(tiny_pipeline_config(), sink, progress=no_progress), sink
 
 
 def _points(demo: Path) -> list[dict[str, object]]:
@@ -186,7 +185,7 @@ def test_first_stage1_ratio_is_exactly_one(
     cfg = Stage1Config(epochs=2, minibatch_size=128, eval_every_epochs=2)
     caplog.set_level("INFO", logger="erpd")
     res = run_stage1(
-        base=demo / "base" / "checkpoint",
+        pi_k=demo / "base" / "checkpoint",
         batch=batch,
         cfg=cfg,
         env=stage_env,
@@ -213,7 +212,7 @@ def test_stopped_stage1_resumes_from_its_step(
     base = demo / "base" / "checkpoint"
     cfg = Stage1Config(epochs=3, minibatch_size=192, eval_every_epochs=3, checkpoint_every_steps=2)
     full = run_stage1(
-        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "a", run="a"
+        pi_k=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "a", run="a"
     )
     calls = {"n": 0}
 
@@ -223,7 +222,7 @@ def test_stopped_stage1_resumes_from_its_step(
 
     stage_env.should_stop = stop_at_five
     first = run_stage1(
-        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "b", run="b"
+        pi_k=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "b", run="b"
     )
     assert first.status == "stopped" and first.steps == 5 and first.checkpoint is None
     resume_dir = latest_resume(tmp_path / "b")
@@ -231,7 +230,7 @@ def test_stopped_stage1_resumes_from_its_step(
     stage_env.should_stop = None
     sink.points.clear()
     second = run_stage1(
-        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "b", run="b"
+        pi_k=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "b", run="b"
     )
     assert second.status == "completed" and second.steps == full.steps == 9
     assert min(s for s, _ in sink.series(M.LOSS)) == 5  # continued, did not restart at 0
@@ -247,7 +246,7 @@ def test_stage2_kl_budget_stops_training(
     stage_env, sink = env
     cfg = Stage2Config(epochs=4, minibatch_size=128, kl_budget=2e-3, lr=1e-4)
     res = run_stage2(
-        base=demo / "base" / "checkpoint",
+        pi_k=demo / "base" / "checkpoint",
         teachers=[demo / "round-0" / "teacher-sapo" / "checkpoint"],
         batch=batch,
         cfg=cfg,
@@ -270,7 +269,7 @@ def test_stage1_evaluates_at_chosen_epochs_and_early_stops_at_a_kl_budget(
     base = demo / "base" / "checkpoint"
     cfg = Stage1Config(epochs=3, minibatch_size=128, eval_at_epochs=[2])
     full = run_stage1(
-        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "a", run="a"
+        pi_k=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path / "a", run="a"
     )
     per_epoch = math.ceil(len(batch) / cfg.minibatch_size)
     # epoch 2 as asked, and the last; neither pi_k (step 0) nor epoch 1
@@ -280,7 +279,7 @@ def test_stage1_evaluates_at_chosen_epochs_and_early_stops_at_a_kl_budget(
     sink.points.clear()
     budget = full.summary[M.KL_EXACT_BATCH] / 3
     early = run_stage1(
-        base=base,
+        pi_k=base,
         batch=batch,
         cfg=cfg.model_copy(update={"kl_budget": budget}),
         env=stage_env,
@@ -411,7 +410,7 @@ def test_every_stage1_objective_trains(
     base = demo / "base" / "checkpoint"
     cfg = Stage1Config(**teacher, epochs=2, minibatch_size=256, eval_every_epochs=2)  # type: ignore[arg-type]
     res = run_stage1(
-        base=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path, run="t", initial=base
+        pi_k=base, batch=batch, cfg=cfg, env=stage_env, run_dir=tmp_path, run="t", pi_0=base
     )
     assert res.status == "completed" and res.steps == 4
     assert res.summary[M.KL_EXACT_BATCH] > 0.0
@@ -436,14 +435,14 @@ def test_every_stage2_signal_trains(
     cfg = Stage2Config(**signal, epochs=1, minibatch_size=256, kl_budget=None)  # type: ignore[arg-type]
     teachers = [] if cfg.signal == "advantage" else [teacher, teacher]
     res = run_stage2(
-        base=base,
+        pi_k=base,
         teachers=teachers,
         batch=batch,
         cfg=cfg,
         env=stage_env,
         run_dir=tmp_path,
         run="s",
-        initial=base,
+        pi_0=base,
     )
     assert res.status == "completed" and res.steps == res.total_steps > 0
     selected = sink.series(M.SELECTED_FRAC)[0][1]
@@ -465,7 +464,7 @@ def test_budget_is_checked_after_the_last_update_without_duplicate_points(
     stage_env, sink = quick_env
     cfg = Stage2Config(epochs=epochs, minibatch_size=len(batch), kl_budget=1e-6, lr=1e-4)
     res = run_stage2(
-        base=demo / "base" / "checkpoint",
+        pi_k=demo / "base" / "checkpoint",
         teachers=[demo / "round-0" / "teacher-sapo" / "checkpoint"],
         batch=batch,
         cfg=cfg,
@@ -500,7 +499,7 @@ def test_stop_and_resume_never_logs_a_point_twice(
 
     stage_env.should_stop = stop
     cfg = Stage1Config(epochs=2, minibatch_size=256, eval_every_epochs=1)  # 2 steps per epoch
-    kwargs = {"base": demo / "base" / "checkpoint", "batch": batch, "cfg": cfg, "env": stage_env}
+    kwargs = {"pi_k": demo / "base" / "checkpoint", "batch": batch, "cfg": cfg, "env": stage_env}
     first = run_stage1(**kwargs, run_dir=tmp_path, run="t")  # type: ignore[arg-type]
     assert first.status == "stopped" and first.steps == stop_at_call - 1
     second = run_stage1(**kwargs, run_dir=tmp_path, run="t")  # type: ignore[arg-type]
@@ -522,7 +521,7 @@ def test_micro_batches_train_like_whole_minibatches(
         cfg = Stage1Config(epochs=2, minibatch_size=256, micro_batch_size=micro, kl_coef=0.1)
         sink.points.clear()
         res = run_stage1(
-            base=base,
+            pi_k=base,
             batch=batch,
             cfg=cfg,
             env=stage_env,
@@ -556,7 +555,7 @@ def test_gradient_checkpointing_trains_like_keeping_activations(
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
             res = run_stage1(
-                base=demo / "base" / "checkpoint",
+                pi_k=demo / "base" / "checkpoint",
                 batch=batch,
                 cfg=Stage1Config(epochs=1, minibatch_size=128, kl_coef=0.1),
                 env=stage_env,
@@ -589,7 +588,7 @@ def test_resume_refuses_a_stopped_run_of_another_config(
     stage_env.should_stop = stop_at_second_step
     base = demo / "base" / "checkpoint"
     first = run_stage1(
-        base=base,
+        pi_k=base,
         batch=batch,
         cfg=Stage1Config(epochs=2),
         env=stage_env,
@@ -599,9 +598,9 @@ def test_resume_refuses_a_stopped_run_of_another_config(
     assert first.status == "stopped" and first.steps == 1
     changed = Stage1Config(epochs=2, lr=1e-2)
     with pytest.raises(ConfigError, match="--fresh"):
-        run_stage1(base=base, batch=batch, cfg=changed, env=stage_env, run_dir=tmp_path, run="t")
+        run_stage1(pi_k=base, batch=batch, cfg=changed, env=stage_env, run_dir=tmp_path, run="t")
     fresh = run_stage1(
-        base=base,
+        pi_k=base,
         batch=batch,
         cfg=changed,
         env=stage_env,

@@ -18,8 +18,11 @@ from erpd import metrics as M
 from erpd.config import Stage1Config, Stage2Config
 from erpd.losses import (
     LOG_RATIO_CLAMP,
+    REGIONS,
     STAGE1_OBJECTIVES,
+    STAGE2_SIGNALS,
     Normaliser,
+    Registry,
     Stage1Inputs,
     Stage2Inputs,
     combine_signals,
@@ -40,7 +43,8 @@ from erpd.losses import (
 
 LN2 = 0.6931471805599453
 LN3 = 1.0986122886681098
-STAGE1_METRIC_KEYS = {M.LOSS, M.KL_K1, M.KL_K3, M.RATIO_CLIP_FRAC, M.RATIO_P01, M.RATIO_P99}
+# the ratio statistics are the loop's, once per minibatch (erpd/step.py), not a loss's
+STAGE1_METRIC_KEYS = {M.LOSS, M.KL_K1, M.KL_K3}
 
 
 def t(*rows: object) -> Tensor:
@@ -69,17 +73,17 @@ def s1_inputs(
     old: Tensor | None = None,
     ref: Tensor | None = None,
     rewards: list[float] | None = None,
-    mse_ref: Tensor | None = None,
+    pi_0: Tensor | None = None,
 ) -> Stage1Inputs:
     base = logprobs.detach()
     return Stage1Inputs(
         logprobs=logprobs,
-        old_logprobs=base.clone() if old is None else old,
-        ref_logprobs=base.clone() if ref is None else ref,
+        pi_old_logprobs=base.clone() if old is None else old,
+        pi_k_logprobs=base.clone() if ref is None else ref,
         mask=torch.ones_like(base) if mask is None else t(mask),
         advantages=t(advantages),
         rewards=t(rewards if rewards is not None else [1.0 if a > 0 else 0.0 for a in advantages]),
-        mse_ref_logprobs=mse_ref,
+        pi_0_logprobs=pi_0,
     )
 
 
@@ -239,7 +243,20 @@ def test_registry_has_exactly_the_configured_objectives() -> None:
     expected = {"sapo", "grpo", "ce", "ce_weighted", "mse"}
     assert set(STAGE1_OBJECTIVES) == expected
     # every name the config accepts has an implementation, and nothing else is registered
-    assert set(typing.get_args(C.Stage1Objective)) == expected
+    assert set(typing.get_args(C.Stage1ObjectiveName)) == expected
+
+
+def test_signal_and_region_registries_match_the_config() -> None:
+    assert set(STAGE2_SIGNALS) == set(typing.get_args(C.Stage2SignalName))
+    assert set(REGIONS) == set(typing.get_args(C.RegionName)) == {"top_frac", "threshold", "all"}
+
+
+def test_a_registry_refuses_a_config_it_does_not_implement() -> None:
+    registry: Registry[object] = Registry("stage2.region")
+    registry.register("all")(object())
+    registry.check(typing.Literal["all"])  # the same names: fine
+    with pytest.raises(RuntimeError, match=r"stage2\.region"):
+        registry.check(typing.Literal["all", "top_frac"])
 
 
 @pytest.mark.parametrize("name", sorted(STAGE1_OBJECTIVES))
@@ -320,13 +337,14 @@ def test_grpo_clips_only_in_the_direction_of_the_advantage() -> None:
     ratios = [[1.5, 0.5, 1.25], [0.5, 1.5, 0.78]]
     lp = leaf([[math.log(v) for v in row] for row in ratios])
     x = s1_inputs(lp, advantages=[1.0, -1.0], old=torch.zeros(2, 3), ref=torch.zeros(2, 3))
-    loss, metrics = stage1_loss(x, Stage1Config(objective="grpo"))
+    loss, _ = stage1_loss(x, Stage1Config(objective="grpo"))
     close(loss, 0.011667)
     loss.backward()
     assert lp.grad is not None
     close(lp.grad, [[0.0, -0.083333, -0.208333], [0.0, 0.25, 0.0]])
-    # r outside [0.8, 1.28]: 1.5, 0.5, 0.5, 1.5, 0.78 -> 5/6
-    close(metrics[M.RATIO_CLIP_FRAC], 0.833333)
+    # r outside [0.8, 1.28]: 1.5, 0.5, 0.5, 1.5, 0.78 -> 5/6, with the objective's bounds
+    stats = ratio_stats(lp.detach() - x.pi_old_logprobs, x.mask, 0.2, 0.28)
+    close(stats[M.RATIO_CLIP_FRAC], 0.833333)
 
 
 def test_ce_counts_only_correct_responses() -> None:
@@ -381,7 +399,7 @@ def test_mse_beta_is_used() -> None:
     close(loss, 0.28125)
 
 
-def test_mse_uses_mse_ref_logprobs_when_given() -> None:
+def test_mse_uses_pi_0_logprobs_when_given() -> None:
     # against pi_0 = [[-0.5, -0.5], [-2, -2]]: row 0 0 + (-0.5) = -0.5 -> -0.05 - 1 = -1.05;
     # row 1 0 (token 2 masked) -> 0 + 0.5 = 0.5; loss = (1.1025 + 0.25) / 2 = 0.67625
     lp = leaf([[-0.5, -1.0], [-2.0, -3.0]])
@@ -390,7 +408,7 @@ def test_mse_uses_mse_ref_logprobs_when_given() -> None:
         advantages=[1.0, -0.5],
         mask=[[1.0, 1.0], [1.0, 0.0]],
         ref=t([[-1.0, -1.0], [-1.0, -1.0]]),
-        mse_ref=t([[-0.5, -0.5], [-2.0, -2.0]]),
+        pi_0=t([[-0.5, -0.5], [-2.0, -2.0]]),
     )
     loss, _ = stage1_loss(x, Stage1Config(objective="mse"))
     close(loss, 0.67625)
@@ -587,8 +605,8 @@ def test_stage2_loss_by_hand() -> None:
     lp = torch.tensor([values], requires_grad=True)
     x = Stage2Inputs(
         logprobs=lp,
-        old_logprobs=t([[0.0, 0.0, 0.0, math.log(0.5)]]),
-        ref_logprobs=t([[*values[:3], math.log(0.25)]]),
+        pi_old_logprobs=t([[0.0, 0.0, 0.0, math.log(0.5)]]),
+        pi_k_logprobs=t([[*values[:3], math.log(0.25)]]),
         signal=t([[1.0, -1.0, 2.0, 0.0]]),
         mask=torch.ones(1, 4),
     )
@@ -601,15 +619,16 @@ def test_stage2_loss_by_hand() -> None:
     close(metrics[M.LOSS], -0.645171)
     close(metrics[M.KL_K3], 0.193147 / 4)
     close(metrics[M.KL_K1], 0.693147 / 4)
-    close(metrics[M.RATIO_CLIP_FRAC], 0.5)  # 1.5 and 0.5 are outside [0.8, 1.2]
+    stats = ratio_stats(lp.detach() - x.pi_old_logprobs, x.mask, 0.2, 0.2)
+    close(stats[M.RATIO_CLIP_FRAC], 0.5)  # 1.5 and 0.5 are outside [0.8, 1.2]
 
 
 def test_stage2_loss_masked_tokens_do_nothing() -> None:
     lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     x = Stage2Inputs(
         logprobs=lp,
-        old_logprobs=t([[-1.0, -1.0]]),
-        ref_logprobs=t([[-1.0, -5.0]]),
+        pi_old_logprobs=t([[-1.0, -1.0]]),
+        pi_k_logprobs=t([[-1.0, -5.0]]),
         signal=t([[0.0, 3.0]]),
         mask=t([[1.0, 0.0]]),
     )
@@ -635,8 +654,8 @@ def test_micro_batches_sum_to_the_minibatch_loss_and_gradient(objective: str) ->
     mask = t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     old = torch.randn(4, 3) * 0.1
     fields = {
-        "old_logprobs": old,
-        "ref_logprobs": old * 0.5,
+        "pi_old_logprobs": old,
+        "pi_k_logprobs": old * 0.5,
         "mask": mask,
         "advantages": t([1.0, -1.0, 0.5, -0.5]),
         "rewards": t([1.0, 0.0, 1.0, 0.0]),

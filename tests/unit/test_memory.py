@@ -38,7 +38,7 @@ def test_the_parts_add_up_and_scale_as_they_should() -> None:
     config = qwen3(1024, 8)
     one = estimate(config, pass_tokens=4096, bf16=True, params=500_000_000)
     # fp32 master weights, gradients, two AdamW moments and the frozen pi_k: 20 bytes a parameter
-    assert one.weights + one.gradients + one.optimizer + one.reference == 20 * 500_000_000
+    assert one.weights + one.gradients + one.optimizer + one.pi_k == 20 * 500_000_000
     assert one.total == 20 * 500_000_000 + one.activations
     # activations grow with the pass, and the logits of a 150k vocabulary dominate them
     longer = estimate(config, pass_tokens=8192, bf16=True, params=500_000_000)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from erpd.config import TinyModelConfig
-from erpd.evaluate import policy_vs_reference
+from erpd.evaluate import policy_vs_pi_k
 from erpd.losses import group_advantages
 from erpd.models import build_char_tokenizer, build_tiny_model
 from erpd.rollout import (
@@ -19,8 +19,8 @@ from erpd.rollout import (
     response_targets,
     sequence_logprobs,
 )
+from erpd.step import PiKLogSoftmax
 from erpd.tasks import ALPHABET
-from erpd.trainer import LoopSettings, ReferenceLogprobs
 
 TOKENIZER = build_char_tokenizer(ALPHABET)
 PAD, EOS = int(TOKENIZER.pad_token_id), int(TOKENIZER.eos_token_id)
@@ -77,9 +77,9 @@ def test_trimmed_passes_give_the_full_width_log_probs() -> None:
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
     assert torch.all(split[seqs.response_mask == 0] == 0)
 
-    ref = build_tiny_model(TOKENIZER, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2))
-    a = policy_vs_reference(model, ref, seqs, batch_size=24, max_tokens=10**9)
-    b = policy_vs_reference(model, ref, seqs, batch_size=3, max_tokens=64)
+    pi_k = build_tiny_model(TOKENIZER, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2))
+    a = policy_vs_pi_k(model, pi_k, seqs, batch_size=24, max_tokens=10**9)
+    b = policy_vs_pi_k(model, pi_k, seqs, batch_size=3, max_tokens=64)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-4, msg=key)
@@ -93,35 +93,23 @@ def test_passes_of_an_unpadded_batch_keep_every_column(budget: int | None) -> No
         assert part.prompt_len == seqs.prompt_len
 
 
-def test_cached_reference_log_probs_match_a_forward_pass_of_pi_k() -> None:
+def test_cached_pi_k_log_probs_match_a_forward_pass_of_pi_k() -> None:
     torch.manual_seed(0)
-    ref = build_tiny_model(TOKENIZER, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2))
+    pi_k = build_tiny_model(TOKENIZER, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2))
     seqs = uneven_batch()
     rewards = torch.tensor([float(i % 2) for i in range(24)])
     batch = RolloutBatch(
         seqs=seqs,
-        behaviour_logprobs=sequence_logprobs(ref, seqs),
+        pi_k_logprobs=sequence_logprobs(pi_k, seqs),
         rewards=rewards,
         advantages=group_advantages(rewards, 4),
         group_size=4,
         problems=[],
         responses=[],
     )
-    settings = LoopSettings(
-        run="t",
-        epochs=1,
-        minibatch_size=8,
-        micro_batch_size=None,
-        lr=1e-4,
-        weight_decay=0.0,
-        grad_clip=1.0,
-        eval_every_epochs=1,
-        checkpoint_every_steps=0,
-        seed=0,
-        micro_batch_tokens=64,
-    )
-    cached = ReferenceLogprobs(ref, batch, settings)
-    recomputed = ReferenceLogprobs(ref, batch, settings, budget=0)
+    passes = {"bf16": False, "forward_batch_size": 8, "micro_batch_tokens": 64}
+    cached = PiKLogSoftmax(pi_k, batch, **passes)  # type: ignore[arg-type]
+    recomputed = PiKLogSoftmax(pi_k, batch, **passes, budget=0)  # type: ignore[arg-type]
     assert cached.cached and not recomputed.cached
     index = torch.tensor([3, 17, 5, 0, 22, 9])
     for rows, part in forward_passes(seqs, index, max_tokens=90):

@@ -1,0 +1,138 @@
+"""The epoch/minibatch loop both stages share.
+
+A stage hands it an `Objective` (erpd/objective.py) and gets the rest: AdamW with clipping, the
+exact KL and entropy against pi_k every step (erpd/step.py), evals on a schedule
+(erpd/schedule.py), resume points (erpd/resume.py), a cooperative stop, and a KL budget
+(erpd/budget.py). Metrics logged at step s always describe the weights after s optimizer steps:
+step metrics come from the minibatch about to be used for update s + 1.
+
+The loop takes its models and data from the caller (erpd/stage.py), so a sharded run wraps them
+without touching any loss code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from erpd import distributed
+from erpd import metrics as M
+from erpd.budget import KlBudget
+from erpd.evaluate import Evaluator
+from erpd.models import adamw, prepare_to_train
+from erpd.objective import LoopParts
+from erpd.progress import Advance
+from erpd.resume import ResumePoints
+from erpd.schedule import EvalSchedule, Evaluations, epoch_order
+from erpd.step import MinibatchStep
+
+StopCheck = Callable[[], bool]
+
+
+@dataclass
+class LoopResult:
+    """How a stage ended: `completed`, `kl_budget` or `stopped` (cooperative stop, resumable).
+
+    `last_eval` is the final weights' eval with the whole-batch diagnostics (KL, entropy,
+    drift) unless the stage stopped, when it is the last eval that ran.
+    """
+
+    status: str
+    steps: int
+    total_steps: int
+    last_eval: dict[str, float] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+
+@dataclass
+class LoopControl:
+    """How the loop reports and stops: everything but what it trains (`LoopParts`)."""
+
+    points: ResumePoints
+    evaluator: Evaluator | None
+    sink: M.MetricSink
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    should_stop: StopCheck | None = None
+    advance: Advance | None = None
+    eval_start: bool = True  # False: no eval of pi_k at step 0 (the caller measured it)
+
+
+def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
+    """Train `parts.policy` on the fixed batch for `cfg.epochs` epochs, or until stopped."""
+    policy, batch, objective, cfg = parts.policy, parts.batch, parts.objective, parts.cfg
+    started, total = time.time(), cfg.total_steps(len(batch))
+    optimizer = adamw(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    restored = ctl.points.restore(policy, optimizer, objective)
+    step = restored.step
+    if ctl.advance is not None and step:
+        ctl.advance(step)
+    schedule, budget = EvalSchedule.of(cfg, len(batch)), KlBudget(cfg.kl_budget)
+    evals = Evaluations(ctl.evaluator, parts, bf16=ctl.bf16, sink=ctl.sink)
+    # a fresh run evaluates pi_k at step 0 (unless told not to); a resumed one evaluates its
+    # step if an eval was due there and the point was written before it (a save, then a crash)
+    if (not restored.resumed and ctl.eval_start) or (
+        restored.resumed and schedule.due(step) and not restored.evaluated
+    ):
+        evals.at(step)
+
+    def save(at: int) -> None:  # a resume re-evaluates a due step only if it was not yet
+        evaluated = at in evals.by_step or (at == restored.step and restored.evaluated)
+        ctl.points.save(at, policy, optimizer, objective, evaluated=evaluated)
+
+    def end(status: str, summary: dict[str, float]) -> LoopResult:
+        return LoopResult(status, step, total, summary, time.time() - started)
+
+    prepare_to_train(policy, gradient_checkpointing=ctl.gradient_checkpointing)
+    minibatch = MinibatchStep(policy, parts.pi_k, batch, objective, cfg, bf16=ctl.bf16)
+    for epoch in range(step // schedule.per_epoch, cfg.epochs):
+        order = epoch_order(len(batch), cfg.seed, epoch)
+        first = step - epoch * schedule.per_epoch  # > 0 only when resuming mid-epoch
+        if first == 0:
+            objective.on_epoch_start(epoch, policy)
+        for k in range(first, schedule.per_epoch):
+            # one rank's stop (a signal, a cancel flag) stops all, at the same step
+            if ctl.should_stop is not None and distributed.any_rank(ctl.should_stop()):
+                save(step)
+                return end("stopped", evals.last)
+            index = order[k * cfg.minibatch_size : (k + 1) * cfg.minibatch_size]
+            tick = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            values = minibatch(index)
+            budget.annotate(values)
+            if budget.exceeded(values[M.KL_EXACT]):
+                # the weights after `step` updates already spent the budget: keep them, stop
+                optimizer.zero_grad(set_to_none=True)
+                ctl.sink.log(parts.run, step, values)
+                evals.at(step)
+                return end("kl_budget", evals.final(step))
+            _update(policy, optimizer, cfg.grad_clip, values)
+            tokens = batch.seqs.response_mask[index].sum().item()
+            values[M.TOKENS_PER_S] = tokens / max(time.perf_counter() - tick, 1e-9)
+            ctl.sink.log(parts.run, step, values)
+            step += 1
+            if ctl.advance is not None:
+                ctl.advance(1)
+            if ctl.points.due(step):
+                save(step)
+        if schedule.due(step):
+            evals.at(step)
+    summary = evals.final(step)
+    return end(budget.end_status(summary), summary)
+
+
+def _update(
+    policy: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    values: dict[str, float],
+) -> None:
+    """Clip the accumulated gradient (recording its norm) and take the AdamW step."""
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        values[M.GRAD_NORM] = distributed.scalar(norm)
+    optimizer.step()

@@ -1,0 +1,92 @@
+"""When a stage evaluates, and the evaluations themselves: each step's once, logged once.
+
+A stage evaluates pi_k at step 0, after every `eval_every_epochs` epochs (or after exactly the
+`eval_at_epochs`), and after its last epoch. `Evaluations` runs the evaluator at a step at most
+once: a KL-budget stop on an epoch's first step would otherwise evaluate (and log) the step the
+previous epoch ended on a second time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from erpd import metrics as M
+from erpd.config import StageConfig
+from erpd.evaluate import Evaluator, batch_diagnostics
+from erpd.objective import LoopParts
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The epoch's minibatch order: one generator per epoch, so a resumed run reproduces the
+    same order without saving RNG state."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+@dataclass(frozen=True)
+class EvalSchedule:
+    per_epoch: int  # optimizer steps per epoch
+    epochs: int
+    every: int
+    at_epochs: tuple[int, ...] | None
+
+    @classmethod
+    def of(cls, cfg: StageConfig, num_rows: int) -> EvalSchedule:
+        at = tuple(cfg.eval_at_epochs) if cfg.eval_at_epochs else None
+        return cls(cfg.steps_per_epoch(num_rows), cfg.epochs, cfg.eval_every_epochs, at)
+
+    def due(self, step: int) -> bool:
+        """Whether the weights after `step` updates are evaluated (never step 0: see the loop)."""
+        epochs_done = step // self.per_epoch
+        if step % self.per_epoch or epochs_done == 0:
+            return False
+        if epochs_done == self.epochs:
+            return True
+        if self.at_epochs is not None:
+            return epochs_done in self.at_epochs
+        return epochs_done % self.every == 0
+
+
+class Evaluations:
+    """The evaluations of one stage's policy, by step; `last` is the latest one asked for."""
+
+    def __init__(
+        self, evaluator: Evaluator | None, parts: LoopParts, *, bf16: bool, sink: M.MetricSink
+    ) -> None:
+        self.evaluator, self.parts, self.bf16, self.sink = evaluator, parts, bf16, sink
+        self.by_step: dict[int, dict[str, float]] = {}
+        self.last: dict[str, float] = {}
+
+    def at(self, step: int) -> dict[str, float]:
+        """Evaluate the current weights as those after `step` updates, and log the eval metrics."""
+        if self.evaluator is None:
+            self.last = {}
+            return self.last
+        if step not in self.by_step:
+            p = self.parts
+            found = self.evaluator(p.policy, step=step, pi_k=p.pi_k, batch=p.batch)
+            self.by_step[step] = found
+            scoped = {k: v for k, v in found.items() if M.CATALOGUE[k].scope == "eval"}
+            self.sink.log(p.run, step, scoped)
+        self.last = self.by_step[step]
+        return self.last
+
+    def final(self, step: int) -> dict[str, float]:
+        """The final weights' eval with the whole-batch diagnostics (KL, entropy, drift); the
+        diagnostics are computed here only if no eval ran at this step (no evaluator, or a
+        resume that landed on the last step)."""
+        if step in self.by_step and M.ENTROPY_BATCH in self.by_step[step]:
+            return self.by_step[step]
+        p = self.parts
+        diagnostics = batch_diagnostics(
+            p.policy,
+            p.pi_k,
+            p.batch,
+            bf16=self.bf16,
+            batch_size=p.cfg.forward_batch_size,
+            max_tokens=p.cfg.micro_batch_tokens,
+        )
+        return {**self.last, **diagnostics}
