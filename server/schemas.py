@@ -1,5 +1,6 @@
 """Request and response bodies of the REST API. Run configs embed erpd.config's models (through
-server/services/configs.py), never redefine them; every request model forbids unknown keys."""
+server/run_configs.py), never redefine them; every request model forbids unknown keys. Nothing
+here imports the service layer: routes translate between the two."""
 
 from __future__ import annotations
 
@@ -11,12 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from erpd.config import EvalConfig, RuntimeConfig, SampleConfig, Stage1Config, Stage2Config
 from server.db import RunKind, RunStatus
-from server.services.configs import (
-    SampleRunConfig,
-    Stage1RunConfig,
-    Stage2RunConfig,
-    TaskOptions,
-)
+from server.run_configs import SampleRunConfig, Stage1RunConfig, Stage2RunConfig, TaskOptions
 
 # no control characters (Postgres cannot store NUL in text; none belongs in a name anyway)
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
