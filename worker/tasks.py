@@ -22,6 +22,7 @@ from server.services import (
     release_run,
 )
 from server.services.outbox import publish_pending
+from server.services.registry import find_by_id
 from server.services.webhooks import NOTIFY_TASK, deliver, payload
 from worker.celery_app import app, settings
 from worker.group import RanksLostError
@@ -45,7 +46,8 @@ def _device() -> str:
 
 
 def _inputs(session: Session, run: Run) -> Inputs:
-    model, dataset = session.get(Model, run.model_id), session.get(Dataset, run.dataset_id)
+    model = find_by_id(session, Model, entry_id=run.model_id)
+    dataset = find_by_id(session, Dataset, entry_id=run.dataset_id)
     assert model is not None and dataset is not None
     teachers = []
     for link in run.teachers:
@@ -76,7 +78,7 @@ def run_stage(run_id: str) -> None:
         outcome = execute(s, inputs, sink)
         sink.close()
         sink.stop()  # no heartbeat may land after the run has ended
-        if outcome is not None:
+        if not outcome.stopped:
             finish(s, inputs, outcome)
         elif not sink.lost.is_set():
             _record(

@@ -7,15 +7,14 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from server import artifacts
 from server.api.deps import KeyDep, ReadSession, StateDep
 from server.api.errors import ApiError, error_response
-from server.db import ApiKey, Checkpoint
+from server.db import Checkpoint
 from server.schemas import CheckpointDetail, CheckpointOut
-from server.services import NotFoundError, get_run
+from server.services import get_checkpoint
+from server.services import list_checkpoints as checkpoints_of
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -33,23 +32,9 @@ def _out(ckpt: Checkpoint) -> dict[str, object]:
     }
 
 
-def _owned(session: Session, key: ApiKey, checkpoint_id: uuid.UUID) -> Checkpoint:
-    ckpt = session.get(Checkpoint, checkpoint_id)
-    try:
-        if ckpt is None:
-            raise NotFoundError("checkpoint", checkpoint_id)
-        get_run(session, run_id=ckpt.run_id, owner_id=key.id)
-    except NotFoundError as exc:  # another key's checkpoint reads exactly like a missing one
-        raise ApiError(404, "not_found", f"checkpoint {checkpoint_id} not found") from exc
-    return ckpt
-
-
 @router.get("/runs/{run_id}/checkpoints", response_model=list[CheckpointOut])
 def list_checkpoints(run_id: uuid.UUID, session: ReadSession, key: KeyDep) -> list[CheckpointOut]:
-    get_run(session, run_id=run_id, owner_id=key.id)
-    rows = session.scalars(
-        select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.step)
-    )
+    rows = checkpoints_of(session, run_id=run_id, owner_id=key.id)
     return [CheckpointOut.model_validate(_out(c)) for c in rows]
 
 
@@ -57,7 +42,7 @@ def list_checkpoints(run_id: uuid.UUID, session: ReadSession, key: KeyDep) -> li
 def read_checkpoint(
     checkpoint_id: uuid.UUID, session: ReadSession, key: KeyDep
 ) -> CheckpointDetail:
-    ckpt = _owned(session, key, checkpoint_id)
+    ckpt = get_checkpoint(session, checkpoint_id=checkpoint_id, owner_id=key.id)
     return CheckpointDetail.model_validate(_out(ckpt) | {"manifest": ckpt.manifest})
 
 
@@ -103,7 +88,7 @@ def _damaged(exc: artifacts.DamagedCheckpointError) -> Response:
 def download(
     checkpoint_id: uuid.UUID, request: Request, state: StateDep, session: ReadSession, key: KeyDep
 ) -> Response:
-    ckpt = _owned(session, key, checkpoint_id)
+    ckpt = get_checkpoint(session, checkpoint_id=checkpoint_id, owner_id=key.id)
     try:
         directory = artifacts.checkpoint_dir(state.settings.artifacts, ckpt)
         pieces = artifacts.tar_pieces(directory, ckpt)
@@ -126,7 +111,7 @@ def download_file(
     session: ReadSession,
     key: KeyDep,
 ) -> Response:
-    ckpt = _owned(session, key, checkpoint_id)
+    ckpt = get_checkpoint(session, checkpoint_id=checkpoint_id, owner_id=key.id)
     files = ckpt.manifest.get("files", {})
     if name not in artifacts.listed_files(ckpt):  # a dictionary lookup, never a path join first
         raise ApiError(404, "not_found", f"checkpoint {checkpoint_id} has no file {name!r}")

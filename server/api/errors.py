@@ -16,6 +16,7 @@ from server.services import (
     IllegalTransitionError,
     InvalidInputError,
     NotFoundError,
+    QuotaExceededError,
     ServiceError,
 )
 from server.services.idempotency import IdempotencyConflictError
@@ -77,6 +78,8 @@ def install(app: FastAPI) -> None:
             return error_response(409, "conflict", str(exc), exc.field)
         if isinstance(exc, InvalidInputError):
             return error_response(422, "invalid", str(exc), exc.field)
+        if isinstance(exc, QuotaExceededError):
+            return error_response(429, "too_many_runs", str(exc))
         if isinstance(exc, IdempotencyConflictError):
             return error_response(422, "idempotency_conflict", str(exc), exc.field)
         return error_response(400, "bad_request", str(exc))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from server.api.deps import StateDep
+from server.db import ping
 from server.queue import BrokerUnavailableError
 
 router = APIRouter(tags=["health"])
@@ -21,8 +21,7 @@ def healthz() -> dict[str, str]:
 def readyz(state: StateDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
-        with state.engine.connect() as conn:
-            conn.execute(text("select 1"))
+        ping(state.engine)
         checks["database"] = "ok"
     except Exception as exc:  # any failure to reach it means "not ready"
         checks["database"] = f"unreachable: {type(exc).__name__}"

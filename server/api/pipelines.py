@@ -10,10 +10,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from server.api.deps import KeyDep, StateDep
-from server.api.runs import IdempotencyKey, actor, check_notify_url, resolve
-from server.api.submit import check_quota, create_and_publish
+from server.api.submit import IdempotencyKey, actor, check_notify_url, create_and_publish
 from server.schemas import PipelineCreate, PipelineOut
-from server.services.pipelines import create_pipeline, runs_per_pipeline
+from server.services import submissions
 
 router = APIRouter(prefix="/pipelines", tags=["pipelines"])
 
@@ -39,14 +38,11 @@ def submit_pipeline(
     spec = body.model_dump(mode="json") | {"notify_url": notify}
 
     def create(session: Session) -> tuple[dict[str, Any], list[uuid.UUID]]:
-        check_quota(session, state, key, adding=runs_per_pipeline(body.rounds, len(body.teachers)))
-        model_id, dataset_id = resolve(session, key, model=body.model, dataset=body.dataset)
-        pipeline, runs = create_pipeline(
+        pipeline, runs = submissions.submit_pipeline(
             session,
-            spec=spec,
-            model_id=model_id,
-            dataset_id=dataset_id,
             owner_id=key.id,
+            limit=state.settings.max_active_runs,
+            spec=spec,
             actor=actor(key),
         )
         out = PipelineOut(

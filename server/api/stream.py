@@ -17,12 +17,13 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query, Request
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.api.deps import KeyDep, ReadSession, StateDep
-from server.db import FINISHED, ApiKey, MetricPoint, Run
+from server.db import FINISHED, Run
+from server.services import get_run
+from server.services.queries import live_run, points_from
 
 router = APIRouter(tags=["metrics"])
 log = logging.getLogger("erpd.api")
@@ -51,8 +52,6 @@ async def stream(
     key: KeyDep,
     since_step: Annotated[int, Query(ge=-1, description="Send points after this step.")] = -1,
 ) -> EventSourceResponse:
-    from server.services import get_run
-
     get_run(session, run_id=run_id, owner_id=key.id)  # 404 before the stream opens
     session.close()
     last: dict[str, int] = {}  # the last step sent, per metric
@@ -63,18 +62,10 @@ async def stream(
     def poll() -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         nonlocal cursor
         with state.reads() as s:
-            live_key = s.get(ApiKey, key.id)
-            if live_key is None or live_key.revoked_at is not None:
-                return None  # the key was revoked while streaming: stop
-            run = s.get(Run, run_id)
-            if run is None:
+            run = live_run(s, run_id=run_id, key_id=key.id)
+            if run is None:  # the key was revoked while streaming, or the run is gone: stop
                 return None
-            rows = s.execute(
-                select(MetricPoint.name, MetricPoint.step, MetricPoint.value)
-                .where(MetricPoint.run_id == run_id, MetricPoint.step >= cursor)
-                .order_by(MetricPoint.step, MetricPoint.name)
-                .limit(MAX_POINTS_PER_EVENT * 2)
-            ).all()
+            rows = points_from(s, run_id=run_id, step=cursor, limit=MAX_POINTS_PER_EVENT * 2)
             points: list[dict[str, Any]] = []
             for name, step, value in rows:
                 if len(points) == MAX_POINTS_PER_EVENT:

@@ -1,39 +1,46 @@
-"""Create-then-publish: runs are committed first, their messages published after the commit."""
+"""Create-then-publish: runs are committed first, their messages published after the commit.
+
+Shared by the two routes that create runs (POST /runs, POST /pipelines): the Idempotency-Key
+header, the webhook allow-list, and who the audit trail names as the actor.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Header, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, select
+from pydantic import HttpUrl
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.api.deps import AppState
 from server.api.errors import ApiError
-from server.db import ApiKey, Run, RunStatus
+from server.db import ApiKey
 from server.services import idempotency, outbox
+from server.settings import Settings
 
 Creator = Callable[[Session], tuple[dict[str, Any], Sequence[uuid.UUID]]]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=200, description="Retry-safe submission."),
+]
 
 
-def check_quota(session: Session, state: AppState, key: ApiKey, adding: int) -> None:
-    """429 past the key's active-run limit. The key's row is locked first, so one key's
-    concurrent submissions count one after another (SQLite: BEGIN IMMEDIATE does the same)."""
-    session.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
-    active = session.scalar(
-        select(func.count())
-        .select_from(Run)
-        .where(Run.owner_id == key.id, Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]))
-    )
-    limit = state.settings.max_active_runs
-    if (active or 0) + adding > limit:
+def actor(key: ApiKey) -> str:
+    return f"api:{key.prefix}"
+
+
+def check_notify_url(settings: Settings, url: HttpUrl | None) -> str | None:
+    if url is None:
+        return None
+    if url.host not in settings.webhook_hosts:
         raise ApiError(
-            429, "too_many_runs", f"{active} runs queued or running for this key (limit {limit})"
+            422, "invalid", f"notify_url: host {url.host!r} is not on the allow-list", "notify_url"
         )
+    return str(url)
 
 
 def publish_ready(state: AppState, run_ids: Sequence[uuid.UUID]) -> None:

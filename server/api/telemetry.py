@@ -11,12 +11,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.deps import AppState, KeyDep, StateDep
 from server.api.errors import ApiError
-from server.db import Run, RunStatus
+from server.db import RunStatus
+from server.services.queries import runs_by_status
 
 router = APIRouter(tags=["health"])
 
@@ -30,9 +30,7 @@ class _StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         runs = GaugeMetricFamily("erpd_runs", "Runs by status.", labels=["status"])
         with self.state.reads() as session:
-            counts = dict(
-                session.execute(select(Run.status, func.count()).group_by(Run.status)).all()
-            )
+            counts = runs_by_status(session)
         for status in RunStatus:
             runs.add_metric([status.value], counts.get(status, 0))
         yield runs

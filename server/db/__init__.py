@@ -23,7 +23,13 @@ from server.db.models import (
     RunTag,
     RunTeacher,
 )
-from server.db.session import make_engine, read_session_factory, session_factory, transaction
+from server.db.session import (
+    make_engine,
+    ping,
+    read_session_factory,
+    session_factory,
+    transaction,
+)
 
 __all__ = [
     "FINISHED",
@@ -45,6 +51,7 @@ __all__ = [
     "RunTag",
     "RunTeacher",
     "make_engine",
+    "ping",
     "read_session_factory",
     "session_factory",
     "transaction",

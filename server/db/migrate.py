@@ -1,7 +1,7 @@
 """Run the Alembic migrations in `migrations/` programmatically (`erpd-hub migrate`, tests).
 
-`migrations/` sits at the repository root (DESIGN.md), so this needs a source checkout or an
-image that copies the tree, as the editable install and the Dockerfile do.
+`migrations/` sits at the repository root (docs/architecture.md), so this needs a source checkout
+or an image that copies the tree, as the editable install and the Dockerfile do.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """The service layer: every read and write of the run store, as functions with keyword-only
 arguments that take a Session and never commit (the caller owns the transaction)."""
 
-from server.services.checkpoints import register_checkpoint
+from server.services.checkpoints import get_checkpoint, list_checkpoints, register_checkpoint
 from server.services.errors import (
     ConflictError,
     IllegalTransitionError,
     InvalidInputError,
     NotFoundError,
+    QuotaExceededError,
     ServiceError,
     StaleAttemptError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "NotFoundError",
     "Page",
     "Point",
+    "QuotaExceededError",
     "Reaped",
     "ServiceError",
     "StaleAttemptError",
@@ -43,8 +45,10 @@ __all__ = [
     "create_run",
     "ensure_builtins",
     "fail_run",
+    "get_checkpoint",
     "get_run",
     "heartbeat",
+    "list_checkpoints",
     "list_runs",
     "metric_series",
     "record_metrics",

@@ -1,4 +1,5 @@
-"""Registering committed checkpoints (the worker calls this after the manifest is written)."""
+"""Registering committed checkpoints (the worker calls this after the manifest is written), and
+reading them as a key that may only see its own runs' checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.db import Checkpoint, CheckpointRole, utcnow
-from server.services.errors import InvalidInputError
+from server.services.errors import InvalidInputError, NotFoundError
+from server.services.runs import get_run
 from server.services.transitions import running_attempt
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -70,4 +72,31 @@ def register_checkpoint(
     )
     session.add(ckpt)
     session.flush()
+    return ckpt
+
+
+def list_checkpoints(
+    session: Session, *, run_id: uuid.UUID, owner_id: uuid.UUID | None = None
+) -> list[Checkpoint]:
+    """The run's checkpoints in step order (with `owner_id`, another key's run is not found)."""
+    get_run(session, run_id=run_id, owner_id=owner_id)
+    return list(
+        session.scalars(
+            select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.step)
+        )
+    )
+
+
+def get_checkpoint(
+    session: Session, *, checkpoint_id: uuid.UUID, owner_id: uuid.UUID | None = None
+) -> Checkpoint:
+    """The checkpoint, or NotFoundError; with `owner_id`, another key's checkpoint reads exactly
+    like a missing one (the error names the checkpoint, never its run)."""
+    ckpt = session.get(Checkpoint, checkpoint_id)
+    if ckpt is None:
+        raise NotFoundError("checkpoint", checkpoint_id)
+    try:
+        get_run(session, run_id=ckpt.run_id, owner_id=owner_id)
+    except NotFoundError as exc:
+        raise NotFoundError("checkpoint", checkpoint_id) from exc
     return ckpt

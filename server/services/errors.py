@@ -51,3 +51,7 @@ class InvalidInputError(ServiceError):  # 422
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class QuotaExceededError(ServiceError):  # 429
+    """A key asked for more queued or running runs than its limit (ERPD_MAX_ACTIVE_RUNS)."""

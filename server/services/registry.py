@@ -81,3 +81,23 @@ def find_dataset(session: Session, *, name: str, owner_id: uuid.UUID) -> Dataset
             Dataset.name == name, or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id)
         )
     ).first()
+
+
+def find_by_id(session: Session, table: type[Entry], *, entry_id: uuid.UUID) -> Entry | None:
+    return session.get(table, entry_id)
+
+
+def list_models(session: Session) -> list[Model]:
+    """Every registered model (models are shared by all keys), by name."""
+    return list(session.scalars(select(Model).order_by(Model.name)))
+
+
+def list_datasets(session: Session, *, owner_id: uuid.UUID) -> list[Dataset]:
+    """The datasets this key may name: the shared ones and its own uploads, by name."""
+    return list(
+        session.scalars(
+            select(Dataset)
+            .where(or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id))
+            .order_by(Dataset.name)
+        )
+    )

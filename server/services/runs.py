@@ -138,7 +138,7 @@ def _teachers(
             )
         if teacher.status in (RunStatus.FAILED, RunStatus.CANCELLED):
             raise InvalidInputError(f"teacher_ids.{i}", f"run {tid} is {teacher.status}")
-        # the teachers were trained from the same base on the same fixed batch (METHOD.md)
+        # the teachers were trained from the same base on the same fixed batch (docs/method.md)
         if teacher.model_id != model_id or teacher.dataset_id != dataset_id:
             raise InvalidInputError(f"teacher_ids.{i}", f"run {tid} has another model or dataset")
         teachers.append(teacher)
@@ -173,8 +173,8 @@ def _check_batch(
 
 
 def _same_policy(base_run_id: uuid.UUID | None, batch: Run | None, teachers: Sequence[Run]) -> None:
-    """A stage's batch and teachers come from the policy it starts from (METHOD.md: the fixed
-    batch is sampled from pi_k, the teachers are trained from pi_k on it)."""
+    """A stage's batch and teachers come from the policy it starts from (docs/method.md: the
+    fixed batch is sampled from pi_k, the teachers are trained from pi_k on it)."""
     if batch is not None and batch.base_run_id != base_run_id:
         raise InvalidInputError(
             "batch_run_id", f"run {batch.id} was sampled from another base than this run's"
@@ -241,6 +241,59 @@ def _link(session: Session, teacher: Run, *, position: int) -> RunTeacher:
     return link
 
 
+def _check_ids_and_limits(
+    session: Session,
+    *,
+    model_id: uuid.UUID,
+    dataset_id: uuid.UUID,
+    max_attempts: int,
+    round: int,
+    gpu: int | None,
+) -> None:
+    if session.get(Model, model_id) is None:
+        raise InvalidInputError("model_id", f"model {model_id} not found")
+    if session.get(Dataset, dataset_id) is None:
+        raise InvalidInputError("dataset_id", f"dataset {dataset_id} not found")
+    if max_attempts < 1:
+        raise InvalidInputError("max_attempts", "must be at least 1")
+    if round < 0:
+        raise InvalidInputError("round", "must be >= 0")
+    if gpu is not None and gpu < 0:
+        raise InvalidInputError("gpu", "must be >= 0")
+
+
+def _check_inputs(
+    session: Session,
+    *,
+    kind: RunKind,
+    model_id: uuid.UUID,
+    dataset_id: uuid.UUID,
+    config: dict[str, Any],
+    teacher_ids: Sequence[uuid.UUID],
+    batch_run_id: uuid.UUID | None,
+    base_run_id: uuid.UUID | None,
+) -> tuple[list[Run], str | None]:
+    """The runs a new run reads (teachers, batch, base), each checked in that order and locked
+    FOR SHARE; returns the teachers and the base's pinned sha256 (None while it runs)."""
+    teachers = _teachers(
+        session,
+        kind=kind,
+        teacher_ids=teacher_ids,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        config=config,
+    )
+    batch = None
+    if batch_run_id is not None:
+        batch = _check_batch(
+            session, batch_run_id, kind=kind, model_id=model_id, dataset_id=dataset_id
+        )
+    _same_policy(base_run_id, batch, teachers)
+    if base_run_id is None:
+        return teachers, None
+    return teachers, _check_base(session, base_run_id, model_id=model_id, dataset_id=dataset_id)
+
+
 def create_run(
     session: Session,
     *,
@@ -270,33 +323,24 @@ def create_run(
     now = now or utcnow()
     kind = RunKind(kind)
     normalised = validate_run_config(kind, config)
-    if session.get(Model, model_id) is None:
-        raise InvalidInputError("model_id", f"model {model_id} not found")
-    if session.get(Dataset, dataset_id) is None:
-        raise InvalidInputError("dataset_id", f"dataset {dataset_id} not found")
-    if max_attempts < 1:
-        raise InvalidInputError("max_attempts", "must be at least 1")
-    if round < 0:
-        raise InvalidInputError("round", "must be >= 0")
-    if gpu is not None and gpu < 0:
-        raise InvalidInputError("gpu", "must be >= 0")
-    teachers = _teachers(
+    _check_ids_and_limits(
+        session,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        max_attempts=max_attempts,
+        round=round,
+        gpu=gpu,
+    )
+    teachers, base_sha256 = _check_inputs(
         session,
         kind=kind,
-        teacher_ids=teacher_ids,
         model_id=model_id,
         dataset_id=dataset_id,
         config=normalised,
+        teacher_ids=teacher_ids,
+        batch_run_id=batch_run_id,
+        base_run_id=base_run_id,
     )
-    batch = None
-    if batch_run_id is not None:
-        batch = _check_batch(
-            session, batch_run_id, kind=kind, model_id=model_id, dataset_id=dataset_id
-        )
-    _same_policy(base_run_id, batch, teachers)
-    base_sha256 = None
-    if base_run_id is not None:
-        base_sha256 = _check_base(session, base_run_id, model_id=model_id, dataset_id=dataset_id)
     run = Run(
         gpu=gpu,
         base_run_id=base_run_id,
@@ -412,7 +456,12 @@ def list_runs(
     return Page(items=items, next_cursor=_encode_cursor(items[-1]) if more else None)
 
 
-def run_events(session: Session, *, run_id: uuid.UUID) -> list[RunEvent]:
+def run_events(
+    session: Session, *, run_id: uuid.UUID, owner_id: uuid.UUID | None = None
+) -> list[RunEvent]:
+    """The run's audit trail, oldest first (with `owner_id`, another key's run is not found)."""
+    if owner_id is not None:
+        get_run(session, run_id=run_id, owner_id=owner_id)
     return list(
         session.scalars(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
     )
