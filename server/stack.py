@@ -1,4 +1,5 @@
-"""`erpd-hub up`: the embedded stack as child processes, supervised.
+"""`erpd-hub up`: the embedded stack as child processes, supervised; and the one supervisor that
+`up`, `demo`, `worker` and `dashboard` all run their child processes under.
 
 Migrations run first, in this process. Then the API, one worker command (CPU, or one per GPU with
 `--gpus`), the reaper and the dashboard start as the same `erpd-hub` commands a production
@@ -27,7 +28,7 @@ import httpx
 from server.settings import Settings
 
 EXE = Path(sys.executable).with_name("erpd-hub")
-GRACE_S = 30.0  # the message in server/cli.py supervise() says so
+GRACE_S = 30.0  # the message in server/cli/app.py run_stack() says so
 
 
 def ensure_key(settings: Settings) -> str:
@@ -56,25 +57,45 @@ def ensure_key(settings: Settings) -> str:
 
 @dataclass
 class Supervisor:
-    """Child processes, each in a process group of its own: a Ctrl-C in the terminal reaches
-    only this process, which stops them in order (SIGTERM, then SIGKILL to the whole group after
-    a grace period, so a worker's Celery processes never outlive it)."""
+    """Child processes, watched until a signal stops them or one of them dies.
+
+    Detached children (the stack's `erpd-hub` commands) each get a process group of their own:
+    a Ctrl-C in the terminal reaches only this process, which stops them in order (SIGTERM, then
+    SIGKILL to the whole group after a grace period, so a worker's Celery processes never outlive
+    it). Attached children (`worker`'s Celery processes, `dashboard`'s Streamlit) share this
+    process's group, so whoever stops the group stops them too: a signal this process gets is
+    passed on to them, and they get as long as they need to stop (a warm Celery shutdown
+    finishes the stage it runs)."""
 
     env: dict[str, str]
     log_dir: Path | None = None  # None: the children write to this terminal
+    detached: bool = True
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
     signalled: bool = False  # stopped by SIGINT/SIGTERM, not by the code that runs the stack
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
-        argv, env = [str(EXE), *args], env or self.env
+        """An `erpd-hub` command (this installation's) as a child."""
+        self.spawn(name, [str(EXE), *args], env=env)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Any program as a child; a name already taken gets a number (`worker --gpus 0,0`)."""
+        key, n = name, 1
+        while key in self.children:
+            n += 1
+            key = f"{name}#{n}"
+        env = env or self.env
         if self.log_dir is None:
-            self.children[name] = subprocess.Popen(argv, env=env, start_new_session=True)
+            self.children[key] = subprocess.Popen(argv, env=env, start_new_session=self.detached)
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with self.log(name).open("wb") as log:  # this session's output only
-            self.children[name] = subprocess.Popen(
-                argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        with self.log(key).open("wb") as log:  # this session's output only
+            self.children[key] = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.detached,
             )
 
     def log(self, name: str) -> Path:
@@ -92,12 +113,23 @@ class Supervisor:
         return f"the {name} process {how}{last} (log: {self.log(name)}); everything was stopped"
 
     def handle_signals(self) -> None:
-        def on_signal(*_: object) -> None:
+        """SIGINT and SIGTERM stop the watch; attached children get the same signal at once
+        (only this process may have been signalled). Call it after starting attached children:
+        a signal that came before them would reach none of them."""
+
+        def on_signal(signum: int, _frame: object) -> None:
             self.signalled = True
+            if not self.detached:
+                self.forward(signum)
             self.stopping.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+
+    def forward(self, signum: int) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
 
     def dead(self) -> str | None:
         return next((n for n, c in self.children.items() if c.poll() is not None), None)
@@ -110,10 +142,17 @@ class Supervisor:
                 return name
         return None if self.signalled else self.dead()
 
+    def wait(self) -> dict[str, int]:
+        """Each child's exit code, once every child has exited."""
+        return {name: child.wait() for name, child in self.children.items()}
+
     def stop(self) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        """SIGTERM to every child still running; attached children are then awaited however
+        long they take, detached ones get GRACE_S before their whole group is killed."""
+        self.forward(signal.SIGTERM)
+        if not self.detached:
+            self.wait()
+            return
         deadline = time.monotonic() + GRACE_S
         for child in self.children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
