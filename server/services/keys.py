@@ -58,3 +58,13 @@ def revoke_api_key(session: Session, *, key_id: uuid.UUID, now: datetime | None 
         key.revoked_at = now or utcnow()
     session.flush()
     return key
+
+
+def find_api_keys(session: Session, *, id_or_prefix: str) -> list[ApiKey]:
+    """The keys an operator means by a key's id or its shown prefix (`erpd_...`): the caller
+    decides what none, or more than one, means."""
+    try:
+        match = ApiKey.id == uuid.UUID(id_or_prefix)
+    except ValueError:
+        match = ApiKey.prefix == id_or_prefix
+    return list(session.scalars(select(ApiKey).where(match)))

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from erpd import metrics as M
 from erpd_hub.client import ApiClient, ApiError
-from server.cli_client import Key
+from server.cli.app import Key, app, connect, err, fail, guarded, load_spec, run_stack, say
+from server.settings import get_settings
 
 if TYPE_CHECKING:
     from server.stack import Stack
@@ -151,7 +153,7 @@ class Follower:
                 "this pipeline again; --again, or DEMO_ARGS=--again, submits a new one)"
             )
         if run["kind"] == "sample":
-            reward = run["summary"].get("reward/mean")
+            reward = run["summary"].get(M.REWARD_MEAN)
             self.say(f"[{label}] succeeded: mean reward of the fixed batch {_fmt(reward)}")
         else:
             self.say(
@@ -171,14 +173,14 @@ class Follower:
         evals = []
         for p in sorted(points, key=lambda p: p["step"]):
             latest[p["name"]] = p["value"]
-            if p["name"] == "acc/eval":
+            if p["name"] == M.ACC_EVAL:
                 evals.append((p["step"], dict(latest)))
         for step, seen in evals:
             of = f"/{total}" if total else ""
             self.say(
-                f"[{label}] step {step}{of}: eval accuracy {_fmt(seen.get('acc/eval'))}, "
-                f"KL {_fmt(seen.get('kl/exact'), '.4f')}, "
-                f"entropy {_fmt(seen.get('entropy/token'))}"
+                f"[{label}] step {step}{of}: eval accuracy {_fmt(seen.get(M.ACC_EVAL))}, "
+                f"KL {_fmt(seen.get(M.KL_EXACT), '.4f')}, "
+                f"entropy {_fmt(seen.get(M.ENTROPY_TOKEN))}"
             )
 
     def _table(self, runs: list[dict[str, Any]], rounds: int) -> None:
@@ -186,16 +188,16 @@ class Follower:
         rows: list[tuple[str, float | None, float | None, float | None, float | None]] = []
         first_teacher = next((r for r in runs if r["kind"] == "stage1"), None)
         if first_teacher is not None:  # the base: the first teacher's evaluation at step 0
-            names = ["acc/eval", "acc/eval_sampled"]
+            names = [M.ACC_EVAL, M.ACC_EVAL_SAMPLED]
             found = self.api.metrics(first_teacher["id"], names=names, max_points=100_000)
             at_zero = {s["name"]: s["values"][0] for s in found["series"] if s["steps"][:1] == [0]}
             if at_zero:
                 rows.append(
-                    ("base", at_zero.get("acc/eval"), at_zero.get("acc/eval_sampled"), 0.0, None)
+                    ("base", at_zero.get(M.ACC_EVAL), at_zero.get(M.ACC_EVAL_SAMPLED), 0.0, None)
                 )
         for r in runs:
             if r["kind"] != "sample":
-                sampled = r["summary"].get("acc/eval_sampled")
+                sampled = r["summary"].get(M.ACC_EVAL_SAMPLED)
                 rows.append(
                     (role(r, rounds), r["final_accuracy"], sampled, r["kl_spent"], r["entropy"])
                 )
@@ -218,94 +220,100 @@ class Follower:
             )
 
 
-def register(app: typer.Typer) -> None:
-    from server.cli import _fail, _guard, err, say, supervise
-    from server.cli_client import _connect, load_spec
-    from server.settings import get_settings
+@app.command()
+@guarded
+def demo(
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Exit once the pipeline succeeded (CI mode).")
+    ] = False,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where the student's model folder goes.")
+    ] = Path("runs/demo"),
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(help="Another pipeline (YAML, as `erpd-hub submit` takes)."),
+    ] = None,
+    again: Annotated[
+        bool, typer.Option("--again", help="Submit a new pipeline even if one ran.")
+    ] = False,
+    api_url: Annotated[
+        str | None,
+        typer.Option("--api-url", help="A running deployment's API (.../api/v1): no local stack."),
+    ] = None,
+    key: Key = None,
+    gpus: Annotated[
+        str | None, typer.Option(help="GPU indices for the worker, e.g. 0,1. None = CPU.")
+    ] = None,
+    dashboard_port: Annotated[
+        int, typer.Option(envvar="ERPD_DASHBOARD_PORT", help="Dashboard port.")
+    ] = 8501,
+) -> None:
+    """Start the embedded stack (unless --api-url names a running one), run the demo ERPD
+    pipeline through it and download the student; the stack then runs until Ctrl-C."""
+    spec = load_spec(pipeline) if pipeline else DEMO_PIPELINE
+    if "kind" in spec:
+        fail(f"{pipeline}: a pipeline, not a run (no `kind`), is what the demo runs", 2)
+    if api_url:  # a running stack (production): just the client's part
+        follower = Follower(connect(api_url, key), spec, out_dir, say, again)
+        follower.run()
+        if follower.error:
+            fail(follower.error)
+        return
+    _on_a_local_stack(
+        spec, out_dir, again=again, no_wait=no_wait, gpus=gpus, dashboard_port=dashboard_port
+    )
 
-    @app.command()
-    def demo(
-        no_wait: Annotated[
-            bool, typer.Option("--no-wait", help="Exit once the pipeline succeeded (CI mode).")
-        ] = False,
-        out_dir: Annotated[
-            Path, typer.Option("--out", help="Where the student's model folder goes.")
-        ] = Path("runs/demo"),
-        pipeline: Annotated[
-            Path | None,
-            typer.Option(help="Another pipeline (YAML, as `erpd-hub submit` takes)."),
-        ] = None,
-        again: Annotated[
-            bool, typer.Option("--again", help="Submit a new pipeline even if one ran.")
-        ] = False,
-        api_url: Annotated[
-            str | None,
-            typer.Option(
-                "--api-url", help="A running deployment's API (.../api/v1): no local stack."
-            ),
-        ] = None,
-        key: Key = None,
-        gpus: Annotated[
-            str | None, typer.Option(help="GPU indices for the worker, e.g. 0,1. None = CPU.")
-        ] = None,
-        dashboard_port: Annotated[
-            int, typer.Option(envvar="ERPD_DASHBOARD_PORT", help="Dashboard port.")
-        ] = 8501,
-    ) -> None:
-        """Start the embedded stack (unless --api-url names a running one), run the demo ERPD
-        pipeline through it and download the student; the stack then runs until Ctrl-C."""
 
-        def body() -> None:
-            spec = load_spec(pipeline) if pipeline else DEMO_PIPELINE
-            if "kind" in spec:
-                _fail(f"{pipeline}: a pipeline, not a run (no `kind`), is what the demo runs", 2)
-            if api_url:  # a running stack (production): just the client's part
-                follower = Follower(_connect(api_url, key), spec, out_dir, say, again)
-                follower.run()
-                if follower.error:
-                    _fail(follower.error)
-                return
-            started: list[Follower] = []
-            stacks: list[Stack] = []
+def _on_a_local_stack(
+    spec: dict[str, Any],
+    out_dir: Path,
+    *,
+    again: bool,
+    no_wait: bool,
+    gpus: str | None,
+    dashboard_port: int,
+) -> None:
+    """Follow the pipeline from a thread while the stack is supervised here; the follow's
+    outcome, or a signal, decides how the command ends."""
+    started: list[Follower] = []
+    stacks: list[Stack] = []
 
-            def on_up(stack: Stack) -> None:
-                say("\n".join([*stack.banner, f"  logs       {stack.supervisor.log_dir}/"]))
-                follower = Follower(ApiClient(stack.api_url, stack.key), spec, out_dir, say, again)
-                started.append(follower)
-                stacks.append(stack)
+    def on_up(stack: Stack) -> None:
+        say("\n".join([*stack.banner, f"  logs       {stack.supervisor.log_dir}/"]))
+        follower = Follower(ApiClient(stack.api_url, stack.key), spec, out_dir, say, again)
+        started.append(follower)
+        stacks.append(stack)
 
-                def follow() -> None:
-                    follower.run()
-                    if follower.error:
-                        # a child that died (and broke the stream) is what to report: give
-                        # the supervisor's watch a moment to find it before stopping
-                        time.sleep(1.0)
-                    if no_wait or follower.error:
-                        stack.supervisor.stopping.set()
-                    else:
-                        say("The stack keeps running: explore it; Ctrl-C stops everything.")
-
-                threading.Thread(target=follow, name="demo-follow", daemon=True).start()
-
-            supervise(
-                on_up,
-                gpus=gpus,
-                dashboard_port=dashboard_port,
-                reap_every=2.0,
-                log_dir=get_settings().home / "logs",
-            )
-            ran = started[0] if started else None
-            if ran is not None and ran.error and not stacks[0].supervisor.signalled:
-                _fail(ran.error)
-            if ran is not None and ran.student_dir is None:
-                err.print(
-                    "erpd-hub: stopped before the pipeline finished; the same command follows "
-                    "it again (a stage that was cut off is requeued once the reaper finds it "
-                    f"silent, after {get_settings().heartbeat_timeout_s:.0f} s)",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+        def follow() -> None:
+            follower.run()
+            if follower.error:
+                # a child that died (and broke the stream) is what to report: give the
+                # supervisor's watch a moment to find it before stopping
+                time.sleep(1.0)
+            if no_wait or follower.error:
+                stack.supervisor.stopping.set()
             else:
-                err.print("erpd-hub: stopped", highlight=False)
+                say("The stack keeps running: explore it; Ctrl-C stops everything.")
 
-        _guard(body)
+        threading.Thread(target=follow, name="demo-follow", daemon=True).start()
+
+    run_stack(
+        on_up,
+        gpus=gpus,
+        dashboard_port=dashboard_port,
+        reap_every=2.0,
+        log_dir=get_settings().home / "logs",
+    )
+    ran = started[0] if started else None
+    if ran is not None and ran.error and not stacks[0].supervisor.signalled:
+        fail(ran.error)
+    if ran is not None and ran.student_dir is None:
+        err.print(
+            "erpd-hub: stopped before the pipeline finished; the same command follows it again "
+            "(a stage that was cut off is requeued once the reaper finds it silent, after "
+            f"{get_settings().heartbeat_timeout_s:.0f} s)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        err.print("erpd-hub: stopped", highlight=False)
