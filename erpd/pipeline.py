@@ -13,8 +13,6 @@ what completed and resumes what was stopped):
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +23,7 @@ from erpd import metrics as M
 from erpd.config import PipelineConfig
 from erpd.errors import ConfigError
 from erpd.evaluate import batch_diagnostics
+from erpd.files import write_json
 from erpd.models import load_policy
 from erpd.progress import ProgressFactory, no_progress
 from erpd.rollout import ROLLOUT_META, RolloutBatch
@@ -208,9 +207,8 @@ def _claim_output_dir(out: Path, cfg: PipelineConfig) -> None:
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} is not empty and holds no erpd pipeline")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".config.json.{os.getpid()}"
-    tmp.write_text(cfg.model_dump_json(indent=2))
-    os.replace(tmp, recorded)  # the latest eval/rounds/device win; the rest is unchanged
+    # the latest eval/rounds/device win; the rest is unchanged
+    write_json(recorded, cfg.model_dump(mode="json"), indent=2)
 
 
 def _finish(
@@ -224,5 +222,5 @@ def _finish(
         "student": str(student),
         "wall_time_s": wall,
     }
-    summary.write_text(json.dumps(body, indent=2))
+    write_json(summary, body, indent=2)
     return PipelineResult(status, rows, student, jsonl.path, summary, wall)

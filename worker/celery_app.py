@@ -1,7 +1,7 @@
 """The Celery app of the workers. Settings come from server/settings.py (ERPD_*).
 
-Reliability is the store's job, not the broker's (DESIGN.md §3): a task claims its run in the
-database, so whatever the broker redelivers runs at most once.
+Reliability is the store's job, not the broker's (docs/architecture.md): a task claims its run in
+the database, so whatever the broker redelivers runs at most once.
 - acks_late + reject_on_worker_lost: a message is acknowledged only when its task returns, so a
   worker killed mid-run leaves it to be redelivered (and the reaper requeues the run anyway).
 - prefetch 1, solo pool: one run at a time per worker, one worker per GPU.
