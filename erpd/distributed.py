@@ -12,8 +12,9 @@ gradient.
 FSDP's all-gathers are collectives: every rank must run the same number of forward passes,
 or one waits forever. `RankPasses` gives a rank its share of the passes and, when it has fewer
 than another rank, filler repeats (weighted zero in a backward); on one process there are none,
-so the code that reads a single-device run can skip that loop. Evals generate on every rank (identical weights, prompts and seeds give identical
-outputs, so their forwards stay in step); only the scoring passes are split.
+so the code that reads a single-device run can skip that loop. Evals generate on every rank
+(identical weights, prompts and seeds give identical outputs, so their forwards stay in step);
+only the scoring passes are split.
 
 Nothing here is called when WORLD_SIZE is unset or 1: a single process runs as it always did.
 """

@@ -15,6 +15,7 @@ from erpd.errors import DataError
 from erpd.tasks.jsonl import load_problems
 from server.api.deps import KeyDep, StateDep
 from server.api.errors import ApiError
+from server.api.registry import registry_out
 from server.db import Dataset, RegistryKind
 from server.schemas import RegistryOut
 from server.services import register
@@ -70,10 +71,4 @@ async def upload_dataset(
             raise
     finally:
         tmp.unlink(missing_ok=True)
-    return RegistryOut(
-        id=entry.id,
-        name=entry.name,
-        kind=entry.kind,
-        metadata=entry.meta,
-        created_at=entry.created_at,
-    )
+    return registry_out(entry)

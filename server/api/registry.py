@@ -12,7 +12,8 @@ from server.services.registry import list_datasets, list_models
 router = APIRouter(tags=["registry"])
 
 
-def _out(entry: Model | Dataset) -> RegistryOut:
+def registry_out(entry: Model | Dataset) -> RegistryOut:
+    """A registered model or dataset as the API shows it (uploads answer with it too)."""
     return RegistryOut(
         id=entry.id,
         name=entry.name,
@@ -24,9 +25,9 @@ def _out(entry: Model | Dataset) -> RegistryOut:
 
 @router.get("/models", response_model=list[RegistryOut], summary="Registered models")
 def models(session: ReadSession, key: KeyDep) -> list[RegistryOut]:
-    return [_out(m) for m in list_models(session)]
+    return [registry_out(m) for m in list_models(session)]
 
 
 @router.get("/datasets", response_model=list[RegistryOut], summary="Your and shared datasets")
 def datasets(session: ReadSession, key: KeyDep) -> list[RegistryOut]:
-    return [_out(d) for d in list_datasets(session, owner_id=key.id)]
+    return [registry_out(d) for d in list_datasets(session, owner_id=key.id)]
