@@ -199,7 +199,7 @@ def measure(
         bf16.pop("batch")
         trl = trl_run(base, Path(tmp) / "trl", args, device)
         model = load_model(base, device)
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        pi_k = copy.deepcopy(model).eval().requires_grad_(False)
         bare = {
             "update_s": bare_loop(model, None, batch, epochs=args.epochs, minibatch=args.minibatch),
             "response_tokens": erpd["response_tokens"],
@@ -208,7 +208,7 @@ def measure(
         model = load_model(base, device)
         bare_ref = dict(bare)
         bare_ref["update_s"] = bare_loop(
-            model, ref, batch, epochs=args.epochs, minibatch=args.minibatch
+            model, pi_k, batch, epochs=args.epochs, minibatch=args.minibatch
         )
     rows = []
     runs = (

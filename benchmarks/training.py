@@ -146,7 +146,7 @@ def batch_tokens(batch: RolloutBatch) -> tuple[int, int]:
 
 def bare_loop(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel | None,
+    pi_k: PreTrainedModel | None,
     batch: RolloutBatch,
     *,
     epochs: int,
@@ -155,7 +155,7 @@ def bare_loop(
     bf16: bool = False,
 ) -> float:
     """The floor: a plain policy-gradient loop over the same minibatches, with the same work per
-    step (policy forward + backward, a no-grad reference forward when `ref_model` is given, an
+    step (policy forward + backward, a no-grad pi_k forward when `pi_k` is given, an
     AdamW step) and nothing else. Returns the seconds it took."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -170,9 +170,9 @@ def bare_loop(
                 lp = token_logprobs(response_logits(model, mb), response_targets(mb))
                 mask = mb.response_mask
                 loss = -(lp * adv[:, None] * mask).sum() / mask.sum().clamp_min(1)
-                if ref_model is not None:
+                if pi_k is not None:
                     with torch.no_grad():
-                        response_logits(ref_model, mb)
+                        response_logits(pi_k, mb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -70,16 +70,16 @@ def s1_inputs(
     *,
     advantages: list[float],
     mask: list[list[float]] | None = None,
-    old: Tensor | None = None,
-    ref: Tensor | None = None,
+    pi_old: Tensor | None = None,
+    pi_k: Tensor | None = None,
     rewards: list[float] | None = None,
     pi_0: Tensor | None = None,
 ) -> Stage1Inputs:
     base = logprobs.detach()
     return Stage1Inputs(
         logprobs=logprobs,
-        pi_old_logprobs=base.clone() if old is None else old,
-        pi_k_logprobs=base.clone() if ref is None else ref,
+        pi_old_logprobs=base.clone() if pi_old is None else pi_old,
+        pi_k_logprobs=base.clone() if pi_k is None else pi_k,
         mask=torch.ones_like(base) if mask is None else t(mask),
         advantages=t(advantages),
         rewards=t(rewards if rewards is not None else [1.0 if a > 0 else 0.0 for a in advantages]),
@@ -266,8 +266,8 @@ def test_every_objective_follows_the_contract(name: str) -> None:
         lp,
         advantages=[1.0, -1.0],
         mask=[[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]],
-        old=t([[-0.6, -1.1, -2.0], [-0.2, -2.5, -0.7]]),
-        ref=t([[-0.7, -0.9, -2.0], [-0.3, -2.0, -0.8]]),
+        pi_old=t([[-0.6, -1.1, -2.0], [-0.2, -2.5, -0.7]]),
+        pi_k=t([[-0.7, -0.9, -2.0], [-0.3, -2.0, -0.8]]),
         rewards=[1.0, 0.0],
     )
     loss, metrics = STAGE1_OBJECTIVES[name](x, Stage1Config(objective=name))  # type: ignore[arg-type]
@@ -309,7 +309,7 @@ def test_sapo_gate_away_from_ratio_one() -> None:
     # A = +1, tau 1:    g = 4 * sigmoid(0.105171) = 2.105074
     # A = -1, tau 1.05: g = (4/1.05) * sigmoid(1.05 * 0.105171) = 2.009826
     # loss = -(2.105074 - 2.009826) / 2 = -0.047624
-    x = s1_inputs(leaf([[0.1], [0.1]]), advantages=[1.0, -1.0], old=t([[0.0], [0.0]]))
+    x = s1_inputs(leaf([[0.1], [0.1]]), advantages=[1.0, -1.0], pi_old=t([[0.0], [0.0]]))
     loss, _ = stage1_loss(x, Stage1Config(objective="sapo"))
     close(loss, -0.047624)
 
@@ -336,7 +336,7 @@ def test_grpo_clips_only_in_the_direction_of_the_advantage() -> None:
     # loss = -(1.28 + 0.5 + 1.25 - 0.8 - 1.5 - 0.8) / 6 = 0.07 / 6 = 0.011667
     ratios = [[1.5, 0.5, 1.25], [0.5, 1.5, 0.78]]
     lp = leaf([[math.log(v) for v in row] for row in ratios])
-    x = s1_inputs(lp, advantages=[1.0, -1.0], old=torch.zeros(2, 3), ref=torch.zeros(2, 3))
+    x = s1_inputs(lp, advantages=[1.0, -1.0], pi_old=torch.zeros(2, 3), pi_k=torch.zeros(2, 3))
     loss, _ = stage1_loss(x, Stage1Config(objective="grpo"))
     close(loss, 0.011667)
     loss.backward()
@@ -380,8 +380,8 @@ def test_mse_by_hand() -> None:
     # beta 0.1: 0.05 and -0.1; minus A = [1, -0.5]: residuals -0.95, 0.4
     # loss = (0.9025 + 0.16) / 2 = 0.53125 (mean over responses, not tokens)
     lp = leaf([[-0.5, -1.0], [-2.0, -3.0]])
-    ref = t([[-1.0, -1.0], [-1.0, -1.0]])
-    x = s1_inputs(lp, advantages=[1.0, -0.5], mask=[[1.0, 1.0], [1.0, 0.0]], ref=ref)
+    pi_k = t([[-1.0, -1.0], [-1.0, -1.0]])
+    x = s1_inputs(lp, advantages=[1.0, -0.5], mask=[[1.0, 1.0], [1.0, 0.0]], pi_k=pi_k)
     loss, _ = stage1_loss(x, Stage1Config(objective="mse"))
     close(loss, 0.53125)
     # d/d log pi = 2 * residual * beta / B on masked tokens: row 0 -0.095, row 1 0.04
@@ -393,8 +393,8 @@ def test_mse_by_hand() -> None:
 def test_mse_beta_is_used() -> None:
     # beta 0.5: 0.25 - 1 = -0.75 -> 0.5625; -0.5 + 0.5 = 0 -> 0; mean 0.28125
     lp = leaf([[-0.5, -1.0], [-2.0, -3.0]])
-    ref = t([[-1.0, -1.0], [-1.0, -1.0]])
-    x = s1_inputs(lp, advantages=[1.0, -0.5], mask=[[1.0, 1.0], [1.0, 0.0]], ref=ref)
+    pi_k = t([[-1.0, -1.0], [-1.0, -1.0]])
+    x = s1_inputs(lp, advantages=[1.0, -0.5], mask=[[1.0, 1.0], [1.0, 0.0]], pi_k=pi_k)
     loss, _ = stage1_loss(x, Stage1Config(objective="mse", mse_beta=0.5))
     close(loss, 0.28125)
 
@@ -407,7 +407,7 @@ def test_mse_uses_pi_0_logprobs_when_given() -> None:
         lp,
         advantages=[1.0, -0.5],
         mask=[[1.0, 1.0], [1.0, 0.0]],
-        ref=t([[-1.0, -1.0], [-1.0, -1.0]]),
+        pi_k=t([[-1.0, -1.0], [-1.0, -1.0]]),
         pi_0=t([[-0.5, -0.5], [-2.0, -2.0]]),
     )
     loss, _ = stage1_loss(x, Stage1Config(objective="mse"))
@@ -419,7 +419,7 @@ def test_kl_coef_adds_coef_times_k3() -> None:
     # k3 = 1/2 - 1 + ln 2 = 0.193147, k1 = ln 2
     # kl_coef 0.5: 0.693147 + 0.5 * 0.193147 = 0.789721
     lp = leaf([[math.log(0.5)]])
-    x = s1_inputs(lp, advantages=[1.0], ref=t([[math.log(0.25)]]))
+    x = s1_inputs(lp, advantages=[1.0], pi_k=t([[math.log(0.25)]]))
     loss, metrics = stage1_loss(x, Stage1Config(objective="ce_weighted", kl_coef=0.5))
     close(loss, 0.789721)
     close(metrics[M.LOSS], 0.789721)
@@ -431,7 +431,7 @@ def test_kl_coef_adds_coef_times_k3() -> None:
     close(lp.grad, [[-0.75]])
     # without the penalty the loss is the objective alone, and k3 is still reported
     loss0, metrics0 = stage1_loss(
-        s1_inputs(leaf([[math.log(0.5)]]), advantages=[1.0], ref=t([[math.log(0.25)]])),
+        s1_inputs(leaf([[math.log(0.5)]]), advantages=[1.0], pi_k=t([[math.log(0.25)]])),
         Stage1Config(objective="ce_weighted"),
     )
     close(loss0, 0.693147)
