@@ -27,7 +27,7 @@ from erpd.files import write_json
 from erpd.models import load_policy
 from erpd.progress import ProgressFactory, no_progress
 from erpd.rollout import ROLLOUT_META, RolloutBatch
-from erpd.spec import StageSpec, fixed_batch, tiny_base
+from erpd.spec import StageSpec, sample_batch, tiny_base
 from erpd.stage import StageEnv, StageResult
 
 
@@ -96,7 +96,7 @@ def _sample(k: int, pi_k: Path, out: Path, cfg: PipelineConfig, env: StageEnv) -
     path = out / f"round-{k}" / "batch"
     if (path / ROLLOUT_META).is_file():
         return RolloutBatch.load(path)
-    batch = fixed_batch(pi_k, path, cfg, env, k)
+    batch = sample_batch(pi_k, path, cfg, env, k)
     env.sink.log(f"round-{k}/sample", 0, {M.REWARD_MEAN: batch.rewards.mean().item()})
     return batch
 
@@ -117,6 +117,9 @@ class _Round:
     ) -> StageResult:
         """The stage `name` of this round, unless it finished in an earlier invocation."""
         run_dir = self.out / f"round-{self.k}" / name
+        done = StageResult.finished(run_dir)
+        if done is not None:
+            return done
         spec = StageSpec(
             stage=stage,
             pipeline=self.cfg.model_dump(mode="json"),
@@ -127,7 +130,7 @@ class _Round:
             run=f"round-{self.k}/{name}",
             **extra,
         )
-        return StageResult.finished(run_dir) or spec.run_stage(env, self.batch)
+        return spec.run_stage(env, self.batch)
 
 
 def run_pipeline(
