@@ -5,13 +5,20 @@ served only if the checkpoint's manifest lists it: a request's name is a diction
 path. Symlinks are refused (lstat, O_NOFOLLOW), so nothing outside the checkpoint can be read
 through one. The tar is laid out deterministically (sorted names, fixed owner and mtime), so its
 length is known before streaming and a byte range of it can be produced without building it.
+
+Giving space back: a run's directory (`<artifacts>/runs/<run id hex>/`) is first moved into
+`<artifacts>/.trash/` with one rename (atomic: nothing ever sees it half deleted), then removed;
+whatever a crash leaves in the trash is emptied by the reaper's next retention pass.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import stat
 import tarfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +28,9 @@ from server.db import Checkpoint
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 BLOCK = 512
+RUNS = "runs"
+TRASH = ".trash"
+_RUN_DIR = re.compile(r"^[0-9a-f]{32}$")
 
 
 class DamagedCheckpointError(Exception):
@@ -115,21 +125,87 @@ def _read_file(path: Path, start: int, length: int) -> Iterator[bytes]:
             yield chunk
 
 
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class UnsatisfiableRangeError(ValueError):
+    """A well-formed range that selects no byte of the body: 416 (RFC 9110, section 15.5.17)."""
+
+
 def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
-    """(start, end) inclusive for one `bytes=` range; None = whole body. ValueError = 416."""
+    """(start, end) inclusive for one `bytes=` range; None = send the whole body (no Range, a
+    unit other than bytes, several ranges, or a malformed one: RFC 9110 has a server ignore a
+    Range it cannot parse). UnsatisfiableRangeError = 416."""
     if header is None:
         return None
-    unit, _, spec = header.partition("=")
-    if unit.strip() != "bytes" or "," in spec:
-        return None  # unknown units and multipart ranges: send the whole body (RFC 9110)
-    first, _, last = spec.strip().partition("-")
+    match = _RANGE.match(header.strip().replace(" ", ""))
+    if match is None or not (match[1] or match[2]):
+        return None
+    first, last = match[1], match[2]
     if not first:  # suffix: the last N bytes
-        if not last.isdigit() or int(last) == 0:
-            raise ValueError(header)
+        if int(last) == 0 or total == 0:
+            raise UnsatisfiableRangeError(header)
         return max(0, total - int(last)), total - 1
-    if not first.isdigit() or (last and not last.isdigit()):
-        raise ValueError(header)
-    start, end = int(first), int(last) if last else total - 1
-    if start >= total or end < start:
-        raise ValueError(header)
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid (last-pos before first-pos): ignored, not refused
+    if start >= total:
+        raise UnsatisfiableRangeError(header)
+    end = int(last) if last else total - 1
     return start, min(end, total - 1)
+
+
+def run_dir(root: Path, run_id: uuid.UUID) -> Path:
+    """Where a run's batch, checkpoints and resume points live (the worker writes there)."""
+    return root / RUNS / run_id.hex
+
+
+def run_dirs(root: Path) -> list[tuple[uuid.UUID, Path]]:
+    """Every run directory on disk, with the run id its name is (anything else is left alone)."""
+    try:
+        entries = list(os.scandir(root / RUNS))
+    except FileNotFoundError:
+        return []
+    return [
+        (uuid.UUID(hex=e.name), Path(e.path))
+        for e in entries
+        if _RUN_DIR.match(e.name) and e.is_dir(follow_symlinks=False)
+    ]
+
+
+def discard(root: Path, directory: Path) -> Path | None:
+    """Move `directory` (under `root`) into the trash with one rename; None if it is not there.
+    Returns where it went, for `restore` or `empty`."""
+    trash = root / TRASH
+    trash.mkdir(parents=True, exist_ok=True)
+    target = trash / f"{directory.parent.name}-{directory.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(directory, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
+def restore(discarded: Path | None, directory: Path) -> None:
+    """Undo `discard` (the transaction that deleted its rows did not commit)."""
+    if discarded is not None:
+        os.rename(discarded, directory)
+
+
+def empty(discarded: Path | None) -> None:
+    if discarded is not None:
+        shutil.rmtree(discarded, ignore_errors=True)
+
+
+def empty_trash(root: Path) -> int:
+    """Remove what is left in the trash (a process died between the move and the removal)."""
+    try:
+        entries = list(os.scandir(root / TRASH))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+    return len(entries)

@@ -20,8 +20,14 @@ from erpd.config import (
 )
 from server.db import RunKind
 
+# the hold-out of an uploaded dataset when a run does not set task.eval_size (erpd's default)
+JSONL_EVAL_SIZE = 200
+
 
 class _Strict(BaseModel):
+    """Unknown keys are refused; the API also validates request bodies as strict JSON
+    (server/api/strict.py), so `"epochs": "3"` or `true` is refused, not coerced."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -30,6 +36,14 @@ class TaskOptions(_Strict):
         None, description="Knobs of the built-in arithmetic task (ignored by JSONL datasets)."
     )
     max_new_tokens: int | None = Field(None, ge=1, le=4096, description="Response length cap.")
+    eval_size: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description=f"Uploaded (JSONL) datasets: distinct prompts held out for evaluation (None = "
+        f"{JSONL_EVAL_SIZE}); the rest are the training prompts `sample.num_prompts` draws from "
+        "(ignored by the arithmetic task).",
+    )
 
 
 class SampleRunConfig(_Strict):

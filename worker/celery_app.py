@@ -22,7 +22,7 @@ settings = get_settings()
 WEEK_S = 7 * 24 * 3600
 POLL_S = 0.05  # the embedded broker's polling interval
 
-app = Celery("erpd-hub", broker=settings.broker, include=["worker.tasks"])
+app = Celery("erpd-hub", broker=settings.broker, include=["worker.tasks", "worker.housekeeping"])
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,

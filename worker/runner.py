@@ -81,7 +81,7 @@ def pipeline_config(inputs: Inputs, settings: Settings) -> PipelineConfig:
         path = settings.home / "datasets" / inputs.dataset.location
         spec = TaskSpec(
             kind="jsonl",
-            jsonl=JsonlConfig(train_path=str(path)),
+            jsonl=JsonlConfig(train_path=str(path), eval_size=task.get("eval_size") or 200),
             max_new_tokens=task.get("max_new_tokens"),
         )
     model = ModelSpec()

@@ -23,7 +23,6 @@ from server.services import (
 )
 from server.services.outbox import publish_pending
 from server.services.registry import find_by_id
-from server.services.webhooks import NOTIFY_TASK, deliver, payload
 from worker.celery_app import app, settings
 from worker.group import RanksLostError
 from worker.runner import Inputs, Store, execute, finish, run_dir
@@ -149,11 +148,3 @@ def _record(change: Callable[[Session], object]) -> None:
 
     with contextlib.suppress(StaleAttemptError):
         retrying(write)
-
-
-@app.task(name=NOTIFY_TASK)
-def notify(run_id: str) -> bool:
-    with store().reads() as session:
-        run = get_run(session, run_id=uuid.UUID(run_id))
-        url, body = run.notify_url, payload(run)
-    return bool(url) and deliver(url, body)  # type: ignore[arg-type]

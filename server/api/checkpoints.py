@@ -1,4 +1,5 @@
-"""Checkpoints: list a run's, read a manifest, download (resumable: ETag, Range, 206)."""
+"""Checkpoints: list a run's, read a manifest, download (resumable: ETag, Range, 206; a range
+past the end is 416 with `Content-Range: bytes */<size>`, a malformed one is ignored)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,11 @@ def _ranged(
         wanted = None  # the file changed since the client's partial copy: send it whole
     try:
         window = artifacts.parse_range(wanted, total)
-    except ValueError:
-        return error_response(416, "range_not_satisfiable", f"this body has {total} bytes")
+    except artifacts.UnsatisfiableRangeError:
+        refused = error_response(416, "range_not_satisfiable", f"this body has {total} bytes")
+        refused.headers["Content-Range"] = f"bytes */{total}"  # the size to ask within
+        refused.headers["Accept-Ranges"] = "bytes"
+        return refused
     start, end = window or (0, total - 1)
     headers["Content-Length"] = str(end - start + 1)
     status = 200

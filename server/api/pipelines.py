@@ -1,4 +1,5 @@
-"""Pipelines: a whole ERPD round (sample -> teachers -> student) in one request."""
+"""Pipelines: a whole ERPD round (sample -> teachers -> student) in one request; deleting one
+deletes its runs."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 
 from server.api.deps import KeyDep, StateDep
+from server.api.strict import strict_json
 from server.api.submit import IdempotencyKey, actor, check_notify_url, create_and_publish
 from server.schemas import PipelineCreate, PipelineOut
-from server.services import submissions
+from server.services import storage, submissions
 
 router = APIRouter(prefix="/pipelines", tags=["pipelines"])
 
@@ -26,7 +28,13 @@ EXAMPLE = {
 }
 
 
-@router.post("", status_code=201, response_model=PipelineOut, summary="Submit an ERPD pipeline")
+@router.post(
+    "",
+    status_code=201,
+    response_model=PipelineOut,
+    summary="Submit an ERPD pipeline",
+    dependencies=[strict_json(PipelineCreate)],
+)
 def submit_pipeline(
     request: Request,
     state: StateDep,
@@ -53,3 +61,18 @@ def submit_pipeline(
     return create_and_publish(
         request, state, key, body=spec, idempotency_key=idempotency_key, create=create
     )
+
+
+@router.delete(
+    "/{pipeline_id}",
+    status_code=204,
+    summary="Delete a pipeline with all its runs and their files",
+)
+def delete(pipeline_id: uuid.UUID, state: StateDep, key: KeyDep) -> Response:
+    """409 while one of its runs is running, or while a run outside it reads one of them."""
+    storage.delete_with_files(
+        state.writes,
+        state.settings.artifacts,
+        lambda session: storage.delete_pipeline(session, pipeline_id=pipeline_id, owner_id=key.id),
+    )
+    return Response(status_code=204)

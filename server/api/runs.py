@@ -1,4 +1,5 @@
-"""Runs: submit one stage, list, read, follow the audit trail, cancel, retry, rename/tag.
+"""Runs: submit one stage, list, read, follow the audit trail, cancel, retry, rename/tag,
+delete.
 
 The checks of a submission (quota, names, ownership of the inputs) are the service layer's
 (server/services/submissions.py); each route here turns a request into one service call.
@@ -11,22 +12,23 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, BackgroundTasks, Body, Query, Request
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 
 from server.api.deps import KeyDep, ReadSession, StateDep
+from server.api.strict import strict_json
 from server.api.submit import (
     IdempotencyKey,
     actor,
     check_notify_url,
     create_and_publish,
-    publish_ready,
+    dispatch,
 )
 from server.api.views import event_out, run_json, run_out
 from server.db import RunKind, RunStatus
 from server.schemas import EventOut, RunCreate, RunOut, RunPage, RunPatch
-from server.services import get_run, list_runs, outbox, run_events, submissions
+from server.services import get_run, list_runs, run_events, storage, submissions
 from server.services.runs import TAG
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -41,7 +43,13 @@ EXAMPLE = {
 }
 
 
-@router.post("", status_code=201, response_model=RunOut, summary="Submit one stage run")
+@router.post(
+    "",
+    status_code=201,
+    response_model=RunOut,
+    summary="Submit one stage run",
+    dependencies=[strict_json(RunCreate)],
+)
 def submit_run(
     request: Request,
     state: StateDep,
@@ -117,21 +125,17 @@ def events(run_id: uuid.UUID, session: ReadSession, key: KeyDep) -> list[EventOu
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, summary="Cancel (409 if finished)")
-def cancel(run_id: uuid.UUID, state: StateDep, key: KeyDep) -> RunOut:
+def cancel(run_id: uuid.UUID, state: StateDep, key: KeyDep, background: BackgroundTasks) -> RunOut:
     with state.writes.begin() as session:
         run = submissions.cancel(session, run_id=run_id, owner_id=key.id, actor=actor(key))
         out = run_out(run)
     if run.status is RunStatus.CANCELLED:  # its webhook, and those of runs that waited on it
-        try:
-            outbox.publish_notifications(state.writes, state.reads, state.broker)
-        except Exception:  # the cancel is committed; the reaper's reconcile sends them later
-            log.warning("run %s: webhooks not queued now; the reaper will", run.id)
+        background.add_task(dispatch, state)  # the outbox queues them after the response
     return out
 
 
 @router.post("/{run_id}/retry", response_model=RunOut, summary="New attempt, same config")
-def retry(run_id: uuid.UUID, state: StateDep, key: KeyDep) -> RunOut:
-    state.broker.ping()
+def retry(run_id: uuid.UUID, state: StateDep, key: KeyDep, background: BackgroundTasks) -> RunOut:
     with state.writes.begin() as session:
         run = submissions.retry(
             session,
@@ -141,11 +145,32 @@ def retry(run_id: uuid.UUID, state: StateDep, key: KeyDep) -> RunOut:
             actor=actor(key),
         )
         out = run_out(run)
-    publish_ready(state, [run_id])
+    background.add_task(dispatch, state)  # the outbox publishes it after the response
     return out
 
 
-@router.patch("/{run_id}", response_model=RunOut, summary="Rename or re-tag a run")
+@router.delete(
+    "/{run_id}",
+    status_code=204,
+    summary="Delete a run with its metrics, events, checkpoints and files",
+)
+def delete(run_id: uuid.UUID, state: StateDep, key: KeyDep) -> Response:
+    """409 while it runs (cancel it first) or while another run reads it as its teacher, batch
+    or base (the message names them: delete those first)."""
+    storage.delete_with_files(
+        state.writes,
+        state.settings.artifacts,
+        lambda session: storage.delete_runs(session, run_ids=[run_id], owner_id=key.id),
+    )
+    return Response(status_code=204)
+
+
+@router.patch(
+    "/{run_id}",
+    response_model=RunOut,
+    summary="Rename or re-tag a run",
+    dependencies=[strict_json(RunPatch)],
+)
 def patch(run_id: uuid.UUID, body: RunPatch, state: StateDep, key: KeyDep) -> RunOut:
     with state.writes.begin() as session:
         run = submissions.rename(

@@ -5,22 +5,31 @@ Events: `status` ({"status", "attempt", "step", "total"}) on connect and on ever
 `end` once the run has finished and everything was sent. The server polls the store every
 `ERPD_STREAM_POLL_S` (it must work on SQLite, which has no LISTEN/NOTIFY); each poll is two
 indexed reads in a read-only session, so a slow client never holds a lock.
+
+Every event carries an `id:`, the stream's position: `<step>` when every point before that step
+was sent, `<step>:<name>,<name>` when the points of those names at that step were sent too (a
+step's eval points may land after its training points, never after a later step's). A client
+that reconnects with `Last-Event-ID` (browsers' EventSource do it by themselves) continues from
+that position: no point is sent twice and none is skipped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy.exc import OperationalError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.api.deps import KeyDep, ReadSession, StateDep
+from server.api.errors import ApiError
 from server.db import FINISHED, Run
 from server.services import get_run
 from server.services.queries import live_run, points_from
@@ -28,6 +37,41 @@ from server.services.queries import live_run, points_from
 router = APIRouter(tags=["metrics"])
 log = logging.getLogger("erpd.api")
 MAX_POINTS_PER_EVENT = 5_000
+_POSITION = re.compile(r"^(-?\d{1,19})(?::([A-Za-z0-9_./@-]{1,64}(?:,[A-Za-z0-9_./@-]{1,64})*))?$")
+
+
+@dataclass
+class Position:
+    """Where a stream stands: every point before `step` was sent, and at `step` those of
+    `names`. Its text is the events' `id:` and what `Last-Event-ID` sends back."""
+
+    step: int
+    names: set[str] = field(default_factory=set)
+
+    def __str__(self) -> str:
+        return f"{self.step}:{','.join(sorted(self.names))}" if self.names else str(self.step)
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        match = _POSITION.match(text.strip())
+        if match is None or int(match[1]) < 0:
+            raise ApiError(
+                422,
+                "invalid",
+                "Last-Event-ID: not an id this stream sent (`<step>` or `<step>:<names>`)",
+                "Last-Event-ID",
+            )
+        return cls(int(match[1]), set(match[2].split(",")) if match[2] else set())
+
+    def take(self, name: str, step: int) -> bool:
+        """Whether the point (name, step) is new to the client; if so, the position moves past
+        it. Points come in (step, name) order, from `step` on."""
+        if step < self.step or (step == self.step and name in self.names):
+            return False
+        if step > self.step:
+            self.step, self.names = step, set()
+        self.names.add(name)
+        return True
 
 
 def _status(run: Run) -> dict[str, Any]:
@@ -51,30 +95,38 @@ async def stream(
     session: ReadSession,
     key: KeyDep,
     since_step: Annotated[int, Query(ge=-1, description="Send points after this step.")] = -1,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            max_length=4096,
+            description="Resume after this event (its `id:`); overrides since_step.",
+        ),
+    ] = None,
 ) -> EventSourceResponse:
+    position = Position(since_step + 1)
+    if last_event_id is not None and last_event_id.strip():
+        position = Position.parse(last_event_id)
     get_run(session, run_id=run_id, owner_id=key.id)  # 404 before the stream opens
     session.close()
-    last: dict[str, int] = {}  # the last step sent, per metric
-    # where the next read starts: the newest step seen, read again, since a step's eval points
-    # may land after its training points (never after a later step's points)
-    cursor = since_step + 1
 
-    def poll() -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-        nonlocal cursor
+    def poll() -> tuple[dict[str, Any], str, list[dict[str, Any]]] | None:
+        """The run's status, the position before this poll's points, and the points."""
         with state.reads() as s:
             run = live_run(s, run_id=run_id, key_id=key.id)
             if run is None:  # the key was revoked while streaming, or the run is gone: stop
                 return None
-            rows = points_from(s, run_id=run_id, step=cursor, limit=MAX_POINTS_PER_EVENT * 2)
+            # from the position's step, read again: a step's eval points may land after its
+            # training points (never after a later step's points)
+            rows = points_from(s, run_id=run_id, step=position.step, limit=MAX_POINTS_PER_EVENT * 2)
+            before = str(position)
             points: list[dict[str, Any]] = []
             for name, step, value in rows:
                 if len(points) == MAX_POINTS_PER_EVENT:
-                    break  # the rest is sent by the next poll: the cursor stops at this step
-                cursor = step
-                if step > last.get(name, since_step):
+                    break  # the rest is sent by the next poll, from the position reached
+                if position.take(name, step):
                     points.append({"name": name, "step": step, "value": value})
-                    last[name] = step
-            return _status(run), points
+            return _status(run), before, points
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         sent_status: dict[str, Any] | None = None
@@ -94,17 +146,18 @@ async def stream(
                 continue
             outage = 0
             if polled is None:
-                yield ServerSentEvent("{}", event="end")
+                yield ServerSentEvent("{}", event="end", id=str(position))
                 return
-            status, points = polled
-            if status != sent_status:
-                yield ServerSentEvent(json.dumps(status), event="status")
+            status, before, points = polled
+            if status != sent_status:  # its id: the points after it are still to come
+                yield ServerSentEvent(json.dumps(status), event="status", id=before)
                 sent_status = status
             if points:
-                yield ServerSentEvent(json.dumps({"points": points}), event="metrics")
+                body = json.dumps({"points": points})
+                yield ServerSentEvent(body, event="metrics", id=str(position))
                 continue  # more may be waiting: poll again at once
             if status["status"] in {s.value for s in FINISHED}:
-                yield ServerSentEvent("{}", event="end")
+                yield ServerSentEvent("{}", event="end", id=str(position))
                 return
             if await request.is_disconnected():
                 return

@@ -117,6 +117,7 @@ def reaper(
     from server.db import read_session_factory, session_factory
     from server.queue import Broker
     from server.services.reaper import reap
+    from server.services.storage import Retention
 
     settings = get_settings()
     store = engine()
@@ -130,7 +131,14 @@ def reaper(
     err.print(f"reaper: every {every:g} s, heartbeat timeout {timeout}", highlight=False)
     while True:
         try:
-            for r in reap(writes, reads, broker, timeout=timeout, republish_after=republish):
+            for r in reap(
+                writes,
+                reads,
+                broker,
+                timeout=timeout,
+                republish_after=republish,
+                retention=Retention.of(settings),
+            ):
                 err.print(f"reaper: run {r.run_id} -> {r.status}: {r.reason}", highlight=False)
         except OperationalError as exc:  # the store is away: try again next round
             err.print(f"reaper: database unreachable ({type(exc.orig).__name__})")

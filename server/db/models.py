@@ -137,6 +137,9 @@ class Dataset(_Registered, Base):
     __table_args__ = (UniqueConstraint("owner_id", "name"),)
 
     owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
+    # set when its owner deleted it while finished runs still name it: the row stays for their
+    # lineage, under a freed name, and its file is gone (a dataset no run names is deleted)
+    deleted_at: Mapped[datetime | None]
 
 
 class IdempotencyKey(Base):

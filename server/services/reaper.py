@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.db import EventKind, Run, RunStatus, utcnow
 from server.services.outbox import Publisher, forget_lost_messages, publish_pending
 from server.services.runs import add_event
+from server.services.storage import Retention, reclaim
 from server.services.transitions import end_run, running_attempt
 
 WORKER_LOST = "worker_lost"
@@ -121,9 +122,11 @@ def reap(
     *,
     timeout: timedelta,
     republish_after: timedelta,
+    retention: Retention | None = None,
 ) -> list[Reaped]:
     """One round of `erpd-hub reaper`: requeue or fail the silent runs, find the queued runs
-    whose message was lost, then publish what the outbox holds (runs and webhooks)."""
+    whose message was lost, publish what the outbox holds (runs and webhooks), then give back
+    what the retention settings say is no longer kept (server/services/storage.py)."""
     with writes.begin() as session:
         reaped = requeue_stale(session, timeout=timeout)
         lost = forget_lost_messages(
@@ -132,4 +135,12 @@ def reap(
     for run_id in lost:
         log.warning("reaper: run %s was published but its message is gone; republishing", run_id)
     publish_pending(writes, reads, broker)
+    if retention is not None:
+        try:
+            done = reclaim(writes, retention)
+        except OSError as exc:  # a file it could not remove: the next round tries again
+            log.warning("reaper: retention pass stopped: %s", exc)
+        else:
+            if done.run_dirs or done.resume_points or done.orphans:
+                log.info("reaper: retention reclaimed %s", done)
     return reaped

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from server.db import Dataset, Model, RegistryKind, utcnow
-from server.services.errors import ConflictError, InvalidInputError
+from server.db import FINISHED, Dataset, Model, RegistryKind, Run, utcnow
+from server.services.errors import ConflictError, InvalidInputError, NotFoundError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
@@ -38,6 +38,8 @@ def register(
     if not NAME.match(name):
         raise InvalidInputError("name", "1-100 of a-z 0-9 . _ -, starting with a letter or digit")
     clash = select(table.id).where(table.name == name)
+    if table is Dataset:
+        clash = clash.where(Dataset.deleted_at.is_(None))
     if table is Dataset and owner_id is not None:
         clash = clash.where(or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id))
     if session.scalars(clash.limit(1)).first() is not None:
@@ -78,7 +80,9 @@ def find_dataset(session: Session, *, name: str, owner_id: uuid.UUID) -> Dataset
     """The dataset this key means by `name`: its own upload or a shared one."""
     return session.scalars(
         select(Dataset).where(
-            Dataset.name == name, or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id)
+            Dataset.name == name,
+            or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id),
+            Dataset.deleted_at.is_(None),
         )
     ).first()
 
@@ -97,7 +101,48 @@ def list_datasets(session: Session, *, owner_id: uuid.UUID) -> list[Dataset]:
     return list(
         session.scalars(
             select(Dataset)
-            .where(or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id))
+            .where(
+                or_(Dataset.owner_id.is_(None), Dataset.owner_id == owner_id),
+                Dataset.deleted_at.is_(None),
+            )
             .order_by(Dataset.name)
         )
     )
+
+
+def delete_dataset(session: Session, *, dataset_id: uuid.UUID, owner_id: uuid.UUID) -> str:
+    """Delete the key's uploaded dataset; returns its stored file's name, for the caller to
+    remove once this commits. Refused (409) while a queued or running run uses it. A dataset
+    that finished runs name keeps its row (their lineage), marked deleted under a freed name;
+    one that no run names is deleted outright. Another key's dataset is not found."""
+    dataset = session.scalars(
+        select(Dataset)
+        .where(Dataset.id == dataset_id, Dataset.deleted_at.is_(None))
+        .with_for_update()
+    ).one_or_none()
+    if dataset is None or (dataset.owner_id != owner_id and dataset.owner_id is not None):
+        raise NotFoundError("dataset", dataset_id)
+    if dataset.kind is not RegistryKind.UPLOADED or dataset.owner_id is None:
+        raise ConflictError("dataset", f"{dataset.name!r} is shared: only uploads can be deleted")
+    # FOR SHARE: a run created on it concurrently is seen, or waits until this commits
+    users = session.execute(
+        select(Run.id, Run.status)
+        .where(Run.dataset_id == dataset_id)
+        .order_by(Run.created_at)
+        .with_for_update(read=True)
+    ).all()
+    active = [str(run_id) for run_id, status in users if status not in FINISHED]
+    if active:
+        shown = ", ".join(active[:10]) + (" ..." if len(active) > 10 else "")
+        raise ConflictError(
+            "dataset", f"{len(active)} queued or running runs use it ({shown}): cancel them first"
+        )
+    location = dataset.location
+    if users:
+        dataset.deleted_at = utcnow()
+        dataset.meta = {**dataset.meta, "deleted_name": dataset.name}
+        dataset.name = f"~{dataset.id.hex}"  # the owner may upload under its name again
+    else:
+        session.delete(dataset)
+    session.flush()
+    return location

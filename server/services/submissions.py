@@ -16,8 +16,14 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from server.db import ApiKey, Model, Pipeline, Run, RunKind, RunStatus
-from server.services.errors import InvalidInputError, NotFoundError, QuotaExceededError
+from server.db import ApiKey, Dataset, Model, Pipeline, RegistryKind, Run, RunKind, RunStatus
+from server.run_configs import JSONL_EVAL_SIZE
+from server.services.errors import (
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+    QuotaExceededError,
+)
 from server.services.pipelines import create_pipeline, runs_per_pipeline
 from server.services.registry import find, find_dataset
 from server.services.runs import create_run, get_run, set_name_and_tags
@@ -53,6 +59,40 @@ def resolve(
     if found is None:
         raise InvalidInputError("dataset", f"{dataset!r} is not registered (GET /datasets)")
     return found_model.id, found.id
+
+
+def check_prompts(
+    session: Session,
+    *,
+    dataset_id: uuid.UUID,
+    task: dict[str, Any],
+    num_prompts: int | None,
+    prefix: str,
+) -> None:
+    """An uploaded dataset must hold out `task.eval_size` distinct prompts for evaluation and
+    still have `sample.num_prompts` left to train on (None: the run draws none, it trains on a
+    batch run's). Checked at submission, with the API's field names (`prefix` is where the
+    request puts `task` and `sample`), so a run never queues only to fail on its data."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.kind is RegistryKind.BUILTIN:
+        return
+    available = dataset.meta.get("prompts", dataset.meta.get("rows"))
+    if not isinstance(available, int):  # registered by an operator: its size is not known
+        return
+    held = task.get("eval_size") or JSONL_EVAL_SIZE
+    if available <= held:
+        raise InvalidInputError(
+            f"{prefix}task.eval_size",
+            f"dataset {dataset.name!r} has {available} distinct prompts: holding out {held} for "
+            f"evaluation leaves none to train on; set it to at most {available - 1}",
+        )
+    if num_prompts is not None and available - held < num_prompts:
+        raise InvalidInputError(
+            f"{prefix}sample.num_prompts",
+            f"dataset {dataset.name!r} has {available} distinct prompts and {prefix}task."
+            f"eval_size={held} of them are held out for evaluation: {available - held} are left "
+            f"to train on, fewer than {num_prompts}; lower it (or {prefix}task.eval_size)",
+        )
 
 
 def check_owned_inputs(
@@ -101,6 +141,14 @@ def submit_run(
     check_owned_inputs(
         session, owner_id=owner_id, teachers=teachers, batch_run=batch_run, base_run=base_run
     )
+    draws = batch_run is None  # else it trains on the batch run's prompts
+    check_prompts(
+        session,
+        dataset_id=dataset_id,
+        task=config.get("task", {}),
+        num_prompts=config.get("sample", {}).get("num_prompts") if draws else None,
+        prefix="config.",
+    )
     try:
         return create_run(
             session,
@@ -135,6 +183,13 @@ def submit_pipeline(
     model_id, dataset_id = resolve(
         session, owner_id=owner_id, model=spec["model"], dataset=spec["dataset"]
     )
+    check_prompts(
+        session,
+        dataset_id=dataset_id,
+        task=spec["task"],
+        num_prompts=spec["sample"]["num_prompts"],
+        prefix="",
+    )
     return create_pipeline(
         session,
         spec=spec,
@@ -154,8 +209,11 @@ def retry(
     session: Session, *, run_id: uuid.UUID, owner_id: uuid.UUID, limit: int, actor: str
 ) -> Run:
     """A new attempt counts against the quota like a new run; another key's run is not found
-    before the quota is looked at."""
-    get_run(session, run_id=run_id, owner_id=owner_id)
+    before the quota is looked at. A run whose dataset its owner deleted cannot run again."""
+    run = get_run(session, run_id=run_id, owner_id=owner_id)
+    dataset = session.get(Dataset, run.dataset_id)
+    if dataset is not None and dataset.deleted_at is not None:
+        raise IllegalTransitionError(run.id, run.status, "retry: its dataset was deleted")
     check_quota(session, owner_id=owner_id, adding=1, limit=limit)
     return retry_run(session, run_id=run_id, actor=actor)
 

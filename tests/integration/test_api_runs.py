@@ -277,8 +277,11 @@ def test_upload_a_dataset_and_run_on_it(api: Api) -> None:
     assert [p.suffix for p in stored] == [".jsonl"] and stored[0].read_bytes() == rows
     assert "my-math" in [d["name"] for d in api.get("/datasets").json()]
     assert "my-math" not in [d["name"] for d in api.get("/datasets", key=api.bob).json()]
-    assert api.post("/runs", json=STAGE1 | {"dataset": "my-math"}).status_code == 201
-    refused = api.post("/runs", key=api.bob, json=STAGE1 | {"dataset": "my-math"})
+    # two prompts: one held out for evaluation, one to train on
+    small = {"task": {"eval_size": 1}, "sample": {"num_prompts": 1}}
+    on_it = STAGE1 | {"dataset": "my-math", "config": STAGE1["config"] | small}
+    assert api.post("/runs", json=on_it).status_code == 201
+    refused = api.post("/runs", key=api.bob, json=on_it)
     assert refused.status_code == 422 and error(refused)["field"] == "dataset"
 
 
@@ -297,7 +300,7 @@ def test_bad_uploads_name_the_line_and_store_nothing(api: Api) -> None:
         api.post("/datasets", data={"name": "../x"}, files={"file": ("x", b"")}).status_code == 422
     )
     assert list((api.settings.home / "datasets").glob("*")) == []
-    ok = b'{"prompt": "a", "answer": 1}\n'
+    ok = b'{"prompt": "a", "answer": 1}\n{"prompt": "b", "answer": 2}\n'
     assert (
         api.post("/datasets", data={"name": "twice"}, files={"file": ("x", ok)}).status_code == 201
     )
