@@ -80,7 +80,7 @@ class ArithmeticConfig(_Strict):
 
 
 class JsonlConfig(_Strict):
-    """A user dataset of {"prompt", "answer"} lines, rewarded with math-verify."""
+    """A user dataset of {"prompt", "answer"} lines, scored on the final answer (docs/method.md)."""
 
     train_path: str = Field(description="JSONL file of training prompts.")
     eval_path: str | None = Field(None, description="JSONL eval file; None = hold out eval_size.")
@@ -89,6 +89,13 @@ class JsonlConfig(_Strict):
     )
     seed: int = Field(
         0, ge=0, lt=2**63, description="Seed of the train/eval split and of batch sampling."
+    )
+    answer_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds one answer's check may take (math-verify, in a killable process); "
+        "past it the answer scores 0 and counts in reward/timeouts.",
     )
 
 

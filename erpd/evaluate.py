@@ -29,13 +29,7 @@ from erpd.rollout import (
     response_logits,
     response_targets,
 )
-from erpd.tasks import Problem, Task
-
-
-def _accuracy(task: Task, problems: Sequence[Problem], texts: Sequence[str]) -> float:
-    if not problems:
-        return 0.0
-    return sum(task.reward(p, t) for p, t in zip(problems, texts, strict=True)) / len(problems)
+from erpd.tasks import Problem, Task, score_many
 
 
 @torch.no_grad()
@@ -138,6 +132,16 @@ class Evaluator:
         self.prompt_ids = encode_prompts(
             self.tokenizer, [p.prompt for p in self.problems], self.chat_template
         )
+        self.timeouts = 0
+        """Answers scored 0 for lack of time since the last eval point began (reward/timeouts)."""
+
+    def _rewards(self, problems: Sequence[Problem], texts: Sequence[str]) -> list[float]:
+        scores = score_many(self.task, problems, texts)
+        self.timeouts += scores.timeouts
+        return scores.rewards
+
+    def _accuracy(self, problems: Sequence[Problem], texts: Sequence[str]) -> float:
+        return sum(self._rewards(problems, texts)) / len(problems) if problems else 0.0
 
     def _gen(
         self, model: PreTrainedModel, ids: list[list[int]], greedy: bool, seed: int
@@ -158,7 +162,7 @@ class Evaluator:
     ) -> float:
         ids = encode_prompts(self.tokenizer, [p.prompt for p in problems], self.chat_template)
         texts = decode_responses(self.tokenizer, self._gen(model, ids, greedy, self.seed))
-        return _accuracy(self.task, problems, texts)
+        return self._accuracy(problems, texts)
 
     def __call__(
         self,
@@ -168,8 +172,9 @@ class Evaluator:
         pi_k: PreTrainedModel | None = None,
         batch: RolloutBatch | None = None,
     ) -> dict[str, float]:
+        self.timeouts = 0
         greedy = decode_responses(self.tokenizer, self._gen(model, self.prompt_ids, True, 0))
-        out = {M.ACC_EVAL: _accuracy(self.task, self.problems, greedy)}
+        out = {M.ACC_EVAL: self._accuracy(self.problems, greedy)}
         if self.cfg.sampled:
             out.update(self._sampled(model, pi_k, seed=self.seed * 1_000_003 + step))
         if batch is not None:
@@ -181,6 +186,7 @@ class Evaluator:
                     model, pi_k, batch, bf16=self.bf16, batch_size=self.cfg.batch_size
                 )
             )
+        out[M.REWARD_TIMEOUTS] = float(self.timeouts)
         return out
 
     def _sampled(
@@ -191,9 +197,7 @@ class Evaluator:
         responses = self._gen(model, ids, False, seed)
         texts = decode_responses(self.tokenizer, responses)
         problems = [p for p in self.problems for _ in range(k)]
-        rewards = torch.tensor(
-            [self.task.reward(p, t) for p, t in zip(problems, texts, strict=True)]
-        )
+        rewards = torch.tensor(self._rewards(problems, texts))
         out = {M.ACC_EVAL_SAMPLED: rewards.mean().item()}
         if k > 1:
             out[M.ACC_PASS_K] = rewards.view(-1, k).amax(dim=1).mean().item()

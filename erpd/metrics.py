@@ -188,6 +188,16 @@ REWARD_MEAN = _metric(
     "eval",
     "Quality of the round's fixed batch (constant within a round).",
 )
+REWARD_TIMEOUTS = _metric(
+    "reward/timeouts",
+    "answers scored 0 because their check ran past task.jsonl.answer_timeout_s or crashed the "
+    "checker process",
+    "lower_is_better",
+    "count over every answer scored for the eval point (greedy, sampled, the batch's prompts)",
+    "eval",
+    "Non-zero means some 0 rewards are the verifier's lack of time, not wrong answers; the fixed "
+    "batch's own count is in its rollout.json meta as reward_timeouts.",
+)
 # --- optimisation diagnostics ---------------------------------------------------------------
 LOSS = _metric("loss", "objective value", "lower_is_better", "minibatch", "step", "Total loss.")
 RATIO_CLIP_FRAC = _metric(

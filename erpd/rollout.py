@@ -26,7 +26,7 @@ from erpd.config import SampleConfig
 from erpd.errors import CheckpointError, ConfigError
 from erpd.losses import group_advantages, token_logprobs
 from erpd.models import autocast, frozen, tokenizer_fingerprint
-from erpd.tasks import Problem, Task
+from erpd.tasks import Problem, Task, score_many
 
 ROLLOUT_TENSORS = "rollout.safetensors"
 ROLLOUT_META = "rollout.json"
@@ -528,7 +528,8 @@ def sample_rollout(
             advance=advance,
         )
     texts = decode_responses(tokenizer, responses)
-    rewards = torch.tensor([task.reward(p, t) for p, t in zip(expanded, texts, strict=True)])
+    scores = score_many(task, expanded, texts)
+    rewards = torch.tensor(scores.rewards)
     seqs = pack(expanded_ids, responses, int(tokenizer.pad_token_id), int(tokenizer.eos_token_id))
     pi_k_logprobs = sequence_logprobs(model, seqs, batch_size=cfg.batch_size, bf16=bf16)
     return RolloutBatch(
@@ -545,5 +546,6 @@ def sample_rollout(
             "sample": cfg.model_dump(),
             "vocab_size": int(model.config.vocab_size),
             "tokenizer": tokenizer_fingerprint(tokenizer),
+            "reward_timeouts": scores.timeouts,
         },
     )

@@ -8,8 +8,18 @@ from erpd.errors import ConfigError
 from erpd.tasks.arithmetic import ALPHABET, ArithmeticTask
 from erpd.tasks.base import Problem, Task
 from erpd.tasks.jsonl import JsonlTask
+from erpd.tasks.scoring import DEFAULT_ANSWER_TIMEOUT_S, Scores, score_many
 
-__all__ = ["ALPHABET", "ArithmeticTask", "JsonlTask", "Problem", "Task", "build_task"]
+__all__ = [
+    "ALPHABET",
+    "ArithmeticTask",
+    "JsonlTask",
+    "Problem",
+    "Scores",
+    "Task",
+    "build_task",
+    "score_many",
+]
 
 _KINDS = ("arithmetic", "jsonl")
 
@@ -46,5 +56,6 @@ def build_task(spec: Any) -> Task:
             eval_path=cfg.eval_path,
             eval_size=cfg.eval_size,
             seed=cfg.seed,
+            answer_timeout_s=getattr(cfg, "answer_timeout_s", DEFAULT_ANSWER_TIMEOUT_S),
         )
     raise ConfigError("task.kind", f"must be one of {_KINDS}, got {kind!r}")

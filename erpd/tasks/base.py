@@ -7,7 +7,7 @@ the evaluator and the tokenizer builder stay ignorant of where problems come fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -25,6 +25,9 @@ class Problem:
     """Reference final answer, e.g. ``"85"``."""
     target: str
     """Full supervised completion without the end token, e.g. ``"85"`` or ``"46+56=102"``."""
+    source: str | None = field(default=None, compare=False)
+    """Where the row came from, for error messages, e.g. ``"train.jsonl line 3"``; None for
+    generated problems. Not part of equality or hashing: the same prompt is the same problem."""
 
 
 @runtime_checkable

@@ -1,4 +1,4 @@
-"""Problems from user JSONL files, scored by math-verify.
+"""Problems from user JSONL files, scored by the final-answer rule of `erpd.tasks.answers`.
 
 Each non-blank line is a JSON object ``{"prompt": str, "answer": str | number}``. Files are read
 and validated eagerly so a bad row fails the run at start-up with its line number, not hours in.
@@ -6,36 +6,23 @@ and validated eagerly so a bad row fails the run at start-up with its line numbe
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from erpd.errors import ConfigError, DataError
+from erpd.tasks.answers import quick_verdict
 from erpd.tasks.base import Problem
+from erpd.tasks.scoring import DEFAULT_ANSWER_TIMEOUT_S, Scores, shared_checker
 
 DEFAULT_MAX_NEW_TOKENS = 512
 """Generation budget for free-form answers; user configs override it where they set one."""
 
 _log = logging.getLogger(__name__)
-
-
-class _DropTimeoutDisabledWarning(logging.Filter):
-    """Hide math-verify's one-time "timeout is disabled" warning.
-
-    We disable its SIGALRM timeouts on purpose (they only work on the main thread) and bound the
-    work instead through the generation budget, so the warning would only alarm users.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Timeout is disabled" not in record.getMessage()
-
-
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
 
 
 _JSON_TYPES = {
@@ -96,7 +83,7 @@ def _parse_row(path: Path, line_number: int, line: str) -> Problem:
     if not prompt.strip():
         raise _row_error(path, line_number, 'empty "prompt"')
     answer = _answer_text(path, line_number, row["answer"])
-    return Problem(prompt=prompt, answer=answer, target=answer)
+    return Problem(prompt=prompt, answer=answer, target=answer, source=f"{path} line {line_number}")
 
 
 def _read_text(path: Path) -> str:
@@ -149,39 +136,38 @@ def _hold_out(
     return train, evaluation
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(answer: str) -> tuple[Any, ...]:
-    """Parse a reference answer once; bare answers are wrapped in ``$...$`` as LaTeX."""
-    # Imported lazily: it pulls in sympy, which is slow to import and arithmetic never needs.
-    from math_verify import parse
-
-    wrapped = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
-    parsed = parse(wrapped, parsing_timeout=None)
-    if not parsed and wrapped != answer:
-        parsed = parse(answer, parsing_timeout=None)
-    return tuple(parsed)
-
-
-def math_verify_reward(answer: str, response: str) -> float:
-    """Return 1.0 if math-verify finds ``response`` equivalent to ``answer``, else 0.0.
-
-    Timeouts are disabled because math-verify implements them with SIGALRM, which raises outside
-    the main thread; responses are bounded by the generation budget instead. Any failure inside
-    math-verify counts as a wrong answer so a garbage completion can never crash training.
-    """
-    from math_verify import parse, verify
-
+def _quick(problem: Problem, response: str) -> tuple[float | None, str | None]:
+    """`quick_verdict`, with any surprise counted as a wrong answer rather than a crash."""
     try:
-        gold = _parse_gold(answer)
-        if not gold:
-            return 0.0
-        predicted = parse(response, parsing_timeout=None)
-        if not predicted:
-            return 0.0
-        return 1.0 if verify(list(gold), predicted, timeout_seconds=None) else 0.0
-    except Exception:
-        _log.debug("math-verify failed on %r", response, exc_info=True)
-        return 0.0
+        return quick_verdict(problem.answer, problem.prompt, response)
+    except Exception:  # string work on model output: never let it stop training
+        _log.debug("answer extraction failed on %r", response, exc_info=True)
+        return 0.0, None
+
+
+def score_answers(
+    problems: Sequence[Problem],
+    responses: Sequence[str],
+    timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S,
+) -> Scores:
+    """Score responses by the final-answer rule: numbers in this process, symbolic answers in the
+    checker process with ``timeout_s`` each (`erpd.tasks.scoring`); never raises for a response."""
+    rewards = [0.0] * len(problems)
+    pending: list[int] = []
+    items: list[tuple[str, str]] = []
+    for index, (problem, response) in enumerate(zip(problems, responses, strict=True)):
+        verdict, candidate = _quick(problem, response)
+        if verdict is not None:
+            rewards[index] = verdict
+        elif candidate is not None:
+            pending.append(index)
+            items.append((problem.answer, candidate))
+    if not items:
+        return Scores(rewards)
+    checked = shared_checker().check(items, timeout_s)
+    for index, reward in zip(pending, checked.rewards, strict=True):
+        rewards[index] = reward
+    return Scores(rewards, checked.timeouts)
 
 
 class JsonlTask:
@@ -193,11 +179,20 @@ class JsonlTask:
         eval_path: str | Path | None = None,
         eval_size: int = 200,
         seed: int = 0,
+        answer_timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S,
     ) -> None:
         if isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size < 1:
             raise ConfigError(
                 "task.jsonl.eval_size", f"must be a positive integer, got {eval_size!r}"
             )
+        if not isinstance(answer_timeout_s, int | float) or not answer_timeout_s > 0:
+            raise ConfigError(
+                "task.jsonl.answer_timeout_s",
+                f"must be a positive number, got {answer_timeout_s!r}",
+            )
+        self.answer_timeout_s = float(answer_timeout_s)
+        self.dropped_for_eval = 0
+        """Training rows left out because their prompt is in the eval file."""
         train_file = Path(train_path)
         self.name = f"jsonl:{train_file.stem}"
         self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
@@ -227,6 +222,10 @@ class JsonlTask:
         """Return the held-out rows (deduplicated by prompt, in file order)."""
         return list(self._eval)
 
+    def all_problems(self) -> list[Problem]:
+        """Every distinct row, training then eval (what the load-time checks look at)."""
+        return [*self._train, *self._eval]
+
     def train_problems(self, n: int, seed: int) -> list[Problem]:
         """Sample ``n`` distinct training rows without replacement, seeded by (task seed, seed)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -239,8 +238,12 @@ class JsonlTask:
         return random.Random(f"jsonl-{self.seed}-train-{seed}").sample(self._train, n)
 
     def reward(self, problem: Problem, response: str) -> float:
-        """Score with math-verify against the reference answer; never raises."""
-        return math_verify_reward(problem.answer, response)
+        """1.0 if the response's final answer matches the reference (`erpd.tasks.answers`)."""
+        return self.score_batch([problem], [response]).rewards[0]
+
+    def score_batch(self, problems: Sequence[Problem], responses: Sequence[str]) -> Scores:
+        """`score_answers` with this task's ``answer_timeout_s``."""
+        return score_answers(problems, responses, self.answer_timeout_s)
 
     def _without_eval_prompts(self, rows: list[Problem], train_file: Path) -> list[Problem]:
         """Drop training rows whose prompt is in the eval file, so eval stays held out."""
@@ -248,4 +251,12 @@ class JsonlTask:
         train = [problem for problem in rows if problem.prompt not in eval_prompts]
         if not train:
             raise DataError(f"{train_file}: every prompt also appears in {self.eval_path}")
+        self.dropped_for_eval = len(rows) - len(train)
+        if self.dropped_for_eval:
+            _log.warning(
+                "%s: dropped %d training rows whose prompt is in the eval file %s",
+                train_file,
+                self.dropped_for_eval,
+                self.eval_path,
+            )
         return train

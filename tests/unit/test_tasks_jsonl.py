@@ -1,17 +1,22 @@
-"""Behaviour of the JSONL task: row validation, the eval split, sampling and math-verify rewards."""
+"""The JSONL task: row validation, the eval split, sampling and its final-answer reward."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from erpd.errors import DataError
+from erpd.errors import ConfigError, DataError
 from erpd.tasks import JsonlTask, Problem, Task, build_task
-from erpd.tasks.jsonl import math_verify_reward
+from erpd.tasks.jsonl import score_answers
+
+
+def _reward(answer: str, response: str, prompt: str = "") -> float:
+    return score_answers([Problem(prompt, answer, answer)], [response]).rewards[0]
 
 
 def _write_rows(path: Path, rows: list[dict[str, object]]) -> Path:
@@ -150,10 +155,19 @@ def test_name_budget_and_protocol(tmp_path: Path) -> None:
         ("-7", "so x = \\boxed{-7}"),
         ("x^2+1", "\\boxed{1+x^2}"),
         ("$\\sqrt{2}$", "\\boxed{\\sqrt{2}}"),
+        ("137", "137"),  # the tiny model's bare answer to "81+58-2="
+        ("137", " 137\n"),
+        ("137", "137.0"),
+        ("137", "\\boxed{137}"),
+        ("137", "\\boxed{136} is wrong; the answer is \\boxed{137}"),  # the LAST box counts
+        ("1000", "Answer: 1,000."),
+        ("42", "Natalia sold 42 clips.\n#### 42"),  # GSM8K's own answer marker
+        ("2/4", "2/4"),  # a reference's own spelling is accepted even when not in lowest terms
+        ("\\boxed{12}", "**12**"),
     ],
 )
-def test_math_verify_accepts_equivalent_answers(answer: str, response: str) -> None:
-    assert math_verify_reward(answer, response) == 1.0
+def test_reward_accepts_equivalent_final_answers(answer: str, response: str) -> None:
+    assert _reward(answer, response) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -165,10 +179,13 @@ def test_math_verify_accepts_equivalent_answers(answer: str, response: str) -> N
         ("42", "\\frac{ \\boxed{ $$ }}}"),
         ("42", "\x00\xff garbage ))) ((("),
         ("x^2+1", "\\boxed{x^2-1}"),
+        ("42", "x = 42"),  # without a box, the final answer must be a bare number
+        ("x^2+1", "x^2+1"),  # a symbolic reference needs a boxed answer
+        ("137", "\\boxed{137"),  # an unclosed box is no answer
     ],
 )
-def test_math_verify_rejects_wrong_and_garbage(answer: str, response: str) -> None:
-    assert math_verify_reward(answer, response) == 0.0
+def test_reward_rejects_wrong_garbage_and_unexpected_forms(answer: str, response: str) -> None:
+    assert _reward(answer, response) == 0.0
 
 
 def test_reward_uses_problem_answer(tmp_path: Path) -> None:
@@ -181,7 +198,72 @@ def test_reward_uses_problem_answer(tmp_path: Path) -> None:
 def test_reward_works_outside_the_main_thread() -> None:
     # math-verify's default SIGALRM timeouts raise off the main thread; ours must not.
     results: list[float] = []
-    worker = threading.Thread(target=lambda: results.append(math_verify_reward("0.5", "$1/2$")))
+    worker = threading.Thread(target=lambda: results.append(_reward("0.5", "$1/2$")))
     worker.start()
     worker.join()
     assert results == [1.0]
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "81+58-2",
+        "100+37",
+        "137=137",
+        "81+58-2=137=137",
+        "\\boxed{81+58-2}",
+        "\\boxed{100+37}",
+        "\\boxed{137=137}",
+        "The answer is 81+58-2.",
+        "$81+58-2$",
+        "\\boxed{274/2}",  # a reducible fraction is an expression, not an answer
+        "\\boxed{\\frac{137}{1}}",
+    ],
+)
+def test_an_echo_of_the_prompt_scores_zero(echo: str) -> None:
+    # math-verify on the whole response paid 1.0 for these: a reward hack open to any policy
+    assert _reward("137", echo, prompt="81+58-2=") == 0.0
+
+
+def test_a_symbolic_answer_copied_from_the_prompt_scores_zero() -> None:
+    prompt = "Expand (x+1)^2 - 2x."
+    assert _reward("x^2+1", "\\boxed{(x+1)^2 - 2x}", prompt) == 0.0
+    assert _reward("x^2+1", "\\boxed{1 + x^2}", prompt) == 1.0
+    # spelled like the reference, an answer that also appears in the prompt still counts
+    assert _reward("x^2+1", "\\boxed{x^2+1}", "Is x^2+1 irreducible? Repeat it.") == 1.0
+
+
+def test_eval_prompts_dropped_from_training_are_counted_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train_path = _numbered(tmp_path / "train.jsonl", 20)
+    eval_path = _write_rows(
+        tmp_path / "eval.jsonl",
+        [
+            {"prompt": "q3", "answer": "3"},
+            {"prompt": "q7", "answer": "7"},
+            {"prompt": "x", "answer": "1"},
+        ],
+    )
+    with caplog.at_level(logging.INFO, logger="erpd.tasks"):
+        task = JsonlTask(train_path, eval_path=eval_path)
+    assert task.dropped_for_eval == 2 and task.train_size == 18
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert lines == [
+        f"{train_path}: dropped 2 training rows whose prompt is in the eval file {eval_path}"
+    ]
+
+
+def test_rows_know_their_file_and_line_without_changing_equality(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "answer": 1}\n\n{"prompt": "b", "answer": 2}\n')
+    task = JsonlTask(path, eval_size=1)
+    sources = {p.prompt: p.source for p in task.all_problems()}
+    assert sources == {"a": f"{path} line 1", "b": f"{path} line 3"}
+    row = next(p for p in task.all_problems() if p.prompt == "b")
+    assert row == Problem("b", "2", "2") and hash(row) == hash(Problem("b", "2", "2"))
+
+
+def test_answer_timeout_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"task\.jsonl\.answer_timeout_s"):
+        JsonlTask(_numbered(tmp_path / "rows.jsonl", 5), eval_size=1, answer_timeout_s=0)
