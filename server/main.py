@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import APIRouter, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,11 +26,13 @@ from server.api import (
 )
 from server.api.deps import AppState
 from server.api.errors import error_response, install
-from server.api.submit import publish_pending
+from server.api.submit import publish_pending, publish_wait_s
 from server.db import make_engine, read_session_factory, session_factory
+from server.db.session import Timeouts
 from server.queue import Broker
 from server.schemas import ErrorOut
 from server.services import ensure_builtins
+from server.services.outbox import Dispatcher
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("erpd.api")
@@ -44,7 +47,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         413: "Body too large",
         422: "Invalid input; `field` names it",
         429: "Too many active runs for this key",
-        503: "Database or broker unreachable",
+        503: "Database or broker unreachable or too slow; `Retry-After` says when to retry",
     }.items()
 }
 
@@ -89,26 +92,55 @@ class _TooLargeError(StarletteHTTPException):
         super().__init__(413, f"request body over {limit} bytes")
 
 
+def _open_state(settings: Settings) -> AppState:
+    """The API's store and broker, each wait on them bounded by the settings."""
+    timeouts = Timeouts(
+        statement=settings.db_statement_timeout_s,
+        connect=settings.db_connect_timeout_s,
+        pool=settings.db_pool_timeout_s,
+    )
+    engine = make_engine(settings.db_url, timeouts)
+    writes = session_factory(engine)
+    with writes.begin() as session:
+        ensure_builtins(session)
+    broker = Broker(
+        settings.broker,
+        settings.queue,
+        settings.housekeeping_queue,
+        timeout=settings.broker_timeout_s,
+    )
+    state = AppState(
+        settings,
+        engine,
+        writes,
+        read_session_factory(engine),
+        broker,
+        # reads the state's attributes at each round (a test may swap the store under it)
+        Dispatcher(lambda: publish_pending(state), interval_s=settings.outbox_interval_s),
+        anyio.CapacityLimiter(settings.metric_read_slots),
+        anyio.CapacityLimiter(8),
+    )
+    return state
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.db_url)
-        writes = session_factory(engine)
-        with writes.begin() as session:
-            ensure_builtins(session)
-        broker = Broker(settings.broker, settings.queue, settings.housekeeping_queue)
-        state = AppState(settings, engine, writes, read_session_factory(engine), broker)
+        state = _open_state(settings)
         app.state.erpd = state
         telemetry.watch_store(app, state)
-        try:  # runs committed while the broker was away get their message now
-            publish_pending(state)
-        except Exception:
-            log.warning("outbox: could not publish pending runs at start-up", exc_info=True)
-        yield
-        broker.close()
-        engine.dispose()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(state.dispatcher.run)
+            # runs committed while the broker was away get their message now (a bounded wait)
+            with anyio.move_on_after(publish_wait_s(settings)):
+                await state.dispatcher.kick().wait()
+            yield
+            state.dispatcher.stop()  # let a round in progress end, within its bound
+            tasks.cancel_scope.deadline = anyio.current_time() + publish_wait_s(settings)
+        state.broker.close()
+        state.engine.dispose()
 
     app = FastAPI(
         title="erpd-hub",

@@ -1,5 +1,9 @@
 """Publishing run messages to the Celery broker, by task name (the API never imports the worker,
-whose tasks import torch). A message carries the run id only; the worker re-reads the run."""
+whose tasks import torch). A message carries the run id only; the worker re-reads the run.
+
+Every call is bounded by `timeout` (seconds): connecting, and each socket read, so a broker that
+accepts connections but never answers (a frozen Redis) costs a caller at most a few timeouts,
+never a hang. Publishing never retries: the outbox (server/services/outbox.py) does."""
 
 from __future__ import annotations
 
@@ -17,20 +21,33 @@ class BrokerUnavailableError(Exception):
 
 
 class Broker:
-    def __init__(self, url: str, queue: str, housekeeping: str = "cpu") -> None:
+    def __init__(
+        self, url: str, queue: str, housekeeping: str = "cpu", *, timeout: float = 3.0
+    ) -> None:
         self.queue = queue
         self.housekeeping = housekeeping  # tasks that need no GPU: webhooks
+        self.timeout = timeout
         self.app = Celery("erpd-hub-api", broker=url, set_as_current=False)
         self.app.conf.update(
-            broker_connection_timeout=3,
+            broker_connection_timeout=timeout,
             broker_connection_retry=False,
             broker_connection_max_retries=0,
         )
+        # one connection attempt per call (kombu's default retries it for `timeout` seconds)
+        options: dict[str, float] = {"max_retries": 0}
+        if url.startswith(("redis://", "rediss://")):
+            # kombu's default socket timeout is None: a frozen Redis would block a call forever
+            options |= {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        self.app.conf.broker_transport_options = options
 
     def ping(self) -> None:
+        """One round trip to the broker (a Redis PING), not only a connect: a frozen server
+        accepts connections."""
         try:
             with self.app.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=3)
+                client = getattr(conn.default_channel, "client", None)  # connects, once
+                if client is not None:
+                    client.ping()
         except Exception as exc:  # kombu/redis/socket errors alike mean "unreachable"
             raise BrokerUnavailableError(f"broker unreachable: {exc}") from exc
 

@@ -190,6 +190,8 @@ class MetricsOut(BaseModel):
     run: uuid.UUID
     series: list[SeriesOut]
     last_step: int | None
+    # more points follow: pass it as `since_step` for the next page (null on the last page)
+    next_since_step: int | None = None
 
 
 class CompareRow(BaseModel):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from psycopg.errors import QueryCanceled
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.queue import BrokerUnavailableError
@@ -30,9 +33,38 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.field = status, code, message, field
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+RETRY_AFTER_S = 5  # what a 503 tells a client to wait before it tries again
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "field": field}}
-    return JSONResponse(body, status_code=status)
+    headers = dict(headers or {})
+    if status == 401:  # RFC 9110: a 401 names the scheme it wants
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    if status == 503:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def unavailable(message: str) -> JSONResponse:
+    return error_response(503, "unavailable", message)
+
+
+def _database_error(exc: DBAPIError) -> JSONResponse | None:
+    """503 for a database that is away or too slow; None for anything else (a bug: 500)."""
+    slow = ("statement timeout", "database is locked")
+    if isinstance(exc.orig, QueryCanceled) or any(m in str(exc.orig) for m in slow):
+        return unavailable("the database did not answer in time; retry later")
+    if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+        log.warning("database unavailable: %s", exc.orig)
+        return unavailable("the database is unreachable; retry later")
+    return None
 
 
 def _field(loc: tuple[int | str, ...], *, tagged: bool) -> str:
@@ -66,7 +98,8 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         code = codes.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        # the router's 405 carries the `Allow` header RFC 9110 asks for: keep it
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
@@ -86,12 +119,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(BrokerUnavailableError)
     async def _broker(_: Request, exc: BrokerUnavailableError) -> JSONResponse:
-        return error_response(503, "unavailable", "the job broker is unreachable; retry later")
+        return unavailable("the job broker is unreachable; retry later")
 
-    @app.exception_handler(OperationalError)
-    async def _db(_: Request, exc: OperationalError) -> JSONResponse:
-        log.warning("database unavailable: %s", exc.orig)
-        return error_response(503, "unavailable", "the database is unreachable; retry later")
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool(_: Request, exc: PoolTimeoutError) -> JSONResponse:
+        log.warning("no free database connection: %s", exc)
+        return unavailable("the database is busy (no free connection); retry later")
 
     @app.exception_handler(DataError)
     async def _value(_: Request, exc: DataError) -> JSONResponse:
@@ -100,6 +133,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _dbapi(_: Request, exc: DBAPIError) -> JSONResponse:
+        if (answer := _database_error(exc)) is not None:
+            return answer
         log.exception("database error")
         return error_response(500, "internal", "internal error")
 

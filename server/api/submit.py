@@ -1,7 +1,12 @@
-"""Create-then-publish: runs are committed first, their messages published after the commit.
+"""Create-then-publish: runs are committed first, their messages published after the response.
 
-Shared by the two routes that create runs (POST /runs, POST /pipelines): the Idempotency-Key
-header, the webhook allow-list, and who the audit trail names as the actor.
+A route's transaction writes the runs (each queued run with no `enqueued_at` is its own outbox
+row); the process's outbox dispatcher (server/services/outbox.py) publishes them once the
+response is on its way, so a slow or frozen broker never delays or fails a submission: the run
+waits, queued, until the broker takes its message.
+
+Shared by the routes that create or requeue runs (POST /runs, POST /pipelines, retry): the
+Idempotency-Key header, the webhook allow-list, and who the audit trail names as the actor.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import HttpUrl
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
 
 from server.api.deps import AppState
 from server.api.errors import ApiError
@@ -43,12 +50,29 @@ def check_notify_url(settings: Settings, url: HttpUrl | None) -> str | None:
     return str(url)
 
 
-def publish_ready(state: AppState, run_ids: Sequence[uuid.UUID]) -> None:
-    outbox.publish_ready(state.writes, state.broker, run_ids)
-
-
 def publish_pending(state: AppState) -> int:
+    """One round of the outbox: every queued, ready run without its message, then webhooks."""
     return outbox.publish_pending(state.writes, state.reads, state.broker)
+
+
+def publish_wait_s(settings: Settings) -> float:
+    """The longest a round of the outbox takes when the broker is away: a failed connect and
+    a failed read, plus the database's share."""
+    return 2 * settings.broker_timeout_s + 1
+
+
+async def dispatch(state: AppState) -> None:
+    """After the response (a background task): have the outbox publish now, and wait for that
+    round, at most `publish_wait_s`, without holding a thread. The wait keeps the request's task
+    alive until its message is out (a test client sees it on the queue when the call returns;
+    a server shutting down lets it finish)."""
+    done = state.dispatcher.kick()
+    with anyio.move_on_after(publish_wait_s(state.settings)):
+        await done.wait()
+
+
+def dispatched(state: AppState) -> BackgroundTask:
+    return BackgroundTask(dispatch, state)
 
 
 def create_and_publish(
@@ -60,10 +84,9 @@ def create_and_publish(
     idempotency_key: str | None,
     create: Creator,
 ) -> JSONResponse:
-    """Run `create` in one transaction (with the Idempotency-Key row, if any), then publish.
-
-    The broker is checked first, so a request while it is down gets 503 and creates nothing.
-    """
+    """Run `create` in one transaction (with the Idempotency-Key row, if any); the outbox
+    publishes after the response. The broker is never waited on: while it is away the run is
+    accepted (201) and stays queued until the outbox can publish it."""
     digest = idempotency.body_hash(request.url.path, body)
 
     def replayed() -> JSONResponse | None:
@@ -81,7 +104,6 @@ def create_and_publish(
 
     if (earlier := replayed()) is not None:
         return earlier
-    state.broker.ping()
     try:
         with state.writes.begin() as session:
             response, run_ids = create(session)
@@ -99,5 +121,6 @@ def create_and_publish(
         if (earlier := replayed()) is None:
             raise
         return earlier
-    publish_ready(state, run_ids)
-    return JSONResponse(response, status_code=201)
+    return JSONResponse(
+        response, status_code=201, background=dispatched(state) if run_ids else None
+    )

@@ -17,8 +17,10 @@ until it commits or closes, so use `with factory.begin():` blocks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,36 @@ from sqlalchemy.orm import Session, sessionmaker
 READ_ONLY = "erpd_read_only"  # execution option set by read_session_factory
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds on every wait for the database (seconds), for a process that must never hang on it
+    (the API). `statement` is Postgres's `statement_timeout` (the server cancels the statement)
+    and SQLite's busy timeout (how long a writer waits for the lock); `connect` bounds opening a
+    connection; `pool` the wait for a free one. Each surfaces as an error, never a wait."""
+
+    statement: float
+    connect: float
+    pool: float
+
+
+def make_engine(url: str, timeouts: Timeouts | None = None, **kwargs: Any) -> Engine:
+    """An engine; without `timeouts`, the workers' and tools' defaults (a 30 s busy timeout on
+    SQLite, no statement timeout: a long migration or a large metric write may take its time)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        if timeouts is not None:
+            kwargs["pool_timeout"] = timeouts.pool
+            kwargs["connect_args"] = {
+                "connect_timeout": max(1, math.ceil(timeouts.connect)),  # libpq: whole seconds
+                "options": f"-c statement_timeout={int(timeouts.statement * 1000)}",
+            } | kwargs.get("connect_args", {})
         return create_engine(url, pool_pre_ping=True, **kwargs)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+    busy = 30.0 if timeouts is None else timeouts.statement
+    if timeouts is not None:
+        kwargs["pool_timeout"] = timeouts.pool
+    engine = create_engine(url, connect_args={"timeout": busy}, **kwargs)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -43,7 +68,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 

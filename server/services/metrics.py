@@ -9,6 +9,7 @@ benchmarks/metric_inserts.py measured 6-15x faster than compiling multi-row VALU
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 import uuid
@@ -97,53 +98,100 @@ class Series(NamedTuple):
 
 
 def metric_series(
-    session: Session, *, run_id: uuid.UUID, names: Sequence[str], since_step: int = -1
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    names: Sequence[str],
+    since_step: int = -1,
+    end_step: int | None = None,
+    limit: int | None = None,
 ) -> dict[str, Series]:
-    """Each named series after `since_step`, in step order (the incremental poll).
+    """Each named series after `since_step` (and up to `end_step`), in step order, its first
+    `limit` points at most: the incremental poll, and one page of a long series.
 
-    On Postgres each series comes back as one row of two arrays, built by one primary-key
-    range scan per name (already in step order, so nothing spills to a sort): a long run's
-    50,000 points arrive as 10 rows instead of 50,000. SQLite, the embedded store, reads rows.
+    On Postgres the series come back as one row of two arrays each, built by one primary-key
+    range scan per name (already in step order, so nothing spills to a sort, and the scan stops
+    at `limit`): a long run's 50,000 points arrive as 10 rows instead of 50,000. SQLite, the
+    embedded store, reads rows, one range scan per name.
     """
     series = {name: Series([], []) for name in names}
     if not names:
         return series
+    bounds = [MetricPoint.run_id == run_id, MetricPoint.step > since_step]
+    if end_step is not None:
+        bounds.append(MetricPoint.step <= end_step)
     if session.get_bind().dialect.name == "postgresql":
         wanted = func.unnest(postgresql.array(list(names), type_=String)).table_valued("name")
         order = postgresql.aggregate_order_by
-        per_name = (
-            select(
-                func.array_agg(order(MetricPoint.step, MetricPoint.step)).label("steps"),
-                func.array_agg(order(MetricPoint.value, MetricPoint.step)).label("values"),
-            )
-            .where(
-                MetricPoint.run_id == run_id,
-                MetricPoint.name == wanted.c.name,
-                MetricPoint.step > since_step,
-            )
-            .lateral("series")
+        rows = (
+            select(MetricPoint.step, MetricPoint.value)
+            .where(*bounds, MetricPoint.name == wanted.c.name)
+            .order_by(MetricPoint.step)
+            .limit(limit)
+            .lateral("rows")
         )
         arrays = session.execute(
-            select(wanted.c.name, per_name.c.steps, per_name.c["values"]).select_from(
-                wanted.join(per_name, true())
+            select(
+                wanted.c.name,
+                func.array_agg(order(rows.c.step, rows.c.step)),
+                func.array_agg(order(rows.c.value, rows.c.step)),
             )
+            .select_from(wanted.join(rows, true()))
+            .group_by(wanted.c.name)
         )
         for name, steps, values in arrays:
             series[name] = Series(steps or [], values or [])
         return series
-    rows = session.execute(
-        select(MetricPoint.name, MetricPoint.step, MetricPoint.value)
-        .where(
-            MetricPoint.run_id == run_id,
-            MetricPoint.name.in_(names),
-            MetricPoint.step > since_step,
+    for name in names:
+        points = session.execute(
+            select(MetricPoint.step, MetricPoint.value)
+            .where(*bounds, MetricPoint.name == name)
+            .order_by(MetricPoint.step)
+            .limit(limit)
         )
-        .order_by(MetricPoint.name, MetricPoint.step)
-    )
-    for name, step, value in rows:
-        series[name].steps.append(step)
-        series[name].values.append(value)
+        for step, value in points:
+            series[name].steps.append(step)
+            series[name].values.append(value)
     return series
+
+
+class Page(NamedTuple):
+    """One page of a run's series: each cut at the same step, so the next page (`since_step =
+    until`) starts where this one ends for every series; `until` is None on the last page."""
+
+    series: dict[str, Series]
+    until: int | None
+
+
+def metric_page(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    names: Sequence[str],
+    per_series: int,
+    since_step: int = -1,
+    end_step: int | None = None,
+) -> Page:
+    """At most `per_series` stored points of each series after `since_step`: what one request
+    may read, however long the run. A series with more is cut after its `per_series`-th point;
+    the page ends at the earliest such cut, and every series is cut there too."""
+    raw = metric_series(
+        session,
+        run_id=run_id,
+        names=names,
+        since_step=since_step,
+        end_step=end_step,
+        limit=per_series + 1,  # one more than a page: tells whether more follow
+    )
+    cuts = [s.steps[per_series - 1] for s in raw.values() if len(s.steps) > per_series]
+    if not cuts:
+        return Page(raw, None)
+    until = min(cuts)
+    kept = {}
+    for name, (steps, values) in raw.items():
+        n = bisect.bisect_right(steps, until)
+        kept[name] = Series(steps[:n], values[:n])
+    return Page(kept, until)
 
 
 def downsample(series: Series, max_points: int) -> tuple[Series, bool]:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
+import anyio
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -138,13 +139,17 @@ def publish_ready(
     now = utcnow()
     with writes.begin() as session:
         pins = mark_enqueued(session, run_ids=run_ids, now=now)
+    mine = [r for r in run_ids if r in pins]  # in the caller's order
     failed = []
-    for run_id in (r for r in run_ids if r in pins):  # in the caller's order
+    for i, run_id in enumerate(mine):
         try:
             broker.publish(run_id, pins[run_id])
         except Exception:
+            # the broker is away: the rest would each wait out its timeout too, so they wait
+            # for the next round instead
             log.warning("publishing run %s failed; the outbox will retry", run_id)
-            failed.append(run_id)
+            failed = mine[i:]
+            break
     if failed:
         with writes.begin() as session:
             unmark_enqueued(session, run_ids=failed, marked_at=now)
@@ -215,12 +220,13 @@ def publish_notifications(
                 )
             )
         failed = []
-        for run_id in mine:
+        for i, run_id in enumerate(mine):
             try:
                 broker.notify(run_id)
-            except Exception:
+            except Exception:  # as in publish_ready: the rest wait for the next round
                 log.warning("queuing the webhook of run %s failed; the outbox will retry", run_id)
-                failed.append(run_id)
+                failed = mine[i:]
+                break
         if failed:
             with writes.begin() as session:
                 session.execute(
@@ -231,3 +237,57 @@ def publish_notifications(
                 )
             return sent + len(mine) - len(failed)
         sent += len(mine)
+
+
+class Dispatcher:
+    """The API process's publisher: one background task that runs the reconciler (`work`) in a
+    worker thread, when a request asks for it (`kick`, after its commit) and every `interval_s`
+    (runs accepted while the broker was away go out once it is back). Requests never wait on the
+    broker: a frozen one holds this one thread, for a bounded time (the broker's timeouts),
+    and kicks that arrive meanwhile share the next round. Several API processes each run one;
+    `mark_enqueued` keeps them from publishing a run twice.
+
+    Create, kick and run it on the event loop (anyio.Event is not thread-safe).
+    """
+
+    def __init__(self, work: Callable[[], object], *, interval_s: float) -> None:
+        self._work, self._interval = work, interval_s
+        self._kicked = anyio.Event()
+        self._next: anyio.Event | None = None  # set when the next round ends
+        self._stopping = False
+
+    def kick(self) -> anyio.Event:
+        """Ask for a round now; the event is set when a round that starts after this call ends
+        (whether or not the broker took the messages)."""
+        if self._next is None:
+            self._next = anyio.Event()
+        self._kicked.set()
+        return self._next
+
+    def stop(self) -> None:
+        """`run` returns after the round in progress, if any."""
+        self._stopping = True
+        self._kicked.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            with anyio.move_on_after(self._interval):
+                await self._kicked.wait()
+            if self._stopping:
+                break
+            self._kicked = anyio.Event()
+            done, self._next = self._next, None
+            try:
+                # abandon_on_cancel: a shutdown does not wait out a frozen broker's timeout
+                await anyio.to_thread.run_sync(self._round, abandon_on_cancel=True)
+            finally:
+                if done is not None:
+                    done.set()
+        if self._next is not None:
+            self._next.set()
+
+    def _round(self) -> None:
+        try:
+            self._work()
+        except Exception:  # the database or the broker is away: the next round tries again
+            log.warning("outbox: publishing failed; retrying in %.0f s", self._interval)
