@@ -203,7 +203,20 @@ class _StageCommon(_Strict):
         "always evaluated.",
     )
     checkpoint_every_steps: int = Field(
-        0, ge=0, description="Save a resume checkpoint every k steps (0: only when stopped)."
+        0,
+        ge=0,
+        description="Also save a resume point every k optimizer steps (0: by time only).",
+    )
+    checkpoint_every_s: float = Field(
+        120.0,
+        ge=0,
+        description="Save a resume point once this many seconds have passed since the last "
+        "one (or 20x the last save's duration, if longer, so saving stays under 5% of the "
+        "time), so a lost worker loses at most about this much work. 0: by steps only. "
+        "A stop (cancel, SIGTERM) always saves one.",
+    )
+    checkpoint_keep: int = Field(
+        1, ge=1, le=100, description="Resume points kept on disk (the newest ones)."
     )
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of minibatch order and eval sampling.")
 

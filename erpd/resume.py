@@ -2,9 +2,12 @@
 
 A resume point holds the weights, AdamW state, RNG state and the objective's tensors after some
 optimizer step (erpd/checkpoint.py writes it atomically; several ranks write shards). It is
-written when the stage is stopped cooperatively and every `checkpoint_every_steps` steps. Each
+written when the stage is stopped cooperatively (a cancel, a worker's SIGTERM), every
+`checkpoint_every_s` seconds of training (by default: a lost worker loses at most that much work)
+and every `checkpoint_every_steps` steps; only the newest `checkpoint_keep` stay on disk. Each
 carries the stage's fingerprint (config, pi_k, teachers, fixed batch): a point of anything else
-is refused, never silently continued.
+is refused, never silently continued. How often points are written is not part of what is
+trained, so a changed cadence still resumes.
 """
 
 from __future__ import annotations
@@ -12,20 +15,31 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
+from erpd import distributed
 from erpd.checkpoint import RESUME_DIR, latest_resume, load_resume, read_resume_meta, save_resume
 from erpd.errors import ConfigError
 from erpd.objective import Objective
 from erpd.rollout import RolloutBatch
 
+SAVE_SHARE = 20
+"""A time-based point waits at least this many times the last save's duration, so saving a
+large model's weights and AdamW state never takes more than 1/20 of the stage's time."""
+
 
 def stage_fingerprint(stage: str, batch: RolloutBatch, manifest: dict[str, object]) -> str:
-    """What is being trained: the stage, its fixed batch and its manifest (config, lineage)."""
+    """What is being trained: the stage, its fixed batch and its manifest (config, lineage),
+    less the resume cadence (`checkpoint_*`), which changes where points are, not the weights."""
+    config = manifest.get("config")
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if not k.startswith("checkpoint_")}
+        manifest = {**manifest, "config": config}
     identity = {"stage": stage, "batch": batch.fingerprint(), **manifest}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -40,10 +54,23 @@ class Restored:
 
 
 class ResumePoints:
+    """A stage's resume points: restore the newest, and write one when `due` or stopped."""
+
     def __init__(
-        self, run_dir: Path, fingerprint: str, *, every_steps: int, fresh: bool = False
+        self,
+        run_dir: Path,
+        fingerprint: str,
+        *,
+        every_steps: int = 0,
+        every_s: float = 0.0,
+        keep: int = 1,
+        fresh: bool = False,
     ) -> None:
-        self.run_dir, self.fingerprint, self.every_steps = run_dir, fingerprint, every_steps
+        self.run_dir, self.fingerprint, self.keep = run_dir, fingerprint, keep
+        self.every_steps, self.every_s = every_steps, every_s
+        self.last_save_s = 0.0  # how long the last save took
+        self.saved_at = time.monotonic()  # the clock starts with the stage
+        self.saved: tuple[int, bool] | None = None  # the (step, evaluated) last written
         if fresh:  # discard the run's resume points first
             shutil.rmtree(run_dir / RESUME_DIR, ignore_errors=True)
 
@@ -65,7 +92,13 @@ class ResumePoints:
         return Restored(step, bool(meta.get("evaluated")), resumed=True)
 
     def due(self, step: int) -> bool:
-        return bool(self.every_steps) and step % self.every_steps == 0
+        """Whether a point is due after `step` updates: every rank gets the same answer (rank
+        clocks differ, so a time-based point is written when any rank's interval is up)."""
+        by_steps = bool(self.every_steps) and step % self.every_steps == 0
+        if not self.every_s:
+            return by_steps
+        wait = max(self.every_s, SAVE_SHARE * self.last_save_s)
+        return distributed.any_rank(by_steps or time.monotonic() - self.saved_at >= wait)
 
     def save(
         self,
@@ -76,6 +109,9 @@ class ResumePoints:
         *,
         evaluated: bool,
     ) -> None:
+        if (step, evaluated) == self.saved:  # a stop right after a due point: on disk already
+            return
+        started = time.monotonic()
         save_resume(
             self.run_dir,
             step=step,
@@ -83,4 +119,7 @@ class ResumePoints:
             optimizer=optimizer,
             tensors=objective.state(),
             meta={"evaluated": evaluated, "fingerprint": self.fingerprint},
+            keep=self.keep,
         )
+        self.saved_at = time.monotonic()
+        self.last_save_s, self.saved = self.saved_at - started, (step, evaluated)

@@ -221,6 +221,8 @@ def train_stage(
         run_dir,
         stage_fingerprint(stage, batch, manifest),
         every_steps=cfg.checkpoint_every_steps,
+        every_s=cfg.checkpoint_every_s,
+        keep=cfg.checkpoint_keep,
         fresh=not resume,
     )
     with env.progress(f"{stage} {run}", cfg.total_steps(len(batch))) as advance:

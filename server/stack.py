@@ -28,7 +28,6 @@ import httpx
 from server.settings import Settings
 
 EXE = Path(sys.executable).with_name("erpd-hub")
-GRACE_S = 30.0  # the message in server/cli/app.py run_stack() says so
 
 
 def ensure_key(settings: Settings) -> str:
@@ -70,6 +69,7 @@ class Supervisor:
     env: dict[str, str]
     log_dir: Path | None = None  # None: the children write to this terminal
     detached: bool = True
+    grace_s: float = 120.0  # ERPD_STOP_GRACE_S: how long detached children get to stop
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
     signalled: bool = False  # stopped by SIGINT/SIGTERM, not by the code that runs the stack
@@ -148,12 +148,12 @@ class Supervisor:
 
     def stop(self) -> None:
         """SIGTERM to every child still running; attached children are then awaited however
-        long they take, detached ones get GRACE_S before their whole group is killed."""
+        long they take, detached ones get `grace_s` before their whole group is killed."""
         self.forward(signal.SIGTERM)
         if not self.detached:
             self.wait()
             return
-        deadline = time.monotonic() + GRACE_S
+        deadline = time.monotonic() + self.grace_s
         for child in self.children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -202,7 +202,7 @@ def start_stack(
     port = api_port or settings.port
     api_url = f"http://{settings.host}:{port}/api/v1"
     env = dict(os.environ) | {"ERPD_HOME": str(settings.home.resolve())}
-    sup = Supervisor(env, log_dir)
+    sup = Supervisor(env, log_dir, grace_s=settings.stop_grace_s)
     sup.handle_signals()
     stack = Stack(sup, api_url, key, [])
     try:

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from erpd import metrics as M
-from erpd.checkpoint import verify_checkpoint
+from erpd.checkpoint import RESUME_DIR, verify_checkpoint
 from erpd.config import (
     BaseTrainConfig,
     JsonlConfig,
@@ -201,8 +201,8 @@ def stage_spec(
 
 
 def finish(store: Store, inputs: Inputs, outcome: RunOutcome) -> None:
-    """Register the checkpoint (a stage's) and complete the run in one transaction (the caller
-    then publishes the runs that waited for it)."""
+    """Register the checkpoint (a stage's) and complete the run in one transaction, then drop
+    the stage's resume points (the caller then publishes the runs that waited for it)."""
     run = inputs.run
 
     def write() -> None:
@@ -234,3 +234,5 @@ def finish(store: Store, inputs: Inputs, outcome: RunOutcome) -> None:
             )
 
     retrying(write)
+    # the checkpoint is registered: the stage's resume points can never be used again
+    shutil.rmtree(run_dir(store.settings, run.id) / RESUME_DIR, ignore_errors=True)

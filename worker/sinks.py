@@ -1,5 +1,5 @@
 """What a running stage reports to the store: metric points (batched), heartbeats with progress,
-and the cancel flag it learns from them.
+and the cancel flag it learns from them; a worker's shutdown stops the stage the same way.
 
 The loop calls `log` every optimizer step; points are flushed when `max_points` are waiting or
 `max_delay_s` has passed. A background thread heartbeats every `heartbeat_s` even while a long
@@ -53,6 +53,7 @@ class DbSink:
         heartbeat_s: float = 5.0,
         max_points: int = 2_000,
         max_delay_s: float = 2.0,
+        shutdown: threading.Event | None = None,
     ) -> None:
         self.factory, self.run_id, self.attempt = factory, run_id, attempt
         self.max_points, self.max_delay_s = max_points, max_delay_s
@@ -60,6 +61,7 @@ class DbSink:
         self.last_flush = time.monotonic()
         self.cancel = threading.Event()
         self.lost = threading.Event()  # the store gave this run to another attempt
+        self.shutdown = shutdown or threading.Event()  # the worker was told to stop (SIGTERM)
         self.step: int | None = None
         self.total: int | None = None
         self._lock = threading.Lock()
@@ -139,7 +141,7 @@ class DbSink:
 
     # --- what the erpd loop asks ----------------------------------------------------------------
     def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.lost.is_set()
+        return self.cancel.is_set() or self.lost.is_set() or self.shutdown.is_set()
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int) -> Iterator[Advance]:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 from functools import cache
+from typing import Any
 
+from celery.signals import worker_shutting_down
 from sqlalchemy.orm import Session
 
 from server.db import Dataset, Model, Run, make_engine, read_session_factory, session_factory
 from server.queue import RUN_STAGE_TASK, Broker
+from server.redact import scrub
 from server.services import (
     StaleAttemptError,
     cancel_run,
@@ -20,6 +24,7 @@ from server.services import (
     fail_run,
     get_run,
     release_run,
+    yield_run,
 )
 from server.services.outbox import publish_pending
 from server.services.registry import find_by_id
@@ -29,6 +34,16 @@ from worker.runner import Inputs, Store, execute, finish, run_dir
 from worker.sinks import DbSink, retrying
 
 log = logging.getLogger("erpd.worker")
+
+SHUTDOWN = threading.Event()
+"""Set when the worker is told to stop (SIGTERM/SIGINT: Celery's warm shutdown). The running
+stage then finishes its optimizer step, saves a resume point and stops; the run goes back to
+`queued` at once for the next worker, and the task returns so the worker can exit."""
+
+
+@worker_shutting_down.connect
+def _on_shutdown(**_: Any) -> None:
+    SHUTDOWN.set()
 
 
 @cache
@@ -71,7 +86,9 @@ def run_stage(run_id: str) -> None:
             log.info("run %s: not claimable (done, running elsewhere or waiting)", run_id)
             return
         inputs = _inputs(session, run)
-    sink = DbSink(s.writes, run.id, run.attempt, heartbeat_s=settings.heartbeat_s)
+    sink = DbSink(
+        s.writes, run.id, run.attempt, heartbeat_s=settings.heartbeat_s, shutdown=SHUTDOWN
+    )
     sink.start()
     try:
         outcome = execute(s, inputs, sink)
@@ -80,11 +97,7 @@ def run_stage(run_id: str) -> None:
         if not outcome.stopped:
             finish(s, inputs, outcome)
         elif not sink.lost.is_set():
-            _record(
-                lambda session: cancel_run(
-                    session, run_id=run.id, attempt=run.attempt, actor=f"worker:{run.worker}"
-                )
-            )
+            _record_stop(run, outcome.steps, cancelled=sink.cancel.is_set())
     except StaleAttemptError:
         log.warning("run %s: attempt %d was given up by the reaper; stopping", run.id, run.attempt)
     except RanksLostError as exc:  # not the run's fault: requeued (resumes from its shards)
@@ -104,9 +117,8 @@ def run_stage(run_id: str) -> None:
         log.exception("run %s failed", run.id)
         sink.stop()
         # one line, and no server paths: the reason is shown to API users
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0].replace(
-            str(settings.home), "$ERPD_HOME"
-        )[:500]
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reason = scrub(text, {"ERPD_HOME": settings.home.resolve()})[:500]
         _record(
             lambda session: fail_run(
                 session,
@@ -125,6 +137,23 @@ def run_stage(run_id: str) -> None:
         publish_pending(s.writes, s.reads, s.broker)
     except Exception:
         log.warning("run %s: publishing what it unblocked failed; the reaper will", run.id)
+
+
+def _record_stop(run: Run, step: int | None, *, cancelled: bool) -> None:
+    """A stage that stopped cooperatively saved a resume point: a cancel ends the run, a
+    worker shutdown hands it back to the queue (a cancel requested meanwhile still wins)."""
+    actor = f"worker:{run.worker}"
+    if cancelled or not SHUTDOWN.is_set():
+        _record(
+            lambda session: cancel_run(session, run_id=run.id, attempt=run.attempt, actor=actor)
+        )
+        return
+    log.info("run %s: worker shutting down; saved at step %s and requeued", run.id, step)
+    _record(
+        lambda session: yield_run(
+            session, run_id=run.id, attempt=run.attempt, step=step, actor=actor
+        )
+    )
 
 
 def _release_device_memory() -> None:

@@ -147,7 +147,8 @@ def run_stack(on_up: Callable[[Stack], None], **options: Any) -> None:
             on_up(stack)
         died = stack.supervisor.watch()
         if stack.supervisor.signalled:
-            err.print("erpd-hub: stopping (a running stage gets up to 30 s to finish)")
+            grace = stack.supervisor.grace_s
+            err.print(f"erpd-hub: stopping (a running stage saves and is requeued; {grace:.0f} s)")
     except StackError as exc:
         fail(str(exc))
     finally:

@@ -24,6 +24,7 @@ from server.services.transitions import (
     heartbeat,
     request_cancel,
     retry_run,
+    yield_run,
 )
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "retry_run",
     "revoke_api_key",
     "run_events",
+    "yield_run",
 ]

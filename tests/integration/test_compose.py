@@ -64,6 +64,9 @@ def test_the_compose_file_is_valid_and_complete() -> None:
             assert host == "127.0.0.1", published
     env = services["api"]["environment"]
     assert env["ERPD_DATABASE_URL"].startswith("postgresql+psycopg://erpd:change-me@postgres")
+    # SIGTERM: the worker finishes its step, saves and requeues; compose's 10 s default is short
+    grace = str(services["worker"]["stop_grace_period"])  # "2m" or "2m0s", by compose version
+    assert grace.startswith("2m"), grace
 
 
 def test_the_compose_commands_run_natively_as_a_production_stack(

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -322,6 +323,27 @@ def test_a_teacher_changed_on_disk_fails_its_student_with_the_reason(stack: Stac
     assert str(stack.live.settings.home) not in error  # no server paths in what users see
 
 
+def test_a_broken_registered_model_fails_without_naming_server_paths(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    folder = tmp_path_factory.mktemp("operator-models") / "broken-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    engine = make_engine(stack.live.settings.db_url)
+    with session_factory(engine).begin() as s:
+        register(s, Model, name="broken", kind=RegistryKind.REGISTERED, location=str(folder))
+    engine.dispose()
+    made = stack.live.http.post(
+        "/runs",
+        json={"kind": "sample", "model": "broken", "config": {"sample": {"num_prompts": 4}}},
+    )
+    assert made.status_code == 201, made.text
+    assert stack.wait_until_finished(made.json()["id"]) == "failed"
+    error = stack.live.http.get(f"/runs/{made.json()['id']}").json()["error"]
+    assert error and str(folder.parent) not in error and "operator-models" not in error, error
+    assert not any(part in error for part in ("/tmp/", "/root/", "/usr/")), error
+
+
 def test_cli_verbs_submit_list_follow_and_download_with_a_resume(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -395,9 +417,10 @@ def test_a_second_delivery_of_the_same_message_does_nothing(stack: Stack) -> Non
     assert [e["event"] for e in events] == ["created", "claimed", "succeeded"]
 
 
-def stage1_run(epochs: int) -> dict[str, Any]:
+def stage1_run(epochs: int, **resume: float) -> dict[str, Any]:
     """A stage-1 run of `epochs` x 4 steps (32 x 8 responses, minibatches of 64), a resume
-    checkpoint every 2 steps: long enough to act on while it runs."""
+    checkpoint every 2 steps unless `resume` says otherwise: long enough to act on while it
+    runs."""
     return {
         "kind": "stage1",
         "model": "tiny-test",
@@ -407,7 +430,7 @@ def stage1_run(epochs: int) -> dict[str, Any]:
                 "epochs": epochs,
                 "minibatch_size": 64,
                 "eval_every_epochs": epochs,
-                "checkpoint_every_steps": 2,
+                **(resume or {"checkpoint_every_steps": 2}),
             },
             "eval": {"size": 50},
             "runtime": {"device": "cpu"},
@@ -432,10 +455,22 @@ def test_cancel_stops_a_running_run_within_a_step(stack: Stack) -> None:
     assert detail["progress"]["step"] is None or detail["progress"]["step"] < total
 
 
+def run_dir_of(stack: Stack, run_id: str) -> Path:
+    return stack.live.settings.artifacts / "runs" / uuid.UUID(run_id).hex
+
+
+def resume_steps(stack: Stack, run_id: str) -> list[int]:
+    points = (run_dir_of(stack, run_id) / "resume").glob("step-*/manifest.json")
+    return sorted(int(p.parent.name.removeprefix("step-")) for p in points)
+
+
 def test_a_killed_worker_is_replaced_and_the_run_resumes(stack: Stack) -> None:
-    run = stack.live.http.post("/runs", json=MEDIUM_STAGE1).json()
-    stack.wait_for_step(run["id"], 5)  # resume points exist at steps 2 and 4
+    # resume points by time, as by default (120 s), only sooner: one kept on disk
+    run = stack.live.http.post("/runs", json=stage1_run(12, checkpoint_every_s=0.5)).json()
+    seen = stack.wait_for_step(run["id"], 5)
     stack.kill_worker()
+    saved = resume_steps(stack, run["id"])  # one kept; two if killed while replacing it
+    assert 1 <= len(saved) <= 2 and 0 < saved[-1] <= seen + 2, (saved, seen)
     stack.start_worker()  # the reaper requeues the silent run; the new worker resumes it
     assert stack.wait_until_finished(run["id"]) == "succeeded"
     detail = stack.live.http.get(f"/runs/{run['id']}").json()
@@ -465,8 +500,55 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(stack: Stack) -> None:
         ).scalar_one()
     engine.dispose()
     assert first_step_written < second_claim
-    directory = stack.live.settings.artifacts / "runs" / uuid.UUID(run["id"]).hex
+    directory = run_dir_of(stack, run["id"])
     assert [p for p in directory.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] == []
+    assert not (directory / "resume").exists()  # a succeeded run keeps no resume point
+
+
+def test_sigterm_saves_requeues_at_once_and_the_next_worker_resumes(stack: Stack) -> None:
+    # no resume point but the one the shutdown writes; a heartbeat timeout far away, so the
+    # reaper cannot be what requeues it
+    run = stack.live.http.post("/runs", json=stage1_run(12, checkpoint_every_s=3600)).json()
+    seen = stack.wait_for_step(run["id"], 3)
+    assert stack.worker is not None
+    signalled = time.monotonic()
+    stack.worker.terminate()  # `erpd-hub worker` passes it to its Celery worker
+    stack.worker.wait(timeout=60)
+    stopped_in = time.monotonic() - signalled
+    detail = stack.live.http.get(f"/runs/{run['id']}").json()
+    assert detail["status"] == "queued", detail  # at once, not after the reaper's timeout
+    assert detail["max_attempts"] == 4  # the shutdown did not use up an attempt
+    [saved] = resume_steps(stack, run["id"])
+    assert seen <= saved < MEDIUM_STEPS
+    events = stack.live.http.get(f"/runs/{run['id']}/events").json()
+    assert events[-1]["event"] == "requeued" and f"step {saved}" in events[-1]["reason"]
+    assert events[-1]["actor"].startswith("worker:")
+    stack.start_worker()
+    assert stack.wait_until_finished(run["id"]) == "succeeded"
+    assert loss_steps(stack, run["id"]) == list(range(MEDIUM_STEPS))  # no step missing
+    # the next attempt started from the saved step: it wrote nothing before it
+    events = stack.live.http.get(f"/runs/{run['id']}/events").json()
+    second_claim = [e["at"] for e in events if e["event"] == "claimed"][1]
+    engine = make_engine(stack.live.settings.db_url)
+    with engine.connect() as conn:
+        first_resumed = conn.execute(
+            text(
+                "select min(step) from metric_points where run_id = :r and name = 'loss' "
+                "and wall_time > :t"
+            ),
+            {"r": uuid.UUID(run["id"]), "t": datetime.fromisoformat(second_claim).timestamp()},
+        ).scalar_one()
+    engine.dispose()
+    assert first_resumed == saved
+    # it ended within one optimizer step + the save, far inside compose's stop_grace_period
+    assert stopped_in < 30, stopped_in
+
+
+def loss_steps(stack: Stack, run_id: str) -> list[int]:
+    series = stack.live.http.get(
+        f"/runs/{run_id}/metrics", params={"names": "loss", "max_points": 100_000}
+    ).json()["series"]
+    return list(series[0]["steps"])
 
 
 def test_status_shows_workers_queues_and_running_runs(stack: Stack) -> None:
