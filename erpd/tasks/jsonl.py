@@ -185,7 +185,8 @@ class JsonlTask:
             raise ConfigError(
                 "task.jsonl.eval_size", f"must be a positive integer, got {eval_size!r}"
             )
-        if not isinstance(answer_timeout_s, int | float) or not answer_timeout_s > 0:
+        timeout_ok = isinstance(answer_timeout_s, int | float) and answer_timeout_s > 0
+        if isinstance(answer_timeout_s, bool) or not timeout_ok:
             raise ConfigError(
                 "task.jsonl.answer_timeout_s",
                 f"must be a positive number, got {answer_timeout_s!r}",

@@ -69,6 +69,8 @@ class _Child:
 
     proc: subprocess.Popen[bytes]
     results: queue.Queue[bytes | None] = field(default_factory=queue.Queue)
+    owner: int = field(default_factory=os.getpid)
+    """The process that started it: a forked copy of the owner must leave it alone."""
 
     def read_all(self) -> None:
         stdout = self.proc.stdout
@@ -145,6 +147,8 @@ class AnswerChecker:
 
     def _running(self) -> _Child:
         """The live checker, started (and waited for) if there is none."""
+        if self._child is not None and self._child.owner != os.getpid():
+            self._child = None  # a forked copy: its parent's checker is not ours to use
         if self._child is not None and self._child.proc.poll() is None:
             return self._child
         if self._child is not None:  # it died between batches
@@ -176,7 +180,7 @@ class AnswerChecker:
 
     def _stop(self) -> None:
         child, self._child = self._child, None
-        if child is None:
+        if child is None or child.owner != os.getpid():
             return
         child.proc.kill()
         child.proc.wait()
@@ -196,15 +200,16 @@ def _write_lines(stdin: IO[bytes], lines: list[bytes]) -> None:
         pass
 
 
-_shared: AnswerChecker | None = None
+_shared: tuple[int, AnswerChecker] | None = None
 _shared_lock = threading.Lock()
 
 
 def shared_checker() -> AnswerChecker:
-    """The process's one checker (one checker process however many tasks are built)."""
+    """The process's one checker (one checker process however many tasks are built); a forked
+    child gets its own rather than writing into its parent's pipes."""
     global _shared
     with _shared_lock:
-        if _shared is None:
-            _shared = AnswerChecker()
-            atexit.register(_shared.close)
-        return _shared
+        if _shared is None or _shared[0] != os.getpid():
+            _shared = (os.getpid(), AnswerChecker())
+            atexit.register(_shared[1].close)
+        return _shared[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import signal
 import sys
 
@@ -36,7 +35,9 @@ def _die_with_parent() -> None:
 
 
 def _limit_memory() -> None:
-    with contextlib.suppress(ValueError, OSError):
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource  # POSIX only
+
         _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard == resource.RLIM_INFINITY or hard > MEMORY_LIMIT_BYTES:
             resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, hard))

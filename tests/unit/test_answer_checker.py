@@ -14,7 +14,7 @@ import pytest
 
 from erpd.tasks import ArithmeticTask, Problem, Scores, score_many
 from erpd.tasks.jsonl import JsonlTask, score_answers
-from erpd.tasks.scoring import AnswerChecker
+from erpd.tasks.scoring import AnswerChecker, shared_checker
 
 # Known to keep math-verify busy for ever (its own timeouts do not stop it): 82 characters.
 HANG = "\\boxed{\\dfrac{5^{\\left(5^{\\left(5^{\\left(5^5\\right)}\\right)} - 4\\right)} - 5}{16}}"
@@ -146,3 +146,29 @@ def test_tasks_without_a_batch_scorer_score_answer_by_answer() -> None:
     assert scores == Scores([1.0, 0.0], timeouts=0)
     with pytest.raises(ValueError, match="2 problems but 1 responses"):
         score_many(task, problems, ["1"])
+
+
+def test_a_forked_copy_gets_its_own_checker_and_leaves_its_parent_s_alone() -> None:
+    parent = shared_checker()
+    parent.check([RIGHT], limit_s=30.0)
+    pid = parent.pid
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked copy, which reports by exit code
+        code = 1
+        try:
+            own = shared_checker()
+            if own is not parent and own.check([WRONG], limit_s=30.0) == Scores([0.0]):
+                code = 0 if own.pid not in (None, pid) else 3
+            own.close()
+            parent.close()  # what the copy's inherited atexit hook does on a normal exit
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60.0
+    while (status := os.waitpid(child, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            pytest.fail("the forked copy never finished")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status[1]) == 0
+    assert parent.pid == pid and parent.check([RIGHT, WRONG], limit_s=30.0) == Scores([1.0, 0.0])
