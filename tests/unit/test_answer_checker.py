@@ -11,7 +11,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from erpd import metrics as M
+from erpd.config import EvalConfig, TinyModelConfig
+from erpd.evaluate import Evaluator
+from erpd.models import build_tiny_model
 from erpd.tasks import ArithmeticTask, Problem, Scores, score_many
 from erpd.tasks.jsonl import JsonlTask, score_answers
 from erpd.tasks.scoring import AnswerChecker, shared_checker
@@ -172,3 +179,30 @@ def test_a_forked_copy_gets_its_own_checker_and_leaves_its_parent_s_alone() -> N
         time.sleep(0.02)
     assert os.waitstatus_to_exitcode(status[1]) == 0
     assert parent.pid == pid and parent.check([RIGHT, WRONG], limit_s=30.0) == Scores([1.0, 0.0])
+
+
+def _policy_that_always_answers(text: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A tiny Llama whose greedy answer is ``text`` (token 0, all logits zero) then nothing."""
+    vocab = {text: 0, "<pad>": 1, "<eos>": 2, "<unk>": 3}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    shape = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    model = build_tiny_model(tokenizer, shape)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every token equally likely: greedy takes id 0
+    return model, tokenizer
+
+
+def test_an_eval_point_reports_answers_that_timed_out(tmp_path: Path) -> None:
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text('{"prompt": "Write x cubed.", "answer": "x^3"}\n')
+    held_out.write_text('{"prompt": "Write x squared plus one.", "answer": "x^2+1"}\n')
+    task = JsonlTask(train, eval_path=held_out, answer_timeout_s=1.0)
+    model, tokenizer = _policy_that_always_answers(HANG)
+    evaluate = Evaluator(task, tokenizer, EvalConfig(sampled=False), max_new_tokens=1)
+    assert evaluate(model, step=0) == {M.ACC_EVAL: 0.0, M.REWARD_TIMEOUTS: 1.0}
+    right, right_tokenizer = _policy_that_always_answers("\\boxed{1+x^2}")
+    evaluate = Evaluator(task, right_tokenizer, EvalConfig(sampled=False), max_new_tokens=1)
+    assert evaluate(right, step=0) == {M.ACC_EVAL: 1.0, M.REWARD_TIMEOUTS: 0.0}
