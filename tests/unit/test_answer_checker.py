@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +67,13 @@ def _stat(pid: int) -> list[str]:
 
 def _state(pid: int) -> str:
     return _stat(pid)[0]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return _state(pid) != "Z"
+    except FileNotFoundError:  # gone and reaped
+        return False
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -206,3 +215,30 @@ def test_an_eval_point_reports_answers_that_timed_out(tmp_path: Path) -> None:
     right, right_tokenizer = _policy_that_always_answers("\\boxed{1+x^2}")
     evaluate = Evaluator(task, right_tokenizer, EvalConfig(sampled=False), max_new_tokens=1)
     assert evaluate(right, step=0) == {M.ACC_EVAL: 1.0, M.REWARD_TIMEOUTS: 0.0}
+
+
+def test_a_checker_stuck_on_an_answer_dies_with_its_parent() -> None:
+    script = (
+        "import sys\n"
+        "from erpd.tasks.scoring import AnswerChecker\n"
+        "checker = AnswerChecker()\n"
+        "checker.check([('x', 'x')], limit_s=30.0)\n"
+        "print(checker.pid, flush=True)\n"
+        f"checker.check([('x^2+1', {HANG!r})], limit_s=600.0)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    idle_cpu = _cpu_seconds(pid)
+    deadline = time.monotonic() + 30.0
+    while _cpu_seconds(pid) < idle_cpu + 0.3:  # it is crunching the hanging answer
+        assert time.monotonic() < deadline, "the checker never started on the answer"
+        time.sleep(0.02)
+    parent.kill()  # SIGKILL: no clean-up code of the parent runs
+    parent.wait()
+    deadline = time.monotonic() + 30.0
+    while _running(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the orphaned checker kept running")
+        time.sleep(0.02)
