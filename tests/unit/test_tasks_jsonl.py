@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from erpd.config import JsonlConfig, TaskSpec
 from erpd.errors import ConfigError, DataError
 from erpd.tasks import JsonlTask, Problem, Task, build_task
 from erpd.tasks.jsonl import score_answers
@@ -267,3 +268,13 @@ def test_rows_know_their_file_and_line_without_changing_equality(tmp_path: Path)
 def test_answer_timeout_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"task\.jsonl\.answer_timeout_s"):
         JsonlTask(_numbered(tmp_path / "rows.jsonl", 5), eval_size=1, answer_timeout_s=0)
+
+
+def test_the_answer_time_limit_comes_from_the_config(tmp_path: Path) -> None:
+    path = _numbered(tmp_path / "rows.jsonl", 5)
+    spec = TaskSpec(kind="jsonl", jsonl=JsonlConfig(train_path=str(path), eval_size=1))
+    built = build_task(spec)
+    assert isinstance(built, JsonlTask) and built.answer_timeout_s == 5.0
+    spec.jsonl = JsonlConfig(train_path=str(path), eval_size=1, answer_timeout_s=0.5)
+    built = build_task(spec)
+    assert isinstance(built, JsonlTask) and built.answer_timeout_s == 0.5
