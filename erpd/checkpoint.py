@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -127,6 +128,9 @@ def _save_model(
     manifest: Mapping[str, Any],
     weights: dict[str, torch.Tensor] | None,
 ) -> str:
+    for name, tensor in (weights if weights is not None else model.state_dict()).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: weight {name} is not finite; refusing to save it")
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
@@ -139,8 +143,20 @@ def _save_model(
             "files": files,
             "sha256": sha,
         }
-        (tmp / MANIFEST).write_text(json.dumps(body, indent=2, default=str))
+        (tmp / MANIFEST).write_text(json.dumps(finite_json(body), indent=2, default=str))
     return sha
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) as None: JSON has none, and a store
+    that parses the manifest (Postgres json) refuses the file otherwise."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

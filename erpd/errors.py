@@ -33,3 +33,9 @@ class CheckpointError(ERPDError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
 
     exit_code = 2
+
+
+class DivergedError(ERPDError):
+    """Training produced a non-finite loss or gradient: nothing after it is saved."""
+
+    exit_code = 4

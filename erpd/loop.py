@@ -12,6 +12,7 @@ without touching any loss code.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from transformers import PreTrainedModel
 from erpd import distributed
 from erpd import metrics as M
 from erpd.budget import KlBudget
+from erpd.errors import DivergedError
 from erpd.evaluate import Evaluator
 from erpd.models import adamw, prepare_to_train
 from erpd.objective import LoopParts
@@ -110,7 +112,7 @@ def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
                 ctl.sink.log(parts.run, step, values)
                 evals.at(step)
                 return end("kl_budget", evals.final(step))
-            _update(policy, optimizer, cfg.grad_clip, values)
+            _update(policy, optimizer, cfg.grad_clip, values, step=step, lr=cfg.lr)
             tokens = batch.seqs.response_mask[index].sum().item()
             values[M.TOKENS_PER_S] = tokens / max(time.perf_counter() - tick, 1e-9)
             ctl.sink.log(parts.run, step, values)
@@ -130,9 +132,24 @@ def _update(
     optimizer: torch.optim.Optimizer,
     grad_clip: float,
     values: dict[str, float],
+    *,
+    step: int,
+    lr: float,
 ) -> None:
-    """Clip the accumulated gradient (recording its norm) and take the AdamW step."""
+    """Clip the accumulated gradient (recording its norm) and take the AdamW step, unless the
+    loss or the gradient is not finite: then the stage stops before the weights are touched
+    (the loss and the norm are the same on every rank, so every rank stops)."""
+    # max_norm=inf measures the norm without clipping (0 turns clipping off)
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip or math.inf)
+    grad_norm = distributed.scalar(norm)
+    loss = values.get(M.LOSS, 0.0)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        raise DivergedError(
+            f"training diverged at step {step + 1}: the {what} is not finite "
+            f"(loss {loss}, gradient norm {grad_norm}); the learning rate ({lr:g}) is likely "
+            "too high: lower lr (or keep grad_clip on). Nothing of this step was saved."
+        )
     if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-        values[M.GRAD_NORM] = distributed.scalar(norm)
+        values[M.GRAD_NORM] = grad_norm
     optimizer.step()

@@ -26,7 +26,7 @@ from erpd.evaluate import batch_diagnostics
 from erpd.files import write_json
 from erpd.models import load_policy
 from erpd.progress import ProgressFactory, no_progress
-from erpd.rollout import ROLLOUT_META, RolloutBatch
+from erpd.rollout import ROLLOUT_META, RolloutBatch, batch_timeouts
 from erpd.spec import StageSpec, sample_batch, tiny_base
 from erpd.stage import StageEnv, StageResult
 
@@ -97,7 +97,8 @@ def _sample(k: int, pi_k: Path, out: Path, cfg: PipelineConfig, env: StageEnv) -
     if (path / ROLLOUT_META).is_file():
         return RolloutBatch.load(path)
     batch = sample_batch(pi_k, path, cfg, env, k)
-    env.sink.log(f"round-{k}/sample", 0, {M.REWARD_MEAN: batch.rewards.mean().item()})
+    values = {M.REWARD_MEAN: batch.rewards.mean().item(), M.REWARD_TIMEOUTS: batch_timeouts(batch)}
+    env.sink.log(f"round-{k}/sample", 0, values)
     return batch
 
 

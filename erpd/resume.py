@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -25,8 +26,26 @@ from transformers import PreTrainedModel
 from erpd import distributed
 from erpd.checkpoint import RESUME_DIR, latest_resume, load_resume, read_resume_meta, save_resume
 from erpd.errors import ConfigError
-from erpd.objective import Objective
 from erpd.rollout import RolloutBatch
+
+
+class Stateful(Protocol):
+    """What a resume point keeps besides weights and AdamW: an objective's own tensors."""
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+class NoState:
+    """A loop with no tensors of its own (base pretraining)."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        return None
+
 
 SAVE_SHARE = 20
 """A time-based point waits at least this many times the last save's duration, so saving a
@@ -75,7 +94,7 @@ class ResumePoints:
             shutil.rmtree(run_dir / RESUME_DIR, ignore_errors=True)
 
     def restore(
-        self, policy: PreTrainedModel, optimizer: torch.optim.Optimizer, objective: Objective
+        self, policy: PreTrainedModel, optimizer: torch.optim.Optimizer, objective: Stateful
     ) -> Restored:
         """Load the newest point into the policy, optimizer and objective, if there is one."""
         point = latest_resume(self.run_dir)
@@ -105,7 +124,7 @@ class ResumePoints:
         step: int,
         policy: PreTrainedModel,
         optimizer: torch.optim.Optimizer,
-        objective: Objective,
+        objective: Stateful,
         *,
         evaluated: bool,
     ) -> None:

@@ -549,3 +549,9 @@ def sample_rollout(
             "reward_timeouts": scores.timeouts,
         },
     )
+
+
+def batch_timeouts(batch: RolloutBatch) -> float:
+    """How many of the batch's answers the verifier ran out of time on (scored 0)."""
+    count = batch.meta.get("reward_timeouts", 0)
+    return float(count) if isinstance(count, int | float) else 0.0

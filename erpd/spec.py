@@ -45,6 +45,7 @@ class StageSpec(BaseModel):
     def run_stage(self, env: StageEnv, batch: RolloutBatch | None = None) -> StageResult:
         """Run the stage in this process: one rank of a group, or the only process."""
         fixed = batch if batch is not None else RolloutBatch.load(self.batch)
+        env.check_batch(fixed)
         if self.stage == "stage1":
             return run_stage1(
                 pi_k=self.pi_k,
@@ -85,6 +86,7 @@ def sample_batch(
 ) -> RolloutBatch:
     """Sample round `round_index`'s fixed batch from pi_k and save it to `path`."""
     model, tokenizer = load_policy(pi_k, env.device)
+    env.check_data(tokenizer, model.config)
     total = cfg.sample.num_prompts * cfg.sample.group_size
     with env.progress(f"round {round_index}: sample {total} responses", total) as advance:
         batch = sample_rollout(

@@ -21,7 +21,7 @@ from erpd import distributed
 from erpd import metrics as M
 from erpd.checkpoint import read_manifest, save_model_checkpoint
 from erpd.config import EvalConfig, PipelineConfig, StageConfig
-from erpd.errors import CheckpointError
+from erpd.errors import CheckpointError, ConfigError
 from erpd.evaluate import Evaluator
 from erpd.loop import LoopControl, LoopResult, StopCheck, run_loop
 from erpd.memory import check_fits
@@ -31,6 +31,7 @@ from erpd.progress import ProgressFactory, no_progress
 from erpd.resume import ResumePoints, stage_fingerprint
 from erpd.rollout import RolloutBatch, pass_tokens
 from erpd.tasks import Task, build_task
+from erpd.tasks.checks import check_task, max_positions_of
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,29 @@ class StageEnv:
             sink=sink if sink is not None else M.NullSink(),
             progress=progress,
         )
+
+    def check_data(self, tokenizer: PreTrainedTokenizerBase, model_config: object) -> None:
+        """Refuse, before any work, rows this model cannot take (too long for its positions,
+        characters its tokenizer does not know) with their file and line, and a response
+        budget that leaves no room for a prompt (erpd/tasks/checks.py)."""
+        check_task(
+            self.task,
+            tokenizer,
+            max_positions=max_positions_of(model_config),
+            max_new_tokens=self.max_new_tokens,
+            chat_template=self.chat_template,
+        )
+
+    def check_batch(self, batch: RolloutBatch) -> None:
+        """Refuse a fixed batch sampled on another task than the one this stage evaluates on:
+        its evals would measure something else, silently."""
+        sampled_on = batch.meta.get("task")
+        if sampled_on is not None and sampled_on != self.task.name:
+            raise ConfigError(
+                "task",
+                f"the batch was sampled on task {sampled_on!r}, but this config's task is "
+                f"{self.task.name!r}: pass the config the batch was sampled with",
+            )
 
     def evaluator(self, tokenizer: PreTrainedTokenizerBase, seed: int) -> Evaluator:
         return Evaluator(
@@ -217,6 +241,7 @@ def train_stage(
 ) -> StageResult:
     """Run the loop with the env's progress, sink and stop flag, then write the checkpoint."""
     policy, pi_k, tokenizer = models
+    env.check_data(tokenizer, policy.config)
     points = ResumePoints(
         run_dir,
         stage_fingerprint(stage, batch, manifest),

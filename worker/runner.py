@@ -32,7 +32,7 @@ from erpd.config import (
     TaskSpec,
     TinyModelConfig,
 )
-from erpd.rollout import RolloutBatch
+from erpd.rollout import RolloutBatch, batch_timeouts
 from erpd.spec import StageSpec, fixed_batch, tiny_base
 from erpd.stage import SampleResult, StageEnv, StageResult
 from server.db import CheckpointRole, Dataset, Model, RegistryKind, Run, RunKind
@@ -170,8 +170,9 @@ def execute(store: Store, inputs: Inputs, sink: DbSink) -> RunOutcome:
         batch = fixed_batch(pi_k, batch_dir, pcfg, env, run.round)
     if run.kind is RunKind.SAMPLE:
         reward = float(batch.rewards.mean().item())
-        sink.log(run.name, 0, {M.REWARD_MEAN: reward})
-        return SampleResult(run.name, batch_dir, {M.REWARD_MEAN: reward})
+        values = {M.REWARD_MEAN: reward, M.REWARD_TIMEOUTS: batch_timeouts(batch)}
+        sink.log(run.name, 0, values)
+        return SampleResult(run.name, batch_dir, values)
     spec = stage_spec(inputs, pcfg, pi_k=pi_k, pi_0=pi_0, batch=batch_dir, here=here)
     done = StageResult.finished(here)
     if done is not None:

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from erpd import metrics as M
 from erpd.checkpoint import latest_resume, read_manifest, verify_checkpoint
 from erpd.config import Stage1Config, Stage2Config
-from erpd.errors import ConfigError
+from erpd.errors import ConfigError, DivergedError
 from erpd.progress import no_progress
 from erpd.rollout import RolloutBatch
 from erpd.stage import StageEnv
@@ -378,6 +378,14 @@ def test_stage_commands_on_a_jsonl_dataset(demo: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = verify_checkpoint(tmp_path / "s" / "checkpoint")
     assert manifest["teachers"][0]["sha256"] == read_manifest(teacher)["sha256"]
+    # the same stage without the dataset's config would evaluate on the built-in task: refused
+    proc = _erpd(
+        "stage2", "--model", base, "--batch", str(batch), "--teacher", str(teacher),
+        "--out", str(tmp_path / "s2"),
+    )  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "sampled on task 'jsonl:sums'" in proc.stderr and "'arithmetic'" in proc.stderr
+    assert not (tmp_path / "s2" / "checkpoint").exists()
     proc = _erpd(
         "eval",
         "--model",
@@ -609,3 +617,43 @@ def test_resume_refuses_a_stopped_run_of_another_config(
         resume=False,
     )
     assert fresh.status == "completed" and fresh.steps == fresh.total_steps
+
+
+def test_rows_the_model_cannot_take_are_refused_at_load_with_their_line(
+    demo: Path, tmp_path: Path
+) -> None:
+    """Before any sampling: a prompt longer than the model's 128 positions (with the response
+    budget), and the JSONL default budget of 512 tokens, which alone fills them."""
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "1+" * 80 + "1=", "answer": "81"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows * 20) + "\n")
+    base = str(demo / "base" / "checkpoint")
+    jsonl = ["--set", "task.kind=jsonl", "--set", f"task.jsonl.train_path={data}"]
+    jsonl += ["--set", "task.jsonl.eval_size=1"]
+    for extra, expected in (
+        (["--set", "task.max_new_tokens=5"], 'rows.jsonl line 2: "prompt" is 162 tokens'),
+        ([], "task.max_new_tokens: the response budget of 512 tokens"),
+    ):
+        proc = _erpd("sample", "--model", base, "--out", str(tmp_path / "b"), *jsonl, *extra)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and expected in proc.stderr, proc.stderr
+        assert not (tmp_path / "b").exists()
+
+
+def test_a_diverging_stage_stops_at_the_step_and_saves_nothing_non_finite(
+    demo: Path, batch: RolloutBatch, quick_env: Env, tmp_path: Path
+) -> None:
+    stage_env, sink = quick_env
+    cfg = Stage1Config(epochs=4, minibatch_size=128, lr=1e30, grad_clip=0.0)
+    with pytest.raises(DivergedError, match=r"diverged at step \d+: the (loss|gradient norm)"):
+        run_stage1(
+            pi_k=demo / "base" / "checkpoint",
+            batch=batch,
+            cfg=cfg,
+            env=stage_env,
+            run_dir=tmp_path,
+            run="t",
+        )
+    assert not (tmp_path / "checkpoint").exists()
+    losses = [v for _, _, n, v in sink.points if n == M.LOSS]
+    assert losses and all(math.isfinite(v) for v in losses)  # the bad step logged nothing

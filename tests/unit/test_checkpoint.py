@@ -357,3 +357,20 @@ def test_atomic_dir_never_replaces_what_it_did_not_write(kind: str, tmp_path: Pa
     kept = target if kind == "file" else target / "notes.txt"
     assert kept.read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dir left behind
+
+
+def test_a_non_finite_model_is_never_saved_and_a_manifest_has_no_nan(tmp_path: Path) -> None:
+    from erpd.checkpoint import finite_json, save_model_checkpoint
+    from erpd.errors import CheckpointError
+    from erpd.models import build_char_tokenizer, build_tiny_model
+    from erpd.tasks import ALPHABET
+
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = build_tiny_model(tokenizer, SHAPE)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="not finite"):
+        save_model_checkpoint(tmp_path / "ckpt", model, tokenizer, {})
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.iterdir())
+    body = {"summary": {"kl": float("nan"), "acc": 0.5}, "steps": [1.0, float("inf")]}
+    assert finite_json(body) == {"summary": {"kl": None, "acc": 0.5}, "steps": [1.0, None]}
