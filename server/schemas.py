@@ -89,6 +89,9 @@ class PipelineCreate(Request):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     rounds: int = Field(1, ge=1, le=20, description="Round k+1 starts from round k's student.")
+    max_attempts: int = Field(
+        3, ge=1, le=10, description="Claims before a lost worker fails a run (each run's)."
+    )
     gpu: int | None = Field(None, ge=0, le=63, description="Pin every run to GPU N's worker.")
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     notify_url: HttpUrl | None = None

@@ -14,6 +14,7 @@ from typing import Any
 from celery.signals import worker_shutting_down
 from sqlalchemy.orm import Session
 
+from erpd.errors import StopRequestedError
 from server.db import Dataset, Model, Run, make_engine, read_session_factory, session_factory
 from server.queue import RUN_STAGE_TASK, Broker
 from server.redact import scrub
@@ -100,6 +101,11 @@ def run_stage(run_id: str) -> None:
             _record_stop(run, outcome.steps, cancelled=sink.cancel.is_set())
     except StaleAttemptError:
         log.warning("run %s: attempt %d was given up by the reaper; stopping", run.id, run.attempt)
+    except StopRequestedError as exc:  # stopped before its stage began (base pretraining)
+        log.info("run %s: %s", run.id, exc)
+        sink.stop()
+        if not sink.lost.is_set():
+            _record_stop(run, None, cancelled=sink.cancel.is_set())
     except RanksLostError as exc:  # not the run's fault: requeued (resumes from its shards)
         log.warning("run %s: %s; releasing it", run.id, exc)
         sink.stop()

@@ -52,6 +52,7 @@ def create_pipeline(
             "round": k,
             "base_run_id": None if base is None else base.id,
             "gpu": spec.get("gpu"),
+            "max_attempts": spec.get("max_attempts", 3),
             "tags": spec["tags"],
             "actor": actor,
         }
