@@ -84,9 +84,13 @@ def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
 
     def save(at: int) -> None:  # a resume re-evaluates a due step only if it was not yet
         evaluated = at in evals.by_step or (at == restored.step and restored.evaluated)
+        M.flush(ctl.sink)  # the points of every step before the point are stored first
         ctl.points.save(at, policy, optimizer, objective, evaluated=evaluated)
 
     def end(status: str, summary: dict[str, float]) -> LoopResult:
+        # stored before the checkpoint exists: a finished stage is never run again, so points
+        # lost after it would be lost for good
+        M.flush(ctl.sink)
         return LoopResult(status, step, total, summary, time.time() - started)
 
     prepare_to_train(policy, gradient_checkpointing=ctl.gradient_checkpointing)

@@ -283,6 +283,15 @@ class MetricSink(Protocol):
     def close(self) -> None: ...
 
 
+def flush(sink: MetricSink) -> None:
+    """Make every point logged so far durable: a sink that buffers (the worker's, which batches
+    its database writes) has a `flush` method. A resume point is written only after this, so a
+    lost worker never leaves a step behind its resume point without its points."""
+    method = getattr(sink, "flush", None)
+    if callable(method):
+        method()
+
+
 class NullSink:
     def log(self, run: str, step: int, values: dict[str, float]) -> None:
         pass
@@ -336,6 +345,10 @@ class TeeSink:
     def log(self, run: str, step: int, values: dict[str, float]) -> None:
         for sink in self.sinks:
             sink.log(run, step, values)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            flush(sink)
 
     def close(self) -> None:
         for sink in self.sinks:

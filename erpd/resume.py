@@ -131,13 +131,16 @@ class ResumePoints:
         if (step, evaluated) == self.saved:  # a stop right after a due point: on disk already
             return
         started = time.monotonic()
+        # when the write began: with the files' times, how long a save takes (the next point
+        # waits 20x that if it is longer than every_s)
+        began = time.time()
         save_resume(
             self.run_dir,
             step=step,
             model=policy,
             optimizer=optimizer,
             tensors=objective.state(),
-            meta={"evaluated": evaluated, "fingerprint": self.fingerprint},
+            meta={"evaluated": evaluated, "fingerprint": self.fingerprint, "began": began},
             keep=self.keep,
         )
         self.saved_at = time.monotonic()
