@@ -13,7 +13,7 @@ from server.services.errors import (
 )
 from server.services.keys import authenticate, create_api_key, revoke_api_key
 from server.services.metrics import Point, metric_series, record_metrics
-from server.services.reaper import Reaped, release_run, requeue_stale
+from server.services.reaper import Reaped, release_run, requeue_stale, yield_run
 from server.services.registry import ensure_builtins, register
 from server.services.runs import Page, create_run, get_run, list_runs, run_events
 from server.services.transitions import (
@@ -24,7 +24,6 @@ from server.services.transitions import (
     heartbeat,
     request_cancel,
     retry_run,
-    yield_run,
 )
 
 __all__ = [

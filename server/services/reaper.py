@@ -78,6 +78,27 @@ def release_run(
     return run
 
 
+def yield_run(
+    session: Session,
+    *,
+    run_id: uuid.UUID,
+    attempt: int,
+    step: int | None,
+    actor: str,
+    now: datetime | None = None,
+) -> Run:
+    """The worker is shutting down (SIGTERM) and saved a resume point at `step`: the run goes
+    back to the queue at once. A shutdown is not the run's fault, so it does not use up one of
+    its attempts (max_attempts grows with it); a cancel requested meanwhile wins."""
+    run = running_attempt(session, run_id=run_id, attempt=attempt, action="release")
+    run.max_attempts += 1
+    where = "" if step is None else f"; resumes from step {step}"
+    why = f"the worker shut down{where}; this attempt is not counted"
+    give_up(session, run, why=why, actor=actor, now=now or utcnow())
+    session.flush()
+    return run
+
+
 def give_up(session: Session, run: Run, *, why: str, actor: str, now: datetime) -> str:
     """End a running attempt that will not finish: cancelled if a cancel was requested, failed
     with `worker_lost` after max_attempts, else queued again for the outbox to publish.

@@ -262,49 +262,6 @@ def cancel_run(
     return run
 
 
-def yield_run(
-    session: Session,
-    *,
-    run_id: uuid.UUID,
-    attempt: int,
-    step: int | None,
-    actor: str,
-    now: datetime | None = None,
-) -> Run:
-    """running -> queued at once: the worker is shutting down (SIGTERM) and saved a resume point
-    at `step`. A shutdown is not the run's fault, so it does not use up one of its attempts
-    (max_attempts grows with it); a cancel requested meanwhile wins."""
-    now = now or utcnow()
-    run = running_attempt(session, run_id=run_id, attempt=attempt, action="release")
-    where = "" if step is None else f"; resumes from step {step}"
-    if run.cancel_requested:
-        reason = f"the worker shut down{where}; cancel was requested"
-        end_run(
-            session,
-            run,
-            RunStatus.CANCELLED,
-            EventKind.CANCELLED,
-            actor=actor,
-            reason=reason,
-            now=now,
-        )
-        return run
-    run.status, run.heartbeat_at, run.max_attempts = RunStatus.QUEUED, None, run.max_attempts + 1
-    run.enqueued_at = None  # the outbox publishes it again
-    reason = f"the worker shut down{where} (attempt {run.attempt} is not counted)"
-    add_event(
-        session,
-        run,
-        event=EventKind.REQUEUED,
-        from_status=RunStatus.RUNNING,
-        actor=actor,
-        reason=reason,
-        now=now,
-    )
-    session.flush()
-    return run
-
-
 def end_run(
     session: Session,
     run: Run,
