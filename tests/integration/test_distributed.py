@@ -40,6 +40,7 @@ CONFIG = {
             "minibatch_size": 20,
             "micro_batch_size": 4,
             "checkpoint_every_steps": 2,
+            "checkpoint_keep": 2,  # the resume test drops the newest and resumes the one before
             "eval_every_epochs": 1,
         }
     ],

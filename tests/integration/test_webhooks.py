@@ -166,7 +166,9 @@ def hooks(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _cancelled_run(live: Live, url: str) -> str:
-    made = live.http.post("/runs", json={"kind": "sample", "notify_url": url})
+    # pinned to a GPU no worker serves: it stays queued, so the cancel ends it at once
+    body = {"kind": "sample", "notify_url": url, "gpu": 63}
+    made = live.http.post("/runs", json=body)
     assert made.status_code == 201, made.text
     assert live.http.post(f"/runs/{made.json()['id']}/cancel").json()["status"] == "cancelled"
     return str(made.json()["id"])

@@ -9,12 +9,15 @@ import signal
 import tarfile
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from transformers import AutoModelForCausalLM
 
+from server.db import make_engine
 from tests.integration.conftest import Databases, start_live
 from tests.integration.test_worker import (
     QUICK_BASE,
@@ -134,8 +137,21 @@ def test_a_killed_rank_requeues_the_run_which_resumes_from_its_shards(stack: Sta
         ).json()["series"]
     )
     assert loss["steps"] == list(range(16))  # one row per step, before and after the kill
-    resumed = sorted((directory / "resume").glob("step-*"))
-    assert resumed and all((r / "shards").is_dir() for r in resumed)
+    # resumed from its shards, not restarted: the first steps' points are the first attempt's
+    claims = [
+        e["at"]
+        for e in stack.live.http.get(f"/runs/{run['id']}/events").json()
+        if e["event"] == "claimed"
+    ]
+    engine = make_engine(stack.live.settings.db_url)
+    with engine.connect() as conn:
+        first_step_written = conn.execute(
+            text("select wall_time from metric_points where run_id = :r and step = 1 limit 1"),
+            {"r": uuid.UUID(run["id"])},
+        ).scalar_one()
+    engine.dispose()
+    assert first_step_written < datetime.fromisoformat(claims[1]).timestamp()
+    assert not (directory / "resume").exists()  # dropped once the run succeeded
 
 
 def test_cancel_stops_every_rank(stack: Stack) -> None:
