@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +98,24 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def iter_problems(path: Path) -> Iterator[Problem]:
+    """Each row of a JSONL file as it is parsed, skipping blank lines; an empty file is an error.
+
+    For a caller that only checks a file: rows it does not keep are freed at once, so a large
+    file never fills the heap with objects that make the garbage collector stop the process.
+    """
+    empty = True
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if line.strip():
+            empty = False
+            yield _parse_row(path, number, line)
+    if empty:
+        raise DataError(f"{path}: no rows (the file is empty)")
+
+
 def load_problems(path: Path) -> list[Problem]:
     """Load every row of a JSONL file, skipping blank lines; an empty file is an error."""
-    problems = [
-        _parse_row(path, number, line)
-        for number, line in enumerate(_read_text(path).splitlines(), start=1)
-        if line.strip()
-    ]
-    if not problems:
-        raise DataError(f"{path}: no rows (the file is empty)")
-    return problems
+    return list(iter_problems(path))
 
 
 def _dedupe_by_prompt(problems: list[Problem]) -> list[Problem]:
