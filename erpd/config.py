@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 Stage1ObjectiveName = Literal["sapo", "grpo", "ce", "ce_weighted", "mse"]
 Stage2SignalName = Literal["logratio", "sign", "gated_advantage", "contrast", "advantage"]
-RegionName = Literal["top_frac", "threshold", "all"]
+RegionName = Literal["top_frac", "threshold", "all", "random"]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 UnitInterval = Annotated[float, Field(gt=0, le=1)]
@@ -123,7 +123,15 @@ class EvalConfig(_Strict):
         None, ge=1, le=1_000_000, description="Evaluate on the first N held-out problems."
     )
     sampled: bool = Field(True, description="Also report acc/eval_sampled (temperature 1).")
-    pass_k: int = Field(0, ge=0, le=64, description="If > 1, also report acc/pass@k.")
+    pass_k: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="k: responses sampled per held-out problem at T=1 (0 or 1: one). "
+        "acc/eval_sampled is their mean (avg@k); if k > 1, acc/pass@k is also reported. The "
+        "sampling seed depends only on the stage's seed, so every eval point and every arm "
+        "compared on one seed draws the same random numbers.",
+    )
     batch_size: int = Field(
         512, ge=1, description="Sequences per generation or scoring pass (lower for real models)."
     )
@@ -151,8 +159,15 @@ class SampleConfig(_Strict):
 
     num_prompts: int = Field(128, ge=1, le=1_000_000, description="N prompts (the paper: 1,000).")
     group_size: int = Field(8, ge=2, le=1024, description="G responses per prompt (the paper: 16).")
-    temperature: PositiveFloat = Field(1.0, description="Sampling temperature.")
-    top_p: UnitInterval = Field(1.0, description="Nucleus sampling mass.")
+    temperature: PositiveFloat = Field(
+        1.0,
+        description="Sampling temperature. Only 1.0: stage 1's ratios and stage 2's trust "
+        "region are taken against pi_k's own distribution (T = 1, untruncated), so a batch "
+        "sampled from another distribution would be trained on the wrong behaviour policy.",
+    )
+    top_p: UnitInterval = Field(
+        1.0, description="Nucleus sampling mass. Only 1.0 (see temperature)."
+    )
     batch_size: int = Field(
         256, ge=1, le=65_536, description="Sequences per generation/log-prob batch."
     )
@@ -170,6 +185,18 @@ class SampleConfig(_Strict):
         description="Fraction of the GPU vLLM may take (weights + KV cache); the policy stays "
         "loaded beside it for the log-probs.",
     )
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _behaviour_is_pi_k(cls, value: float) -> float:
+        # the batch's behaviour log-probs are recomputed at T = 1 without truncation; a batch
+        # drawn at T = 0.6 / top-p 0.9 gave first-step ratios of 0.71-1.12 instead of 1
+        if value != 1.0:
+            raise ValueError(
+                f"{value:g} is not supported, only 1: ERPD trains against the distribution the "
+                "batch was sampled from, which is pi_k at temperature 1 without truncation"
+            )
+        return value
 
 
 class _StageCommon(_Strict):
@@ -219,6 +246,18 @@ class _StageCommon(_Strict):
         1, ge=1, le=100, description="Resume points kept on disk (the newest ones)."
     )
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of minibatch order and eval sampling.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many optimizer steps even if epochs remain (a control "
+        "matched in steps to another run). None = run every epoch.",
+    )
+    eval_at_kl: list[PositiveFloat] | None = Field(
+        None,
+        description="Also evaluate the first time kl/exact to pi_k exceeds each of these "
+        "values, so one run traces a KL-accuracy curve (with kl_budget = the largest, it stops "
+        "there). None = evaluate by epoch only.",
+    )
 
     @property
     def forward_batch_size(self) -> int:
@@ -281,8 +320,21 @@ class Stage2Config(_StageCommon):
         description="Signal construction: logratio (strong teachers), sign, gated_advantage "
         "(weak teachers), contrast (delta against pi_0), advantage (no-teacher control).",
     )
-    region: RegionName = Field("top_frac", description="Extreme-region token selection.")
-    top_frac: UnitInterval = Field(0.2, description="Share of tokens kept by |delta| (top_frac).")
+    region: RegionName = Field(
+        "top_frac",
+        description="Extreme-region token selection: top_frac / threshold rank tokens by the "
+        "teachers' standardised |delta|; all keeps every token; random keeps a seeded random "
+        "top_frac share (a control: a region of the same size that ignores the teachers).",
+    )
+    top_frac: UnitInterval = Field(
+        0.2, description="Share of tokens kept by |delta| (top_frac) or at random (random)."
+    )
+    permute_delta: bool = Field(
+        False,
+        description="Placebo control: shuffle each response's delta across its own tokens "
+        "(seeded) before the signal and region are built. It keeps the teacher's scale and "
+        "sign per response and destroys which token it points at.",
+    )
     threshold: float | None = Field(
         None,
         gt=0,

@@ -356,6 +356,7 @@ def _above_threshold(
 
 
 @REGIONS.register("top_frac")
+@REGIONS.register("random")  # the caller passes a seeded random score instead of |delta|
 def _top_share(score: Tensor, valid: Tensor, top_frac: float, threshold: float | None) -> Tensor:
     values = score[valid]
     if values.numel() == 0:

@@ -121,6 +121,8 @@ def test_unknown_keys_are_rejected_with_their_path(
         ({"teachers": [{"epochs": 0}]}, ("teachers", 0, "epochs")),
         ({"sample": {"group_size": 1}}, ("sample", "group_size")),
         ({"sample": {"top_p": 1.5}}, ("sample", "top_p")),
+        ({"sample": {"top_p": 0.9}}, ("sample", "top_p")),
+        ({"sample": {"temperature": 0.7}}, ("sample", "temperature")),
         ({"rounds": 0}, ("rounds",)),
         ({"runtime": {"device": "tpu"}}, ("runtime", "device")),
         ({"task": {"arithmetic": {"operators": "/"}}}, ("task", "arithmetic", "operators")),
@@ -128,6 +130,15 @@ def test_unknown_keys_are_rejected_with_their_path(
 )
 def test_invalid_values_name_the_field(data: dict[str, Any], loc: tuple[str | int, ...]) -> None:
     assert tuple(first_error(data)["loc"]) == loc
+
+
+def test_a_batch_not_sampled_from_pi_k_itself_is_refused_in_one_line() -> None:
+    # behaviour log-probs are pi_k's at T = 1, untruncated: any other sampler would make stage
+    # 1's first ratios differ from 1 (0.71-1.12 at T = 0.6 / top-p 0.9)
+    for field, value in (("temperature", 0.7), ("top_p", 0.9)):
+        err = first_error({"sample": {field: value}})
+        assert "\n" not in err["msg"] and "temperature 1 without truncation" in err["msg"]
+    assert SampleConfig(temperature=1.0, top_p=1.0).temperature == 1.0
 
 
 def test_top_frac_upper_bound_inclusive() -> None:
