@@ -438,6 +438,9 @@ def stage2(
         teachers = [existing_dir(t, "--teacher") for t in teacher or []]
         if not teachers and cfg.stage2.signal != "advantage":
             raise UsageError("--teacher: at least one is needed unless stage2.signal=advantage")
+        from erpd.stage2 import check_inputs
+
+        check_inputs(cfg.stage2, len(teachers))  # e.g. a teacher's region with no teacher
         require_dirs(model=model, batch=batch, initial=initial)
         output_dir(out)
         from erpd.rollout import RolloutBatch

@@ -13,6 +13,7 @@ pi_0 (the pipeline's initial policy), T (a teacher).
 
 from __future__ import annotations
 
+import hashlib
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -377,11 +378,45 @@ def select_region(
     """Boolean (B, T) of the tokens that keep their signal ("the extreme region").
 
     top_frac keeps the tokens whose score is among the top share of the batch's response tokens
-    (ties at the cut-off are kept); threshold keeps score > threshold; all keeps every token.
+    (ties at the cut-off are kept); threshold keeps score > threshold; all keeps every token;
+    random is top_frac on a score the caller draws at random (`random_score`).
     """
     if region not in REGIONS:
         raise ValueError(f"unknown region {region!r}")
     return REGIONS[region](score, mask.bool(), top_frac, threshold)
+
+
+def seeded_generator(seed: int, purpose: str) -> torch.Generator:
+    """A CPU generator for one use of a stage's seed: each purpose gets its own stream, so the
+    random region and the placebo's permutations of one stage are not drawn from the same
+    numbers."""
+    digest = hashlib.sha256(f"{purpose}:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def random_score(mask: Tensor, seed: int) -> Tensor:
+    """A seeded uniform (B, T) score for region `random`: the top `top_frac` share of it is a
+    region of the same size as the extreme region's, chosen without looking at any teacher."""
+    score = torch.rand(mask.shape, generator=seeded_generator(seed, "region"))
+    return (score * mask.bool().cpu()).to(mask.device)
+
+
+def permute_within_rows(deltas: Sequence[Tensor], mask: Tensor, seed: int) -> list[Tensor]:
+    """The placebo teacher: each response's delta shuffled among that response's own valid
+    tokens, by one seeded permutation per response that every teacher's delta shares (so
+    teachers that agreed on a token still agree on where it lands). Each response keeps its
+    multiset of delta values, hence the teacher's scale and sign balance, and loses which token
+    each value belonged to. Positions outside the mask are left as they are."""
+    valid = mask.bool().cpu()
+    width = valid.shape[1]
+    positions = torch.arange(width).expand_as(valid)
+    # the valid positions of each row first (in order), then the rest: the slots to fill ...
+    slots = torch.argsort(torch.where(valid, positions, width + positions), dim=1, stable=True)
+    # ... and the same positions in a random order (the rest again last, in order): the sources
+    keys = torch.rand(valid.shape, generator=seeded_generator(seed, "permute_delta"))
+    sources = torch.argsort(torch.where(valid, keys, 2.0 + positions), dim=1, stable=True)
+    slots, sources = slots.to(mask.device), sources.to(mask.device)
+    return [d.clone().scatter_(1, slots, d.gather(1, sources)) for d in deltas]
 
 
 @dataclass

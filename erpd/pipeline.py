@@ -29,6 +29,7 @@ from erpd.progress import ProgressFactory, no_progress
 from erpd.rollout import ROLLOUT_META, RolloutBatch, batch_timeouts
 from erpd.spec import StageSpec, sample_batch, tiny_base
 from erpd.stage import StageEnv, StageResult
+from erpd.stage2 import check_inputs as check_stage2_inputs
 
 
 @dataclass
@@ -144,6 +145,7 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run `cfg.rounds` ERPD rounds into out_dir; returns the summary rows and the final student."""
     started = time.time()
+    check_stage2_inputs(cfg.stage2, len(cfg.teachers))  # before a base or a batch is made
     out = Path(out_dir)
     jsonl = M.JsonlSink(out / "metrics.jsonl")
     env = StageEnv.of(cfg, M.TeeSink(jsonl, sink) if sink else jsonl, progress)  # validates first

@@ -23,6 +23,8 @@ from erpd.losses import (
     Normaliser,
     Stage2Inputs,
     combine_signals,
+    permute_within_rows,
+    random_score,
     region_score,
     select_region,
     stage2_loss,
@@ -50,35 +52,71 @@ class Signal:
     stats: dict[str, float]
 
 
+def check_inputs(cfg: Stage2Config, num_teachers: int) -> None:
+    """Refuse, before any work and in one line naming the field, a signal or region that needs
+    a teacher's delta when no teacher is given."""
+    if num_teachers:
+        return
+    if cfg.signal != "advantage":
+        raise ConfigError(
+            "stage2.signal",
+            f"{cfg.signal!r} needs at least one teacher (only 'advantage' does not)",
+        )
+    if cfg.region in ("top_frac", "threshold"):
+        raise ConfigError(
+            "stage2.region",
+            f"{cfg.region!r} ranks tokens by a teacher's delta and no teacher was given: pass "
+            "the teachers (advantage on their region) or use region 'random' or 'all'",
+        )
+    if cfg.permute_delta:
+        raise ConfigError(
+            "stage2.permute_delta", "shuffles a teacher's delta and no teacher was given"
+        )
+
+
 def build_signal(
     batch: RolloutBatch,
     cfg: Stage2Config,
     teacher_logprobs: Sequence[Tensor],
     pi_0_logprobs: Tensor | None = None,
 ) -> Signal:
-    """Combine per-teacher signals, then keep only the extreme region (docs/method.md)."""
+    """Combine per-teacher signals, then keep only the extreme region (docs/method.md).
+
+    The teachers' deltas are taken first (against pi_k, or pi_0 for `contrast`); with
+    `permute_delta` each response's deltas are shuffled among its own tokens (one seeded
+    permutation per response, shared by every teacher). Both the signal and the region are
+    built from those deltas. `advantage` takes no value from them: a_t = A_i, kept on the region
+    the teachers' deltas select (a control matched in tokens to the student, where the teachers
+    only choose the tokens); region `random` (seeded by the stage's seed) and `all` need no
+    teacher.
+    """
+    check_inputs(cfg, len(teacher_logprobs))
     mask = batch.seqs.response_mask
+    # delta_t = log pi_T - log pi_k; `contrast` takes it against pi_0 instead
+    baseline = batch.pi_k_logprobs
+    if cfg.signal == "contrast" and pi_0_logprobs is not None:
+        baseline = pi_0_logprobs
+    deltas = [(t - baseline) * mask for t in teacher_logprobs]
+    if cfg.permute_delta:
+        deltas = permute_within_rows(deltas, mask, cfg.seed)
     if cfg.signal == "advantage":
-        # the no-teacher control: no delta exists to rank tokens by, so every token is kept
+        # no teacher value enters the signal: the same a_t = A_i with or without teachers
         values = teacher_signal("advantage", torch.zeros_like(mask), batch.advantages, mask)
-        selected = mask.bool()
     else:
-        if not teacher_logprobs:
-            raise ValueError(f"stage2.signal {cfg.signal!r} needs at least one teacher")
-        # delta_t = log pi_T - log pi_k; `contrast` takes it against pi_0 instead
-        baseline = batch.pi_k_logprobs
-        if cfg.signal == "contrast" and pi_0_logprobs is not None:
-            baseline = pi_0_logprobs
-        deltas = [(t - baseline) * mask for t in teacher_logprobs]
         per_teacher = [
             teacher_signal(cfg.signal, d, batch.advantages, mask, gate_c=cfg.gate_c) for d in deltas
         ]
-        combined = combine_signals(per_teacher, cfg.teacher_weights)
+        values = combine_signals(per_teacher, cfg.teacher_weights)
+    if cfg.region == "random":
+        score = random_score(mask, cfg.seed)
+    elif deltas:
         score = region_score(deltas, mask, cfg.teacher_weights)
-        selected = select_region(
-            score, mask, cfg.region, top_frac=cfg.top_frac, threshold=cfg.threshold
-        )
-        values = combined * selected
+    else:  # region `all` without teachers (check_inputs refused the rest)
+        score = torch.zeros_like(mask)
+    selected = select_region(
+        score, mask, cfg.region, top_frac=cfg.top_frac, threshold=cfg.threshold
+    )
+    values = values * selected
     chosen = values[selected]
     stats = {
         M.SELECTED_FRAC: (selected.sum() / mask.sum().clamp_min(1)).item(),
@@ -164,20 +202,20 @@ def run_stage2(
     run_dir = Path(run_dir)
     if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
         raise ValueError("stage2.teacher_weights must have one weight per teacher")
+    check_inputs(cfg, len(teachers))
     check_memory(pi_k, batch, cfg, env)
     policy, frozen_pi_k, tokenizer = load_stage_models(pi_k, env.device)
     batch.check_model(policy.config.vocab_size, str(pi_k), tokenizer_fingerprint(tokenizer))
-    teacher_lp: list[Tensor] = []
-    if cfg.signal != "advantage":
-        teacher_lp = teacher_logprobs(
-            teachers,
-            batch,
-            env,
-            vocab_size=policy.config.vocab_size,
-            pinned=pinned,
-            batch_size=cfg.forward_batch_size,
-            max_tokens=cfg.micro_batch_tokens,
-        )
+    # `advantage` takes its region from the teachers when they are given, so they are scored too
+    teacher_lp = teacher_logprobs(
+        teachers,
+        batch,
+        env,
+        vocab_size=policy.config.vocab_size,
+        pinned=pinned,
+        batch_size=cfg.forward_batch_size,
+        max_tokens=cfg.micro_batch_tokens,
+    )
     pi_0_lp = None
     if cfg.signal == "contrast":
         if pi_0 is None:
@@ -191,7 +229,7 @@ def run_stage2(
         )
     signal = build_signal(batch, cfg, teacher_lp, pi_0_lp)
     objective = DistillObjective(batch, cfg, signal, bf16=env.bf16)
-    lineage = [parent_record(t) for t in teachers] if cfg.signal != "advantage" else []
+    lineage = [parent_record(t) for t in teachers]
     return train_stage(
         stage="stage2",
         models=(policy, frozen_pi_k, tokenizer),

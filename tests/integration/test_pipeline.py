@@ -431,7 +431,7 @@ def test_every_stage1_objective_trains(
         {"signal": "sign"},
         {"signal": "gated_advantage", "region": "all"},
         {"signal": "contrast", "region": "threshold", "threshold": 1.0},
-        {"signal": "advantage"},
+        {"signal": "advantage", "region": "all"},  # without a teacher: no region to rank by
     ],
 )
 def test_every_stage2_signal_trains(
