@@ -4,19 +4,22 @@
     OUT/results.json     every arm's per-seed values, means and spreads, curves, verdicts
     OUT/report.md        tables, one figure per experiment, a verdict per docs/method.md claim
     OUT/fig_*.png
-    OUT/invocations.jsonl  wall time and runs trained per invocation (the total is the cost)
+    OUT/invocations.jsonl  wall time, runs trained and git commit per invocation
     OUT/runs/            every base, batch and stage run, reused by a later invocation
 
 Running the same command again reuses every finished run (and resumes a stopped one), so a
 reproduction interrupted with Ctrl-C loses at most the steps since its stage's last checkpoint.
+
+results.json records what made it (erpd/reproduce/provenance.py): the git commit and whether the
+tree was dirty, the full config, the machine, the wall time and the erpd version. An OUT inside
+the repository's docs/ is refused unless the code is at a known commit with a clean tree, checked
+before the first run and again before results.json is written.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from erpd.errors import ConfigError
 from erpd.files import write_json
 from erpd.progress import ProgressFactory, no_progress
 from erpd.reproduce.config import EXPERIMENTS, ReproduceConfig, preset
+from erpd.reproduce.provenance import check_publishable, provenance, source_root
 from erpd.reproduce.verdicts import Verdict
 
 __all__ = ["EXPERIMENTS", "ReproduceConfig", "ReproduceResult", "preset", "run_reproduce"]
@@ -65,20 +69,24 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _record_invocation(out: Path, wall: float, trained: int) -> list[dict[str, Any]]:
-    """Append this invocation to OUT/invocations.jsonl; returns all of them."""
+def _invocations(out: Path) -> list[dict[str, Any]]:
+    """OUT's earlier invocations (none for a new OUT)."""
     path = out / "invocations.jsonl"
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps({"finished": time.time(), "wall_time_s": wall, "trained": trained}))
-        f.write("\n")
+    if not path.is_file():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _machine(device: str) -> str:
-    import torch
+def _record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Append this invocation to OUT/invocations.jsonl; returns all of them."""
+    with (out / "invocations.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"finished": time.time(), **entry}))
+        f.write("\n")
+    return _invocations(out)
 
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), {device}"
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _describe(task: TaskSpec) -> str:
@@ -114,8 +122,13 @@ def run_reproduce(
     progress: ProgressFactory = no_progress,
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] = lambda line: None,
+    repo: Path | None = None,
 ) -> ReproduceResult:
-    """Run the configured experiments into out_dir and write the report."""
+    """Run the configured experiments into out_dir and write the report.
+
+    `repo` is the code's git checkout (default: the one holding the erpd package): its commit
+    is recorded, and it decides whether out_dir is in the committed docs/.
+    """
     from erpd.reproduce.experiments import RUNNERS
     from erpd.reproduce.lab import Lab
     from erpd.reproduce.report import write_report
@@ -123,8 +136,11 @@ def run_reproduce(
 
     started = time.time()
     out = Path(out_dir)
+    repo = source_root() if repo is None else repo
     lab = Lab(cfg, out, progress=progress, should_stop=should_stop, log=log)
-    lab.env(cfg.primary)  # validates tasks and device before anything is written
+    device = str(lab.env(cfg.primary).device)  # validates tasks and device before any write
+    check_publishable(out, repo, _invocations(out))
+    code = provenance(repo, out, device)
     _claim(out, cfg)
     results: dict[str, Any] = {}
     for name in EXPERIMENTS:  # docs/method.md's order, whatever order the config lists them in
@@ -132,8 +148,18 @@ def run_reproduce(
             log(f"experiment {name}")
             results[name] = RUNNERS[name](lab)
     verdicts = decide_all(results)
+    # the code must not have moved under a committed reproduction while it ran
+    check_publishable(out, repo, [{"commit": code["commit"]}])
     wall = time.time() - started
-    history = _record_invocation(out, wall, lab.trained)
+    history = _record_invocation(
+        out,
+        {
+            "wall_time_s": wall,
+            "trained": lab.trained,
+            "commit": code["commit"],
+            "dirty": code["dirty"],
+        },
+    )
     meta = {
         "command": command,
         "preset": cfg.preset,
@@ -143,7 +169,11 @@ def run_reproduce(
         # a later invocation reuses runs: the total is what the whole reproduction cost
         "wall_time_total_s": sum(h["wall_time_s"] for h in history),
         "invocations": len(history),
-        "machine": _machine(str(lab.env(cfg.primary).device)),
+        "started": _iso(started),
+        "finished": _iso(time.time()),
+        **code,
+        # the commits of every invocation whose runs this reproduction reuses
+        "commits": sorted({str(h.get("commit")) for h in history}),
         "settings": _settings(cfg),
     }
     results_path = out / "results.json"
