@@ -7,12 +7,13 @@ presets differ in size only (seeds, sweep points, ablations); every knob can be 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from erpd.config import (
     BaseTrainConfig,
+    ControlName,
     EvalConfig,
     ModelSpec,
     RuntimeConfig,
@@ -109,10 +110,27 @@ class ReproduceConfig(_Strict):
         "The quick preset trains only the first there, to fit its time budget.",
     )
     control_max_epochs: int = Field(
-        8,
+        16,
         ge=1,
-        description="The no-teacher control trains until it has spent the student's KL, for at "
-        "most this many epochs (matched KL, not matched compute).",
+        description="The early-stopped stage-1 control trains until it has spent the student's "
+        "KL, for at most this many epochs.",
+    )
+    controls: list[ControlName] = Field(
+        default_factory=lambda: list(get_args(ControlName)),
+        description="Matched controls of the first strong teacher's student (erpd/controls.py): "
+        "each is run at the student's config (same steps and budget) and along the KL curve.",
+    )
+    kl_curve_budgets: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2],
+        min_length=2,
+        description="KL-accuracy curves: the student and each control are evaluated the first "
+        "time their kl/exact to pi_k crosses each value, in one run stopped at the largest.",
+    )
+    curve_max_epochs: int = Field(
+        40,
+        ge=1,
+        description="A curve run trains until it crosses the largest budget, for at most this "
+        "many epochs (epochs are not what is compared).",
     )
     ablations: dict[AblationName, dict[str, Any]] = Field(
         {
@@ -143,6 +161,12 @@ class ReproduceConfig(_Strict):
         "as many batches as give the same number of samples as the ERPD rounds.",
     )
 
+    onpolicy_matched_steps: bool = Field(
+        True,
+        description="Rounds: also run on-policy GRPO with as many optimizer steps as ERPD's "
+        "rounds (one fresh batch of onpolicy_prompts per step: many more samples).",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> ReproduceConfig:
         for name, override in self.ablations.items():
@@ -154,6 +178,8 @@ class ReproduceConfig(_Strict):
                 raise ValueError(f"ablations.{name}.{where}: {err['msg']}") from None
         if "two_teachers" in self.experiments and len(self.strong_objectives) < 2:
             raise ValueError("two_teachers needs two strong_objectives")
+        if len(set(self.controls)) != len(self.controls):
+            raise ValueError("controls must be distinct")
         if len(set(self.strong_objectives)) != len(self.strong_objectives):
             raise ValueError("strong_objectives must be distinct")
         others = self.other_task_objectives
@@ -167,6 +193,11 @@ class ReproduceConfig(_Strict):
     @classmethod
     def _sorted(cls, epochs: list[int]) -> list[int]:
         return sorted(set(epochs))
+
+    @field_validator("kl_curve_budgets")
+    @classmethod
+    def _sorted_budgets(cls, budgets: list[float]) -> list[float]:
+        return sorted(set(budgets))
 
     @property
     def primary(self) -> str:

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from erpd import metrics as M
+from erpd.config import ControlName, Stage2Config
+from erpd.controls import early_stop_control, stage2_control, uses_teachers
 from erpd.reproduce.lab import Lab, Outcome
+from erpd.rollout import RolloutBatch
 
 # what every arm reports; greedy and sampled accuracy both (they disagree when entropy moves)
 FINAL_METRICS = (
@@ -139,16 +142,24 @@ def kl_sweep(lab: Lab) -> Result:
     return out
 
 
-# --- 3. ERPD with strong teachers, controls at matched KL, stage-2 ablations -------------------
+# --- 3. ERPD with strong teachers, matched controls, KL-accuracy curves, ablations ------------
+def control_label(name: ControlName) -> str:
+    return "control-" + name.replace("_", "-")
+
+
 def strong_teacher(lab: Lab) -> Result:
-    """Teacher vs student vs the two controls at the student's KL, on every task."""
+    """Teacher vs student vs the matched controls, on every task; on the first task also the
+    KL-accuracy curves of the student and the controls, and the stage-2 ablations."""
     c = lab.cfg
     first = c.strong_objectives[0]
-    out: Result = {"first_teacher": first, "tasks": {}}
+    out: Result = {"first_teacher": first, "controls": list(c.controls), "tasks": {}}
     for task in c.tasks:
         pi_0 = lab.pi_0(task)
+        curves: dict[str, list[Outcome]] = defaultdict(list)
 
-        def one(seed: int, task: str = task, pi_0: Any = pi_0) -> dict[str, Outcome]:
+        def one(
+            seed: int, task: str = task, pi_0: Any = pi_0, curves: Any = curves
+        ) -> dict[str, Outcome]:
             batch = lab.batch(task, seed, pi_0)
             arms = {"base": lab.measure(task, seed, pi_0, pi_k=pi_0, batch=batch, label="base")}
             teachers = {}
@@ -171,27 +182,11 @@ def strong_teacher(lab: Lab) -> Result:
                     teachers=[t],
                     label=f"student-{obj}",
                 )
-            # matched KL: both controls may spend exactly what the student spent, no more
-            kl = max(arms[f"student-{first}"].get(M.KL_EXACT_BATCH), 1e-6)
-            control = c.student.model_copy(
-                update={"signal": "advantage", "epochs": c.control_max_epochs, "kl_budget": kl}
-            )
-            arms["control-advantage"] = lab.stage2(
-                task, seed, control, pi_k=pi_0, batch=batch, teachers=[], label="control-advantage"
-            )
-            early = lab.teacher_config(
-                first, kl_budget=kl, eval_at_epochs=None, eval_every_epochs=1
-            )
-            arms["control-early-stop"] = lab.stage1(
-                task,
-                seed,
-                early,
-                pi_k=pi_0,
-                batch=batch,
-                label="control-early-stop",
-                eval_start=False,
-            )
+            student_kl = max(arms[f"student-{first}"].get(M.KL_EXACT_BATCH), 1e-6)
+            arms.update(_controls(lab, task, seed, c.student, teachers[first], batch, student_kl))
             if task == c.primary:
+                for name, outcome in _curve_runs(lab, task, seed, teachers[first], batch).items():
+                    curves[name].append(outcome)
                 for name in c.ablations:
                     arms[f"ablation {name}"] = lab.stage2(
                         task,
@@ -206,7 +201,120 @@ def strong_teacher(lab: Lab) -> Result:
 
         arms = _per_seed(lab, one)
         out["tasks"][task] = {name: arm(o) for name, o in arms.items()}
+        if curves:
+            out["tasks"][task]["kl_curves"] = {
+                name: kl_curve(o, c.kl_curve_budgets) for name, o in curves.items()
+            }
     return out
+
+
+def _controls(
+    lab: Lab,
+    task: str,
+    seed: int,
+    student: Stage2Config,
+    teacher: Outcome,
+    batch: RolloutBatch,
+    student_kl: float,
+) -> dict[str, Outcome]:
+    """The matched controls of one student: the stage-2 ones at the student's own config (the
+    same steps and budget), early_stop at the KL the student spent."""
+    c = lab.cfg
+    pi_0 = lab.pi_0(task)
+    arms: dict[str, Outcome] = {}
+    for name in c.controls:
+        label = control_label(name)
+        if name == "early_stop":
+            cfg1 = early_stop_control(
+                lab.teacher_config(teacher.label.removeprefix("teacher-")),
+                student,
+                student_kl,
+                max_epochs=c.control_max_epochs,
+            )
+            arms[label] = lab.stage1(
+                task, seed, cfg1, pi_k=pi_0, batch=batch, label=label, eval_start=False
+            )
+        else:
+            arms[label] = lab.stage2(
+                task,
+                seed,
+                stage2_control(student, name),
+                pi_k=pi_0,
+                batch=batch,
+                teachers=[teacher] if uses_teachers(name) else [],
+                label=label,
+            )
+    return arms
+
+
+def _curve_runs(
+    lab: Lab, task: str, seed: int, teacher: Outcome, batch: RolloutBatch
+) -> dict[str, Outcome]:
+    """The student and each control trained until they cross the largest KL budget, evaluated
+    at every budget they cross (one run each)."""
+    c = lab.cfg
+    pi_0 = lab.pi_0(task)
+    budgets = c.kl_curve_budgets
+    along = {
+        "epochs": c.curve_max_epochs,
+        "kl_budget": max(budgets),
+        "eval_at_kl": budgets,
+        "eval_at_epochs": None,
+        "eval_every_epochs": c.curve_max_epochs,
+    }
+    student = c.student.model_copy(update=along)
+    runs = {
+        "student": lab.stage2(
+            task,
+            seed,
+            student,
+            pi_k=pi_0,
+            batch=batch,
+            teachers=[teacher],
+            label="curve-student",
+        )
+    }
+    for name in c.controls:
+        label = control_label(name)
+        if name == "early_stop":
+            cfg1 = early_stop_control(
+                lab.teacher_config(teacher.label.removeprefix("teacher-")),
+                student,
+                max(budgets),
+                max_epochs=c.curve_max_epochs,
+            ).model_copy(update={"eval_at_kl": budgets})
+            runs[label] = lab.stage1(
+                task, seed, cfg1, pi_k=pi_0, batch=batch, label=f"curve-{label}", eval_start=False
+            )
+        else:
+            runs[label] = lab.stage2(
+                task,
+                seed,
+                stage2_control(student, name),
+                pi_k=pi_0,
+                batch=batch,
+                teachers=[teacher] if uses_teachers(name) else [],
+                label=f"curve-{label}",
+            )
+    return runs
+
+
+def kl_curve(outcomes: Sequence[Outcome], budgets: Sequence[float]) -> list[Result]:
+    """One arm's KL-accuracy curve over seeds: at each budget, every seed's first eval point
+    whose kl/exact_batch reached it (NaN for a seed whose run ended below it), index = seed."""
+    rows = []
+    for budget in budgets:
+        per_seed: list[dict[str, Any]] = []
+        values: dict[str, list[float]] = defaultdict(list)
+        for seed, o in enumerate(outcomes):
+            point = next((p for p in o.curve if p.get(M.KL_EXACT_BATCH, 0.0) >= budget), None)
+            row = {m: math.nan if point is None else point.get(m, math.nan) for m in FINAL_METRICS}
+            for m, v in row.items():
+                values[m].append(v)
+            per_seed.append({"seed": seed, "step": point and point["step"], **row})
+        stats = {m: spread(values[m]) for m in FINAL_METRICS}
+        rows.append({"budget": budget, "per_seed": per_seed, **stats})
+    return rows
 
 
 # --- 4. a weak teacher and the signal constructions --------------------------------------------
@@ -290,19 +398,31 @@ def two_teachers(lab: Lab) -> Result:
 
 
 # --- 6. rounds --------------------------------------------------------------------------------
-def rounds(lab: Lab) -> Result:
-    """ERPD rounds vs repeated stage 1 vs on-policy GRPO at an equal number of samples.
+ROUND_ARMS = ("erpd", "stage1_repeated", "no_teacher", "onpolicy_grpo", "onpolicy_grpo_steps")
 
-    Every arm's policy after round r is measured the same way: held-out accuracy, and KL to
-    pi_0 and entropy on the seed's round-0 batch (the cumulative cost of all rounds).
+
+def rounds(lab: Lab) -> Result:
+    """ERPD rounds against the baselines a reviewer asks for, each measured the same way after
+    every round: held-out accuracy, and KL to pi_0 and entropy on the seed's round-0 batch (the
+    cumulative cost of all rounds), with the cumulative optimizer steps and samples it took.
+
+        erpd                 sample -> teacher -> student, the student seeds the next round
+        stage1_repeated      sample -> teacher, the teacher seeds the next round
+        no_teacher           sample -> stage 2 with the outcome advantage on every token, at
+                             the student's budget (the same trust region, no teacher)
+        onpolicy_grpo        one GRPO step per fresh batch, as many samples as ERPD's round
+        onpolicy_grpo_steps  one GRPO step per fresh batch, as many optimizer steps as ERPD's
+                             round (teacher + student): far more samples
     """
     c = lab.cfg
     series: dict[str, list[list[Outcome]]] = defaultdict(list)  # arm -> seed -> rounds
     own_kl: dict[str, list[list[float]]] = defaultdict(list)  # KL to each round's own pi_k
+    costs: dict[str, list[list[tuple[int, int]]]] = defaultdict(list)  # cumulative steps, samples
     for seed in lab.seeds:
-        arms, kls = _rounds_of_seed(lab, seed)
+        arms, kls, cost = _rounds_of_seed(lab, seed)
         for name, outcomes in arms.items():
             series[name].append(outcomes)
+            costs[name].append(cost[name])
             if name in kls:
                 own_kl[name].append(kls[name])
     out: Result = {
@@ -317,29 +437,37 @@ def rounds(lab: Lab) -> Result:
                 "round": r + 1,
                 **arm([seed_rounds[r] for seed_rounds in per_seed]),
                 "kl_round": spread([k[r] for k in own_kl[name]]) if name in own_kl else None,
+                "steps_total": spread([float(k[r][0]) for k in costs[name]]),
+                "samples_total": spread([float(k[r][1]) for k in costs[name]]),
             }
             for r in range(c.rounds)
         ]
     return out
 
 
-def _rounds_of_seed(lab: Lab, seed: int) -> tuple[dict[str, list[Outcome]], dict[str, list[float]]]:
-    """One seed's three arms, round by round: each arm's measured policy after every round,
-    and the KL each ERPD student and repeated teacher spent against its own round's pi_k."""
+def _rounds_of_seed(
+    lab: Lab, seed: int
+) -> tuple[dict[str, list[Outcome]], dict[str, list[float]], dict[str, list[tuple[int, int]]]]:
+    """One seed's arms, round by round: each arm's measured policy after every round, the KL
+    each ERPD student / repeated teacher / no-teacher run spent against its own round's pi_k,
+    and each arm's cumulative (optimizer steps, samples)."""
     c = lab.cfg
     task = c.primary
     pi_0 = lab.pi_0(task)
     first = c.strong_objectives[0]
     teacher_cfg = lab.teacher_config(first)
+    group = c.sample.group_size
+    per_round = c.sample.num_prompts * group
     batches_per_round = c.sample.num_prompts // c.onpolicy_prompts
     onpolicy_cfg = teacher_cfg.model_copy(
         update={
             "objective": "grpo",
             "epochs": 1,
-            "minibatch_size": c.onpolicy_prompts * c.sample.group_size,
+            "minibatch_size": c.onpolicy_prompts * group,
             "eval_at_epochs": None,
         }
     )
+    no_teacher_cfg = c.student.model_copy(update={"signal": "advantage", "region": "all"})
     batch0 = lab.batch(task, seed, pi_0)
 
     def measure(outcome: Outcome, name: str) -> Outcome:
@@ -358,11 +486,37 @@ def _rounds_of_seed(lab: Lab, seed: int) -> tuple[dict[str, list[Outcome]], dict
         )
         return teacher, batch
 
-    current = repeated = policy = pi_0
+    def onpolicy(policy: Path, first_batch: int, count: int, prefix: str) -> Outcome:
+        step = None
+        for j in range(first_batch, first_batch + count):
+            fresh = lab.batch(task, seed, policy, round_index=j, num_prompts=c.onpolicy_prompts)
+            step = lab.stage1(
+                task,
+                seed,
+                onpolicy_cfg,
+                pi_k=policy,
+                batch=fresh,
+                label=f"{prefix}-{j}",
+                evaluate=False,
+            )
+            policy = Path(str(step.checkpoint))
+        assert step is not None
+        return step
+
+    current = repeated = plain = policy = policy_steps = pi_0
     arms: dict[str, list[Outcome]] = defaultdict(list)
     kls: dict[str, list[float]] = defaultdict(list)
+    cost: dict[str, list[tuple[int, int]]] = {name: [] for name in ROUND_ARMS}
+    totals = dict.fromkeys(ROUND_ARMS, (0, 0))
+
+    def spend(name: str, steps: int, samples: int) -> None:
+        done_steps, done_samples = totals[name]
+        totals[name] = (done_steps + steps, done_samples + samples)
+        cost[name].append(totals[name])
+
+    matched_steps = 0  # the on-policy steps of all rounds so far (onpolicy_grpo_steps)
     for r in range(c.rounds):
-        # round 0 of both arms is the strong-teacher experiment's teacher and student
+        # round 0 of erpd and stage1_repeated is the strong-teacher experiment's teacher/student
         teacher, batch = teacher_on(current, r)
         label = f"student-{first}"
         student = lab.stage2(
@@ -370,22 +524,43 @@ def _rounds_of_seed(lab: Lab, seed: int) -> tuple[dict[str, list[Outcome]], dict
         )
         arms["erpd"].append(measure(student, f"erpd-round{r + 1}"))
         kls["erpd"].append(student.get(M.KL_EXACT_BATCH))
+        spend("erpd", teacher.steps + student.steps, per_round)
         current = Path(str(student.checkpoint))
 
         teacher, _ = teacher_on(repeated, r)
         arms["stage1_repeated"].append(measure(teacher, f"stage1-round{r + 1}"))
         kls["stage1_repeated"].append(teacher.get(M.KL_EXACT_BATCH))
+        spend("stage1_repeated", teacher.steps, per_round)
         repeated = Path(str(teacher.checkpoint))
 
-        for j in range(r * batches_per_round, (r + 1) * batches_per_round):
-            fresh = lab.batch(task, seed, policy, round_index=j, num_prompts=c.onpolicy_prompts)
-            label = f"onpolicy-{j}"
-            step = lab.stage1(
-                task, seed, onpolicy_cfg, pi_k=policy, batch=fresh, label=label, evaluate=False
-            )
-            policy = Path(str(step.checkpoint))
+        plain_batch = lab.batch(task, seed, plain, round_index=r)
+        run = lab.stage2(
+            task,
+            seed,
+            no_teacher_cfg,
+            pi_k=plain,
+            batch=plain_batch,
+            teachers=[],
+            label="no-teacher",
+        )
+        arms["no_teacher"].append(measure(run, f"no-teacher-round{r + 1}"))
+        kls["no_teacher"].append(run.get(M.KL_EXACT_BATCH))
+        spend("no_teacher", run.steps, per_round)
+        plain = Path(str(run.checkpoint))
+
+        step = onpolicy(policy, r * batches_per_round, batches_per_round, "onpolicy")
         arms["onpolicy_grpo"].append(measure(step, f"onpolicy-round{r + 1}"))
-    return arms, kls
+        spend("onpolicy_grpo", batches_per_round, per_round)
+        policy = Path(str(step.checkpoint))
+
+        if c.onpolicy_matched_steps:
+            steps = cost["erpd"][-1][0] - (cost["erpd"][-2][0] if r else 0)
+            step = onpolicy(policy_steps, matched_steps, steps, "onpolicy-steps")
+            matched_steps += steps
+            arms["onpolicy_grpo_steps"].append(measure(step, f"onpolicy-steps-round{r + 1}"))
+            spend("onpolicy_grpo_steps", steps, steps * c.onpolicy_prompts * group)
+            policy_steps = Path(str(step.checkpoint))
+    return arms, kls, {name: cost[name] for name in arms}
 
 
 RUNNERS: dict[str, Callable[[Lab], Result]] = {
