@@ -16,8 +16,6 @@ Precision = Literal["auto", "fp32", "bf16"]
 Stage1ObjectiveName = Literal["sapo", "grpo", "ce", "ce_weighted", "mse"]
 Stage2SignalName = Literal["logratio", "sign", "gated_advantage", "contrast", "advantage"]
 RegionName = Literal["top_frac", "threshold", "all", "random"]
-ControlName = Literal["advantage_region", "advantage_random", "placebo", "early_stop"]
-"""The matched controls a student can be compared with (erpd/controls.py, docs/method.md)."""
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 UnitInterval = Annotated[float, Field(gt=0, le=1)]
@@ -75,9 +73,26 @@ class ArithmeticConfig(_Strict):
         description="'final': just the result (47+38=85); 'steps': intermediate results written "
         "out (12+34+56=46+56=102), where token-level credit matters.",
     )
-    eval_size: int = Field(500, ge=1, le=100_000, description="Held-out problems.")
+    eval_size: int = Field(
+        500,
+        ge=1,
+        le=100_000,
+        description="Held-out problems (the reported eval split). One standard error of an "
+        "accuracy near 0.5 is 1 point at 2,500.",
+    )
+    validation_size: int = Field(
+        200,
+        ge=1,
+        le=100_000,
+        description="Validation problems, drawn from their own seed stream and disjoint from "
+        "the train and eval splits: every stopping and calibration decision (base pretraining's "
+        "stop check) reads them, never the eval split.",
+    )
     seed: int = Field(
-        0, ge=0, lt=2**63, description="Seed of the problem generator (eval split and batches)."
+        0,
+        ge=0,
+        lt=2**63,
+        description="Seed of the problem generator (eval and validation splits, batches).",
     )
 
 
@@ -89,8 +104,20 @@ class JsonlConfig(_Strict):
     eval_size: int = Field(
         200, ge=1, le=1_000_000, description="Rows held out when eval_path is None."
     )
+    validation_size: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Rows held out of the train file, after the eval split, for stopping and "
+        "calibration decisions (base pretraining's stop check): never trained on, never "
+        "reported. None = a tenth of the rows left after the eval split, at most 200; 0 = none "
+        "(then the tiny base cannot be pretrained on this file).",
+    )
     seed: int = Field(
-        0, ge=0, lt=2**63, description="Seed of the train/eval split and of batch sampling."
+        0,
+        ge=0,
+        lt=2**63,
+        description="Seed of the train/validation/eval split and of batch sampling.",
     )
     answer_timeout_s: float = Field(
         5.0,
@@ -122,7 +149,17 @@ class EvalConfig(_Strict):
     """Held-out evaluation: greedy and sampled (T=1) accuracy are both reported (docs/method.md)."""
 
     size: int | None = Field(
-        None, ge=1, le=1_000_000, description="Evaluate on the first N held-out problems."
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Evaluate on the first N problems of the split (all of them if None). "
+        "acc/eval_se and acc/eval_sampled_se report the resulting standard errors.",
+    )
+    split: Literal["eval", "validation"] = Field(
+        "eval",
+        description="The problems eval points read: the held-out eval split that results "
+        "report, or the task's validation split, for calibration sweeps (a setting chosen on "
+        "the eval split would be tuned on the numbers it is then judged by).",
     )
     sampled: bool = Field(True, description="Also report acc/eval_sampled (temperature 1).")
     pass_k: int = Field(
@@ -143,14 +180,22 @@ class BaseTrainConfig(_Strict):
     """Supervised pretraining of the tiny base to a *partial* accuracy, so RL has room to gain."""
 
     target_acc: float = Field(
-        0.4, gt=0, le=1, description="Stop once greedy eval accuracy reaches this."
+        0.4,
+        gt=0,
+        le=1,
+        description="Stop once greedy accuracy on the task's validation split reaches this.",
     )
     max_steps: int = Field(3000, ge=1, description="Give up (and keep the model) after this.")
     min_steps: int = Field(100, ge=0, description="Never stop before this many steps.")
     eval_every: int = Field(
         10, ge=1, description="Steps between accuracy checks (accuracy jumps fast near the end)."
     )
-    eval_size: int = Field(200, ge=10, description="Held-out problems used for the stop check.")
+    eval_size: int = Field(
+        200,
+        ge=10,
+        description="Validation problems used for the stop check: the first N of the task's "
+        "validation split (all of them if it has fewer). Never the eval split.",
+    )
     lr: PositiveFloat = Field(1e-3, description="Adam learning rate.")
     batch_size: int = Field(64, ge=1, le=65_536, description="Problems per step.")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of pretraining.")
@@ -409,14 +454,6 @@ class PipelineConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     rounds: int = Field(1, ge=1, le=100, description="ERPD rounds; pi_{k+1} seeds round k+1.")
-    controls: list[ControlName] = Field(
-        default_factory=list,
-        description="Matched controls trained beside the student on the same batch and budget "
-        "(docs/method.md, 'Matched controls'): advantage_region (the outcome advantage on the "
-        "student's tokens), advantage_random (on a random region of the same size), placebo "
-        "(each response's delta shuffled across its tokens), early_stop (the first teacher's "
-        "objective at stage 2's learning rate, stopped at the student's KL).",
-    )
 
     @model_validator(mode="after")
     def _teachers_consistent(self) -> PipelineConfig:
@@ -425,10 +462,6 @@ class PipelineConfig(_Strict):
             raise ValueError(f"teacher names must be unique, got {labels}; set 'name'")
         if not self.teachers and self.stage2.signal != "advantage":
             raise ValueError("no teachers: only stage2.signal 'advantage' works without one")
-        if len(set(self.controls)) != len(self.controls):
-            raise ValueError(f"controls must be distinct, got {self.controls}")
-        if self.controls and not self.teachers:
-            raise ValueError("controls compare a student with its teachers' signal: add a teacher")
         weights = self.stage2.teacher_weights
         if weights is not None and len(weights) != len(self.teachers):
             raise ValueError(

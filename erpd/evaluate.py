@@ -1,11 +1,14 @@
 """Held-out accuracy (greedy and sampled) and diagnostics of a policy on the fixed batch.
 
 KL and log-prob drift are measured against pi_k, the round's base; outside a stage (`erpd eval
---reference`) any model can stand in for it.
+--reference`) any model can stand in for it. Sampled accuracy is avg@k with seeds that depend
+only on the evaluator's seed (the stage's), so the same weights measured at two eval points, or
+two arms compared on one seed, see the same random numbers (common random numbers).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,9 +117,23 @@ def batch_diagnostics(
     return out
 
 
+def sampling_seed(seed: int, chunk: int) -> int:
+    """The generator seed of chunk `chunk` of an eval point's sampled responses.
+
+    A function of the evaluator's seed and the chunk's position only, never of the eval step:
+    one checkpoint measured twice draws the same responses. Each chunk has its own stream, so a
+    chunk's draws do not shift with how long the previous chunks' responses were (which differs
+    between two policies), and the stream is apart from the fixed batch's (`sample.seed`)."""
+    digest = hashlib.sha256(f"erpd-eval-sampled-{seed}-{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 @dataclass
 class Evaluator:
-    """Everything measured at an eval point, from one place, for every stage."""
+    """Everything measured at an eval point, from one place, for every stage.
+
+    `eval.split` picks the problems: the reported eval split (default), or the task's
+    validation split for calibration sweeps, which must never decide on the eval split."""
 
     task: Task
     tokenizer: PreTrainedTokenizerBase
@@ -127,7 +144,10 @@ class Evaluator:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = self.task.eval_problems()
+        split = self.cfg.split
+        problems = (
+            self.task.validation_problems() if split == "validation" else self.task.eval_problems()
+        )
         self.problems = problems[: self.cfg.size] if self.cfg.size else problems
         self.prompt_ids = encode_prompts(
             self.tokenizer, [p.prompt for p in self.problems], self.chat_template
@@ -142,6 +162,15 @@ class Evaluator:
 
     def _accuracy(self, problems: Sequence[Problem], texts: Sequence[str]) -> float:
         return sum(self._rewards(problems, texts)) / len(problems) if problems else 0.0
+
+    def _gen_sampled(self, model: PreTrainedModel, ids: list[list[int]]) -> list[list[int]]:
+        """T = 1 responses to `ids`, chunk by chunk, each chunk from its own `sampling_seed`."""
+        size = self.cfg.batch_size
+        responses: list[list[int]] = []
+        for chunk, start in enumerate(range(0, len(ids), size)):
+            seed = sampling_seed(self.seed, chunk)
+            responses += self._gen(model, ids[start : start + size], False, seed)
+        return responses
 
     def _gen(
         self, model: PreTrainedModel, ids: list[list[int]], greedy: bool, seed: int
@@ -172,11 +201,16 @@ class Evaluator:
         pi_k: PreTrainedModel | None = None,
         batch: RolloutBatch | None = None,
     ) -> dict[str, float]:
+        """Every eval metric of `model` at eval point `step`. The step only labels the point:
+        the same weights give the same values at any step."""
         self.timeouts = 0
         greedy = decode_responses(self.tokenizer, self._gen(model, self.prompt_ids, True, 0))
-        out = {M.ACC_EVAL: self._accuracy(self.problems, greedy)}
-        if self.cfg.sampled:
-            out.update(self._sampled(model, pi_k, seed=self.seed * 1_000_003 + step))
+        rewards = self._rewards(self.problems, greedy)
+        out = {M.ACC_EVAL: sum(rewards) / len(rewards) if rewards else 0.0}
+        if len(rewards) > 1:  # a standard error needs two problems
+            out[M.ACC_EVAL_SE] = M.standard_error(rewards)
+        if self.cfg.sampled:  # seeded by the evaluator's seed alone: the step changes nothing
+            out.update(self._sampled(model, pi_k))
         if batch is not None:
             prompts = batch.prompt_problems()
             out[M.ACC_TRAIN_BATCH] = self.accuracy(model, prompts, greedy=True)
@@ -189,18 +223,20 @@ class Evaluator:
         out[M.REWARD_TIMEOUTS] = float(self.timeouts)
         return out
 
-    def _sampled(
-        self, model: PreTrainedModel, pi_k: PreTrainedModel | None, *, seed: int
-    ) -> dict[str, float]:
+    def _sampled(self, model: PreTrainedModel, pi_k: PreTrainedModel | None) -> dict[str, float]:
+        """avg@k and pass@k on the held-out prompts, and entropy and sequence KL on the samples."""
         k = max(1, self.cfg.pass_k)
         ids = [x for x in self.prompt_ids for _ in range(k)]
-        responses = self._gen(model, ids, False, seed)
+        responses = self._gen_sampled(model, ids)
         texts = decode_responses(self.tokenizer, responses)
         problems = [p for p in self.problems for _ in range(k)]
-        rewards = torch.tensor(self._rewards(problems, texts))
-        out = {M.ACC_EVAL_SAMPLED: rewards.mean().item()}
+        rewards = torch.tensor(self._rewards(problems, texts)).view(-1, k)  # (problems, k)
+        per_problem = rewards.mean(dim=1)  # avg@k of each problem
+        out = {M.ACC_EVAL_SAMPLED: per_problem.mean().item()}
+        if len(per_problem) > 1:
+            out[M.ACC_EVAL_SAMPLED_SE] = M.standard_error(per_problem.tolist())
         if k > 1:
-            out[M.ACC_PASS_K] = rewards.view(-1, k).amax(dim=1).mean().item()
+            out[M.ACC_PASS_K] = rewards.amax(dim=1).mean().item()
         seqs = pack(
             ids, responses, int(self.tokenizer.pad_token_id), int(self.tokenizer.eos_token_id)
         )

@@ -11,6 +11,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Protocol, TextIO
@@ -47,55 +48,70 @@ def _metric(
 
 
 # --- KL to pi_k (the round's frozen base) -------------------------------------------------------
+# What each one estimates, on whose samples and in which direction (docs/method.md, "What each KL
+# metric estimates"; tests/unit/test_metrics_kl.py checks every expectation below against the
+# estimators of erpd.losses by enumeration). The fixed batch's tokens are pi_k's samples.
 KL_EXACT = _metric(
     "kl/exact",
-    "full-vocabulary KL(pi_theta || pi_k) per context",
+    "full-vocabulary KL(pi_theta || pi_k) per context, exact (nothing sampled at the token)",
     "lower_is_better",
-    "mean over response tokens of the step's minibatch, before the update",
+    "mean over the response tokens of the step's minibatch, before the update; the contexts "
+    "are pi_k's samples (the fixed batch)",
     "step",
-    "The headline KL and the unit of the stage-2 budget. Exact over the vocabulary, so it is not "
-    "heavy-tailed like k3 on the fixed data.",
+    "E_{s from pi_k's responses}[KL(pi_theta || pi_k)(s)]: reverse KL, but over pi_k's "
+    "contexts, not pi_theta's own. The unit of the KL budget and of the headline 'N x lower "
+    "KL'; read the on-policy kl/seq_k3 beside it.",
 )
 KL_EXACT_BATCH = _metric(
     "kl/exact_batch",
-    "full-vocabulary KL(pi_theta || pi_k) per context",
+    "full-vocabulary KL(pi_theta || pi_k) per context, exact",
     "lower_is_better",
-    "mean over all response tokens of the fixed batch",
+    "mean over all response tokens of the fixed batch (pi_k's samples)",
     "eval",
-    "KL spent: the same estimator as kl/exact on the whole fixed batch at an eval point.",
+    "KL spent: kl/exact on the whole fixed batch at an eval point, i.e. KL(pi_theta || pi_k) "
+    "averaged over pi_k's contexts.",
 )
 KL_K1 = _metric(
     "kl/k1",
-    "k1 = log pi_theta - log pi_k on the sampled tokens",
-    "lower_is_better",
+    "k1 = log pi_theta(y_t) - log pi_k(y_t) on the fixed batch's tokens y_t ~ pi_k",
+    "neutral",
     "token mean over the minibatch",
     "step",
-    "Naive estimator; tokens were sampled from pi_k, not pi_theta, so it can go negative.",
+    "Estimates -KL(pi_k || pi_theta) per context: the forward KL with its sign flipped, so it "
+    "is <= 0 in expectation and falls as pi_theta moves away. Not an estimate of kl/exact.",
 )
 KL_K3 = _metric(
     "kl/k3",
-    "k3 = rho - 1 - log rho, rho = pi_k / pi_theta, on the sampled tokens",
+    "k3 = rho - 1 - log rho, rho = pi_k(y_t) / pi_theta(y_t) (exp capped at e^20), on the "
+    "fixed batch's tokens y_t ~ pi_k",
     "lower_is_better",
     "token mean over the minibatch",
     "step",
-    "Heavy-tailed on the fixed data (explodes when a sampled token is driven toward 0); "
-    "a secondary series, never the budget.",
+    "Estimates chi2(pi_k || pi_theta) - KL(pi_k || pi_theta) per context, with "
+    "chi2(p || q) = sum p^2 / q - 1: the chi-square term makes it heavy-tailed by construction "
+    "(a token of pi_k's driven toward 0 under pi_theta blows it up). Not KL(pi_theta || pi_k); "
+    "the same quantity as the losses' kl_coef penalty; never the budget.",
 )
 KL_K3_BATCH = _metric(
     "kl/k3_batch",
-    "k3 = rho - 1 - log rho, rho = pi_k / pi_theta, on the sampled tokens",
+    "k3 = rho - 1 - log rho, rho = pi_k(y_t) / pi_theta(y_t) (exp capped at e^20), on the "
+    "fixed batch's tokens y_t ~ pi_k",
     "lower_is_better",
     "token mean over all response tokens of the fixed batch",
     "eval",
-    "kl/k3 on the whole fixed batch at an eval point; heavy-tailed, shown beside kl/exact_batch.",
+    "kl/k3 on the whole fixed batch at an eval point: estimates chi2(pi_k || pi_theta) - "
+    "KL(pi_k || pi_theta) per context, heavy-tailed; shown beside kl/exact_batch.",
 )
 KL_SEQ_K3 = _metric(
     "kl/seq_k3",
-    "k3 of the sequence log-ratio on fresh samples of pi_theta (T=1)",
+    "k3 of the sequence log-ratio, rho = pi_k(y) / pi_theta(y) (exp capped at e^20), on fresh "
+    "responses y ~ pi_theta (T=1, the eval's avg@k samples)",
     "lower_is_better",
-    "mean over held-out samples",
+    "mean over the sampled responses of the held-out prompts (k per prompt); nats per "
+    "response, not per token",
     "eval",
-    "Sequence-level KL(pi_theta || pi_k) on the policy's own samples.",
+    "Unbiased for the sequence-level KL(pi_theta || pi_k) on pi_theta's own samples (responses "
+    "cut at the response budget): the on-policy KL a reader should see beside kl/exact.",
 )
 KL_BUDGET_USED = _metric(
     "kl/budget_used",
@@ -160,17 +176,40 @@ ACC_EVAL = _metric(
     "acc/eval",
     "greedy decoding, verifier reward",
     "higher_is_better",
-    "mean over the held-out split",
+    "mean over the held-out split (eval.size problems)",
     "eval",
     "Headline accuracy.",
 )
+ACC_EVAL_SE = _metric(
+    "acc/eval_se",
+    "standard error of acc/eval: sample standard deviation (n - 1) of the per-problem 0/1 "
+    "greedy rewards / sqrt(n)",
+    "neutral",
+    "over the n held-out problems (not reported when n < 2)",
+    "eval",
+    "Sampling error of acc/eval from the finite eval split; 2,500 problems keep it at or "
+    "below 1 point.",
+)
 ACC_EVAL_SAMPLED = _metric(
     "acc/eval_sampled",
-    "sampling at T=1, verifier reward",
+    "avg@k: the share of k responses sampled at T=1 that the verifier accepts, "
+    "k = eval.pass_k (1 when 0)",
     "higher_is_better",
-    "mean over the held-out split",
+    "mean over the held-out split of the per-problem avg@k",
     "eval",
-    "Greedy and sampled accuracy disagree when entropy moves; report both.",
+    "Greedy and sampled accuracy disagree when entropy moves; report both. Its sampling seed "
+    "depends only on the stage's seed, so every eval point and every arm compared on one seed "
+    "draws the same random numbers.",
+)
+ACC_EVAL_SAMPLED_SE = _metric(
+    "acc/eval_sampled_se",
+    "standard error of acc/eval_sampled: sample standard deviation (n - 1) over problems of "
+    "the per-problem avg@k / sqrt(n)",
+    "neutral",
+    "over the n held-out problems (not reported when n < 2)",
+    "eval",
+    "Sampling error of acc/eval_sampled, from both the finite eval split and the k samples "
+    "per problem.",
 )
 ACC_PASS_K = _metric(
     "acc/pass@k",
@@ -265,13 +304,27 @@ BASE_ACC_CHECK = _metric(
     "base/acc_check",
     "greedy decoding, verifier reward",
     "higher_is_better",
-    "mean over the first base.eval_size held-out problems",
+    "mean over the first base.eval_size problems of the task's validation split",
     "step",
-    "The tiny base's stop rule: pretraining ends once this reaches base.target_acc.",
+    "The tiny base's stop rule: pretraining ends once this reaches base.target_acc. It reads "
+    "the validation split, never the reported eval split.",
 )
 
 STEP_METRICS = tuple(n for n, m in CATALOGUE.items() if m.scope == "step")
 EVAL_METRICS = tuple(n for n, m in CATALOGUE.items() if m.scope == "eval")
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of `values`: the sample standard deviation (n - 1 in the
+    denominator) over sqrt(n); NaN for fewer than two values, where it is undefined.
+
+    For per-problem 0/1 rewards with mean p this is sqrt(p (1 - p) / (n - 1))."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = math.fsum(values) / n
+    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return math.sqrt(variance / n)
 
 
 # --- sinks ----------------------------------------------------------------------------------

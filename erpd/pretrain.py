@@ -1,7 +1,8 @@
 """Supervised pretraining of the tiny base model to a *partial* accuracy.
 
-RL needs room to show gains: the base stops as soon as greedy held-out accuracy reaches
-`base.target_acc` (docs/method.md calibration: ~40% after ~350 steps on `ab+cd=`).
+RL needs room to show gains: the base stops as soon as greedy accuracy on the task's validation
+split reaches `base.target_acc` (docs/method.md calibration: ~40% after ~350 steps on `ab+cd=`).
+The stop check never reads the eval split, which the base's summary and every later stage report.
 """
 
 from __future__ import annotations
@@ -95,11 +96,11 @@ def pretrain_base(
         step, acc = _train(base, cfg, env, run, first, advance)
     if acc < cfg.target_acc:
         log.warning(
-            "base: greedy accuracy %.3f on %d check problems after base.max_steps=%d steps, "
-            "below base.target_acc=%.2f: the base is weaker than asked; raise base.max_steps "
-            "(or lower base.target_acc) if that matters",
+            "base: greedy accuracy %.3f on %d validation problems after base.max_steps=%d "
+            "steps, below base.target_acc=%.2f: the base is weaker than asked; raise "
+            "base.max_steps (or lower base.target_acc) if that matters",
             acc,
-            min(cfg.eval_size, len(env.task.eval_problems())),
+            len(stop_check_problems(env, cfg)),
             cfg.max_steps,
             cfg.target_acc,
         )
@@ -135,13 +136,19 @@ def pretrain_base(
     )
 
 
+def stop_check_problems(env: StageEnv, cfg: BaseTrainConfig) -> list[Problem]:
+    """The problems the stop rule reads: the first `base.eval_size` of the task's validation
+    split (all of them if it has fewer), never the eval split that results report."""
+    return env.task.validation_problems()[: cfg.eval_size]
+
+
 def _train(
     base: _Base, cfg: BaseTrainConfig, env: StageEnv, run: str, first: int, advance: Advance
 ) -> tuple[int, float]:
     """Steps `first + 1` on until the check accuracy reaches the target or `max_steps`;
     returns the last step and the last check accuracy (0 if none ran)."""
     model, optimizer, tokenizer, points, check = base
-    check_problems = env.task.eval_problems()[: cfg.eval_size]
+    check_problems = stop_check_problems(env, cfg)
     acc, step = 0.0, first
     for step in range(first + 1, cfg.max_steps + 1):
         if env.should_stop is not None and env.should_stop():

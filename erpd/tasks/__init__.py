@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from erpd.errors import ConfigError
-from erpd.tasks.arithmetic import ALPHABET, ArithmeticTask
+from erpd.tasks.arithmetic import ALPHABET, DEFAULT_VALIDATION_SIZE, ArithmeticTask
 from erpd.tasks.base import Problem, Task
 from erpd.tasks.jsonl import JsonlTask
 from erpd.tasks.scoring import DEFAULT_ANSWER_TIMEOUT_S, Scores, score_many
@@ -48,6 +48,7 @@ def build_task(spec: Any) -> Task:
             style=cfg.style,
             eval_size=cfg.eval_size,
             seed=cfg.seed,
+            validation_size=getattr(cfg, "validation_size", DEFAULT_VALIDATION_SIZE),
         )
     if kind == "jsonl":
         cfg = _section(spec, kind)
@@ -57,5 +58,6 @@ def build_task(spec: Any) -> Task:
             eval_size=cfg.eval_size,
             seed=cfg.seed,
             answer_timeout_s=getattr(cfg, "answer_timeout_s", DEFAULT_ANSWER_TIMEOUT_S),
+            validation_size=getattr(cfg, "validation_size", None),
         )
     raise ConfigError("task.kind", f"must be one of {_KINDS}, got {kind!r}")

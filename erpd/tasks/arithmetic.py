@@ -29,9 +29,12 @@ _DIGITS_RANGE = (1, 6)
 _TERMS_RANGE = (2, 6)
 _STYLES: tuple[Style, ...] = ("final", "steps")
 _SPACE_FACTOR = 5
-"""The problem space must be this many times larger than the problems we expect to draw."""
+"""What is left for training after the held-out splits must be this many times larger than
+the training problems we expect to draw."""
 _TRAIN_RESERVE = 1024
 """Training problems budgeted for in the space check (a typical dataset size)."""
+DEFAULT_VALIDATION_SIZE = 200
+"""Validation problems when a caller does not say (the config's default)."""
 _INTEGER = re.compile(r"-?[0-9]+")
 
 _T = TypeVar("_T")
@@ -170,17 +173,25 @@ def _check_operators(operators: str) -> None:
         raise ConfigError(field, f"repeats an operator in {operators!r}; list each once")
 
 
-def _check_space(digits: int, terms: int, operators: str, eval_size: int) -> None:
-    """Refuse problem spaces so small that a model could memorize them instead of computing."""
+def _check_space(
+    digits: int, terms: int, operators: str, eval_size: int, validation_size: int
+) -> None:
+    """Refuse problem spaces so small that a model could memorize its training problems instead
+    of computing: the held-out splits are set aside, and what is left must still be
+    `_SPACE_FACTOR` times a typical training set. Held-out problems are never trained on, so
+    they need only be distinct; a large eval split (2,500 problems for 1-point standard errors)
+    fits the 8,100 problems of the calibrated `ab+cd=` task."""
     space = problem_space_size(digits, terms, operators)
-    needed = _SPACE_FACTOR * (eval_size + _TRAIN_RESERVE)
+    held = eval_size + validation_size
+    needed = held + _SPACE_FACTOR * _TRAIN_RESERVE
     if space < needed:
         raise ConfigError(
             _FIELD,
             f"the space of {space} problems (digits={digits}, terms={terms}, "
-            f"operators={operators!r}) is too small: need at least {needed} "
-            f"({_SPACE_FACTOR} x (eval_size {eval_size} + {_TRAIN_RESERVE})) because a tiny "
-            "problem space is memorized; raise digits or terms, or add operators",
+            f"operators={operators!r}) is too small: need at least {needed} (eval_size "
+            f"{eval_size} + validation_size {validation_size} held out, and {_SPACE_FACTOR} x "
+            f"{_TRAIN_RESERVE} left to train on) because a tiny problem space is memorized; "
+            "raise digits or terms, add operators, or hold out fewer problems",
         )
 
 
@@ -197,6 +208,7 @@ class ArithmeticTask:
         style: Style = "final",
         eval_size: int = 500,
         seed: int = 0,
+        validation_size: int = DEFAULT_VALIDATION_SIZE,
     ) -> None:
         _check_int("digits", digits, *_DIGITS_RANGE)
         _check_int("terms", terms, *_TERMS_RANGE)
@@ -204,48 +216,60 @@ class ArithmeticTask:
         if style not in _STYLES:
             raise ConfigError(f"{_FIELD}.style", f"must be one of {_STYLES}, got {style!r}")
         _check_int("eval_size", eval_size, 1, None)
+        _check_int("validation_size", validation_size, 1, None)
         _check_int("seed", seed)
-        _check_space(digits, terms, operators, eval_size)
+        _check_space(digits, terms, operators, eval_size, validation_size)
         self.digits = digits
         self.terms = terms
         self.operators = operators
         self.style: Style = style
         self.eval_size = eval_size
+        self.validation_size = validation_size
         self.seed = seed
         self.space_size = problem_space_size(digits, terms, operators)
         # +1 for the end token the model must emit after the target.
         self.max_new_tokens = max_target_length(digits, terms, operators, style) + 1
+        # the eval split is drawn first, as before there was a validation split, so its
+        # problems (and every eval number measured on them) stay the same
         self._eval = self._draw(random.Random(f"arithmetic-{seed}-eval"), eval_size, frozenset())
-        self._eval_prompts = frozenset(problem.prompt for problem in self._eval)
+        eval_prompts = frozenset(problem.prompt for problem in self._eval)
+        rng = random.Random(f"arithmetic-{seed}-validation")
+        self._validation = self._draw(rng, validation_size, eval_prompts)
+        self._held_prompts = eval_prompts | {problem.prompt for problem in self._validation}
 
     def __repr__(self) -> str:
         return (
             f"ArithmeticTask(digits={self.digits}, terms={self.terms}, "
             f"operators={self.operators!r}, style={self.style!r}, "
-            f"eval_size={self.eval_size}, seed={self.seed})"
+            f"eval_size={self.eval_size}, seed={self.seed}, "
+            f"validation_size={self.validation_size})"
         )
 
     def eval_problems(self) -> list[Problem]:
         """Return the held-out split, drawn once at construction from the task seed."""
         return list(self._eval)
 
+    def validation_problems(self) -> list[Problem]:
+        """Return the validation split: its own seed stream, no prompt of the eval split."""
+        return list(self._validation)
+
     def train_problems(self, n: int, seed: int) -> list[Problem]:
-        """Return ``n`` distinct problems outside the eval split.
+        """Return ``n`` distinct problems outside the validation and eval splits.
 
         Draws are sequential from one seeded stream, so a smaller ``n`` yields a prefix of a
         larger one for the same seed.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
-        available = self.space_size - len(self._eval)
+        available = self.space_size - len(self._held_prompts)
         if n > available:
             raise ConfigError(
                 _FIELD,
                 f"asked for {n} training problems but only {available} exist outside the "
-                "eval split; raise digits or terms, or add operators",
+                "validation and eval splits; raise digits or terms, or add operators",
             )
         rng = random.Random(f"arithmetic-{self.seed}-train-{seed}")
-        return self._draw(rng, n, self._eval_prompts)
+        return self._draw(rng, n, self._held_prompts)
 
     def reward(self, problem: Problem, response: str) -> float:
         """Return 1.0 if the final number in ``response`` equals the answer, else 0.0.

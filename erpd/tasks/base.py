@@ -1,7 +1,8 @@
 """The task contract shared by every problem source the trainer can post-train on.
 
-A task hands out prompts with a reference answer, keeps a fixed held-out split for evaluation, and
-scores a decoded completion with a binary reward. Keeping the contract this small lets the trainer,
+A task hands out prompts with a reference answer, keeps two fixed held-out splits (validation, for
+every stopping and calibration decision, and eval, for the numbers a run reports), and scores a
+decoded completion with a binary reward. Keeping the contract this small lets the trainer,
 the evaluator and the tokenizer builder stay ignorant of where problems come from.
 """
 
@@ -32,10 +33,12 @@ class Problem:
 
 @runtime_checkable
 class Task(Protocol):
-    """A source of training problems, a fixed evaluation split and a reward function.
+    """A source of training problems, fixed validation and evaluation splits and a reward.
 
-    Implementations must keep ``train_problems`` disjoint from ``eval_problems`` (compared by
-    prompt): evaluation numbers are only meaningful if the policy never trained on those prompts.
+    Implementations must keep ``train_problems``, ``validation_problems`` and ``eval_problems``
+    pairwise disjoint (compared by prompt): evaluation numbers are only meaningful if the policy
+    never trained on those prompts, and if no decision (when to stop pretraining, which setting
+    to keep) was taken by looking at them.
     """
 
     name: str
@@ -44,11 +47,16 @@ class Task(Protocol):
     """Generation budget in response tokens (end token included) that fits every target."""
 
     def train_problems(self, n: int, seed: int) -> list[Problem]:
-        """Return ``n`` distinct problems, deterministic for (task, n, seed), none in eval."""
+        """Return ``n`` distinct problems, deterministic for (task, n, seed), none in the
+        validation or eval split."""
+        ...
+
+    def validation_problems(self) -> list[Problem]:
+        """Return the fixed, deterministic split that stopping and calibration decisions read."""
         ...
 
     def eval_problems(self) -> list[Problem]:
-        """Return the fixed, deterministic held-out split."""
+        """Return the fixed, deterministic held-out split that results report."""
         ...
 
     def reward(self, problem: Problem, response: str) -> float:

@@ -21,6 +21,11 @@ from erpd.tasks.scoring import DEFAULT_ANSWER_TIMEOUT_S, Scores, shared_checker
 
 DEFAULT_MAX_NEW_TOKENS = 512
 """Generation budget for free-form answers; user configs override it where they set one."""
+AUTO_VALIDATION_SHARE = 10
+"""With no validation_size given, one row in this many of those left after the eval split is
+held out for validation..."""
+AUTO_VALIDATION_MAX = 200
+"""...and at most this many (the stop check of base pretraining reads 200 by default)."""
 
 _log = logging.getLogger(__name__)
 
@@ -144,6 +149,25 @@ def _hold_out(
     return train, evaluation
 
 
+def _hold_out_validation(
+    train: list[Problem], size: int | None, seed: int, path: Path
+) -> tuple[list[Problem], list[Problem]]:
+    """Split a seeded random validation set off the rows left after the eval split; both parts
+    keep file order. `size` None holds out a tenth of them, at most 200."""
+    if size is None:
+        size = min(AUTO_VALIDATION_MAX, len(train) // AUTO_VALIDATION_SHARE)
+    if len(train) < size + 1:
+        raise DataError(
+            f"{path}: {len(train)} distinct prompts left after the eval split, but holding out "
+            f"validation_size={size} needs at least one more for training; lower "
+            "task.jsonl.validation_size (0 when no tiny base is pretrained on this file)"
+        )
+    held = set(random.Random(f"jsonl-{seed}-validation").sample(range(len(train)), size))
+    kept = [problem for index, problem in enumerate(train) if index not in held]
+    validation = [problem for index, problem in enumerate(train) if index in held]
+    return kept, validation
+
+
 def _quick(problem: Problem, response: str) -> tuple[float | None, str | None]:
     """`quick_verdict`, with any surprise counted as a wrong answer rather than a crash."""
     try:
@@ -179,7 +203,8 @@ def score_answers(
 
 
 class JsonlTask:
-    """Prompts and answers from JSONL files; eval is a separate file or a seeded hold-out."""
+    """Prompts and answers from JSONL files; eval is a separate file or a seeded hold-out, and
+    validation a seeded hold-out of the train file's rows left after the eval split."""
 
     def __init__(
         self,
@@ -188,10 +213,20 @@ class JsonlTask:
         eval_size: int = 200,
         seed: int = 0,
         answer_timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S,
+        validation_size: int | None = None,
     ) -> None:
         if isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size < 1:
             raise ConfigError(
                 "task.jsonl.eval_size", f"must be a positive integer, got {eval_size!r}"
+            )
+        if validation_size is not None and (
+            isinstance(validation_size, bool)
+            or not isinstance(validation_size, int)
+            or validation_size < 0
+        ):
+            raise ConfigError(
+                "task.jsonl.validation_size",
+                f"must be a non-negative integer or None, got {validation_size!r}",
             )
         timeout_ok = isinstance(answer_timeout_s, int | float) and answer_timeout_s > 0
         if isinstance(answer_timeout_s, bool) or not timeout_ok:
@@ -210,16 +245,20 @@ class JsonlTask:
         self.eval_path = Path(eval_path) if eval_path is not None else None
         rows = _dedupe_by_prompt(load_problems(train_file))
         if self.eval_path is None:
-            self._train, self._eval = _hold_out(rows, eval_size, seed, train_file)
+            train, self._eval = _hold_out(rows, eval_size, seed, train_file)
         else:
             self._eval = _dedupe_by_prompt(load_problems(self.eval_path))
-            self._train = self._without_eval_prompts(rows, train_file)
+            train = self._without_eval_prompts(rows, train_file)
+        self._train, self._validation = _hold_out_validation(
+            train, validation_size, seed, train_file
+        )
 
     def __repr__(self) -> str:
         return (
             f"JsonlTask(train_path={str(self.train_path)!r}, "
             f"eval_path={str(self.eval_path) if self.eval_path else None!r}, seed={self.seed}, "
-            f"train_rows={len(self._train)}, eval_rows={len(self._eval)})"
+            f"train_rows={len(self._train)}, validation_rows={len(self._validation)}, "
+            f"eval_rows={len(self._eval)})"
         )
 
     @property
@@ -231,9 +270,20 @@ class JsonlTask:
         """Return the held-out rows (deduplicated by prompt, in file order)."""
         return list(self._eval)
 
+    def validation_problems(self) -> list[Problem]:
+        """Return the validation rows (in file order); refused when there are none, since a
+        decision taken on no problems would be no decision."""
+        if not self._validation:
+            raise ConfigError(
+                "task.jsonl.validation_size",
+                f"{self.train_path} has no validation rows (validation_size=0, or too few rows "
+                "for the automatic share): a stopping or calibration decision needs some; set it",
+            )
+        return list(self._validation)
+
     def all_problems(self) -> list[Problem]:
-        """Every distinct row, training then eval (what the load-time checks look at)."""
-        return [*self._train, *self._eval]
+        """Every distinct row, training, validation then eval (what the load-time checks read)."""
+        return [*self._train, *self._validation, *self._eval]
 
     def train_problems(self, n: int, seed: int) -> list[Problem]:
         """Sample ``n`` distinct training rows without replacement, seeded by (task seed, seed)."""
@@ -242,7 +292,8 @@ class JsonlTask:
         if n > len(self._train):
             raise DataError(
                 f"{self.train_path}: asked for {n} training problems but only "
-                f"{len(self._train)} distinct prompts are available outside the eval split"
+                f"{len(self._train)} distinct prompts are available outside the validation and "
+                "eval splits"
             )
         return random.Random(f"jsonl-{self.seed}-train-{seed}").sample(self._train, n)
 

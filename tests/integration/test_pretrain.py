@@ -13,7 +13,7 @@ from erpd import metrics as M
 from erpd.checkpoint import latest_resume, read_manifest
 from erpd.config import BaseTrainConfig, TinyModelConfig
 from erpd.errors import StopRequestedError
-from erpd.pretrain import pretrain_base
+from erpd.pretrain import pretrain_base, stop_check_problems
 from erpd.progress import no_progress
 from erpd.stage import StageEnv
 from tests.conftest import tiny_pipeline_config
@@ -62,3 +62,58 @@ def test_a_stopped_base_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def _pairs() -> list[tuple[int, int]]:
+    return [(a, b) for a in range(20) for b in range(10)]
+
+
+class Points:
+    """The base's metric points, as a sink receives them."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, dict[str, float]]] = []
+
+    def log(self, run: str, step: int, values: dict[str, float]) -> None:
+        self.points.append((step, dict(values)))
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_stop_check_reads_the_validation_split_never_the_eval_split(tmp_path: Path) -> None:
+    """Every training row (so every validation row) answers 5 and every eval row answers 7: a
+    base that learns to say 5 passes a check on validation rows at once and never one on eval
+    rows, so it stops early only if the check reads the validation split."""
+    train = tmp_path / "fives.jsonl"
+    train.write_text("".join(f'{{"prompt": "{a}+{b}=", "answer": "5"}}\n' for a, b in _pairs()))
+    held_out = tmp_path / "sevens.jsonl"
+    held_out.write_text(
+        "".join(f'{{"prompt": "{a}*{b}=", "answer": "7"}}\n' for a in range(10) for b in range(10))
+    )
+    task = {
+        "kind": "jsonl",
+        "max_new_tokens": 2,
+        "jsonl": {"train_path": str(train), "eval_path": str(held_out), "validation_size": 40},
+    }
+    cfg = tiny_pipeline_config(task=task, eval={"size": 50, "pass_k": 0, "sampled": False})
+    points = Points()
+    stage_env = StageEnv.of(cfg, points, progress=no_progress)
+    base = BaseTrainConfig(
+        target_acc=0.9, min_steps=1, max_steps=60, eval_every=5, eval_size=40, lr=3e-3
+    )
+    assert stop_check_problems(stage_env, base) == stage_env.task.validation_problems()
+    done = pretrain_base(shape=SHAPE, cfg=base, env=stage_env, out_dir=tmp_path / "base")
+    checks = [(s, v[M.BASE_ACC_CHECK]) for s, v in points.points if M.BASE_ACC_CHECK in v]
+    assert done.steps < base.max_steps, checks  # stopped on the check, not by running out
+    assert checks[-1] == (done.steps, pytest.approx(1.0, abs=0.1))
+    assert done.checkpoint is not None
+    assert read_manifest(done.checkpoint)["target_reached"] is True
+    assert done.summary[M.ACC_EVAL] == 0.0  # the reported split: never a 7
+
+
+def test_the_arithmetic_stop_check_reads_validation_problems_only() -> None:
+    stage_env = env()
+    check = stop_check_problems(stage_env, CFG)
+    assert check == stage_env.task.validation_problems()[: CFG.eval_size]
+    assert not {p.prompt for p in check} & {p.prompt for p in stage_env.task.eval_problems()}

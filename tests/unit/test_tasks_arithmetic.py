@@ -98,6 +98,36 @@ def test_train_and_eval_never_overlap() -> None:
     assert not train_prompts & eval_prompts
 
 
+@pytest.mark.parametrize("style", ["final", "steps"])
+def test_train_validation_and_eval_are_pairwise_disjoint_on_the_calibrated_space(
+    style: str,
+) -> None:
+    # ab+cd= has 8,100 prompts: 2,500 + 200 held out leave 5,400, and a pretraining run draws
+    # every one of them many times, so any overlap would show up here
+    task = ArithmeticTask(2, 2, "+", style, eval_size=2500, validation_size=200)  # type: ignore[arg-type]
+    splits = {
+        "eval": {p.prompt for p in task.eval_problems()},
+        "validation": {p.prompt for p in task.validation_problems()},
+        "train": {p.prompt for s in range(20) for p in task.train_problems(1000, seed=s)},
+    }
+    assert len(splits["eval"]) == 2500 and len(splits["validation"]) == 200
+    assert len(splits["train"]) > 4000  # 20 draws of 1,000 reach most of the 5,400 left
+    assert not splits["eval"] & splits["validation"]
+    assert not splits["train"] & (splits["eval"] | splits["validation"])
+    assert task.train_problems(5400, seed=0)  # exactly what is left can still be drawn
+    with pytest.raises(ConfigError, match="5400 exist outside the validation and eval"):
+        task.train_problems(5401, seed=0)
+
+
+def test_the_eval_split_does_not_move_when_a_validation_split_is_added() -> None:
+    # drawn first from its own stream, so eval numbers stay comparable across validation sizes
+    small = ArithmeticTask(**SMALL, eval_size=300, validation_size=1)
+    large = ArithmeticTask(**SMALL, eval_size=300, validation_size=900)
+    assert small.eval_problems() == large.eval_problems()
+    assert small.validation_problems() == large.validation_problems()[:1]
+    assert small.validation_problems() != small.eval_problems()[:1]
+
+
 def test_eval_rejection_is_effective_on_a_tight_space() -> None:
     # 9**5 = 59,049 prompts and 3,000 of them held out: random draws would collide often.
     task = ArithmeticTask(digits=1, terms=5, operators="+", eval_size=3000)
@@ -131,10 +161,12 @@ def test_eval_problems_returns_a_copy() -> None:
 
 def test_small_space_raises_and_names_its_size() -> None:
     ArithmeticTask(digits=2, terms=2, operators="+")  # 8,100 problems: the calibrated task fits
+    # 2,500 held out for 1-point standard errors: 5,400 are left, over 5 x 1,024 to train on
+    ArithmeticTask(digits=2, terms=2, operators="+", eval_size=2500)
     with pytest.raises(ConfigError, match="8100") as info:
-        ArithmeticTask(digits=2, terms=2, operators="+", eval_size=1000)
+        ArithmeticTask(digits=2, terms=2, operators="+", eval_size=2500, validation_size=500)
     assert info.value.field == "task.arithmetic"
-    assert "memorized" in str(info.value)
+    assert "memorized" in str(info.value) and "validation_size 500" in str(info.value)
     with pytest.raises(ConfigError, match="729"):
         ArithmeticTask(digits=1, terms=3, operators="+", eval_size=1)
 
@@ -150,6 +182,7 @@ def test_small_space_raises_and_names_its_size() -> None:
         ({"operators": "+/"}, "operators"),
         ({"operators": "++"}, "operators"),
         ({"eval_size": 0}, "eval_size"),
+        ({"validation_size": 0}, "validation_size"),
         ({"style": "chain"}, "style"),
     ],
 )
@@ -160,9 +193,9 @@ def test_invalid_knobs_raise_config_error(knobs: dict[str, object], field: str) 
 
 
 def test_train_request_larger_than_space_raises() -> None:
-    task = ArithmeticTask(digits=1, terms=5, operators="+", eval_size=10)
-    with pytest.raises(ConfigError, match="59039"):
-        task.train_problems(59040, seed=0)
+    task = ArithmeticTask(digits=1, terms=5, operators="+", eval_size=10, validation_size=10)
+    with pytest.raises(ConfigError, match="59029"):  # 9**5 less the 20 held out
+        task.train_problems(59030, seed=0)
 
 
 @pytest.mark.parametrize("style", ["final", "steps"])
@@ -218,6 +251,9 @@ def test_build_task_arithmetic_and_protocol() -> None:
     assert isinstance(task, Task)
     assert task.name == "arithmetic"
     assert task.eval_problems() == ArithmeticTask(2, 3, "+*", "steps", 20, 4).eval_problems()
+    assert len(task.validation_problems()) == 200  # a spec without the field: the default
+    spec.arithmetic.validation_size = 30
+    assert len(build_task(spec).validation_problems()) == 30
 
 
 def test_build_task_rejects_unknown_kind() -> None:

@@ -84,12 +84,64 @@ def test_hold_out_split_is_disjoint_sized_and_deterministic(tmp_path: Path) -> N
     path = _numbered(tmp_path / "rows.jsonl", 100)
     task = JsonlTask(path, eval_size=30, seed=5)
     eval_prompts = {p.prompt for p in task.eval_problems()}
-    train = task.train_problems(70, seed=0)
-    assert len(eval_prompts) == 30
-    assert len({p.prompt for p in train}) == 70
-    assert not eval_prompts & {p.prompt for p in train}
-    assert JsonlTask(path, eval_size=30, seed=5).eval_problems() == task.eval_problems()
-    assert JsonlTask(path, eval_size=30, seed=6).eval_problems() != task.eval_problems()
+    validation = {p.prompt for p in task.validation_problems()}
+    train = {p.prompt for p in task.train_problems(63, seed=0)}
+    # 70 rows left after the eval split: a tenth of them (7) held out for validation
+    assert (len(eval_prompts), len(validation), len(train)) == (30, 7, 63)
+    assert not eval_prompts & validation and not train & (eval_prompts | validation)
+    assert eval_prompts | validation | train == {f"q{i}" for i in range(100)}
+    again = JsonlTask(path, eval_size=30, seed=5)
+    assert again.eval_problems() == task.eval_problems()
+    assert again.validation_problems() == task.validation_problems()
+    other = JsonlTask(path, eval_size=30, seed=6)
+    assert other.eval_problems() != task.eval_problems()
+    assert other.validation_problems() != task.validation_problems()
+
+
+@pytest.mark.parametrize("separate_eval_file", [False, True])
+def test_train_validation_and_eval_are_pairwise_disjoint(
+    tmp_path: Path, separate_eval_file: bool
+) -> None:
+    path = _numbered(tmp_path / "rows.jsonl", 400)
+    eval_path = None
+    if separate_eval_file:  # q0-q49 are also in the eval file: dropped from training
+        eval_path = _numbered(tmp_path / "eval.jsonl", 50)
+    task = JsonlTask(path, eval_path=eval_path, eval_size=100, validation_size=40, seed=2)
+    evaluation = {p.prompt for p in task.eval_problems()}
+    validation = {p.prompt for p in task.validation_problems()}
+    left = task.train_size
+    train = {p.prompt for p in task.train_problems(left, seed=0)}
+    assert len(validation) == 40 and left == 400 - len(evaluation) - 40
+    assert not evaluation & validation
+    assert not train & evaluation and not train & validation
+    with pytest.raises(DataError, match="outside the validation and eval splits"):
+        task.train_problems(left + 1, seed=0)
+
+
+def test_the_validation_split_is_held_out_after_the_eval_split(tmp_path: Path) -> None:
+    # the eval split does not move with validation_size, and too large a validation split is
+    # refused in one line that names the field to lower
+    path = _numbered(tmp_path / "rows.jsonl", 50)
+    small = JsonlTask(path, eval_size=10, validation_size=5)
+    assert small.eval_problems() == JsonlTask(path, eval_size=10, validation_size=0).eval_problems()
+    with pytest.raises(DataError) as info:
+        JsonlTask(path, eval_size=10, validation_size=40)
+    message = str(info.value)
+    assert "\n" not in message and "40 distinct prompts left after the eval split" in message
+    assert "task.jsonl.validation_size" in message
+    JsonlTask(path, eval_size=10, validation_size=39)  # one row left to train on
+
+
+def test_no_validation_rows_refuse_a_decision_naming_the_field(tmp_path: Path) -> None:
+    task = JsonlTask(_numbered(tmp_path / "rows.jsonl", 30), eval_size=10, validation_size=0)
+    assert task.train_size == 20
+    with pytest.raises(ConfigError) as info:
+        task.validation_problems()
+    assert info.value.field == "task.jsonl.validation_size"
+    with pytest.raises(ConfigError, match=r"task\.jsonl\.validation_size"):
+        JsonlTask(_numbered(tmp_path / "rows.jsonl", 30), validation_size=-1)
+    # with the automatic share a small file keeps every row left for training
+    assert JsonlTask(_numbered(tmp_path / "few.jsonl", 12), eval_size=3).train_size == 9
 
 
 def test_duplicate_prompts_do_not_leak_into_eval(tmp_path: Path) -> None:
@@ -115,7 +167,7 @@ def test_separate_eval_file_excludes_its_prompts_from_train(tmp_path: Path) -> N
     eval_path = _write_rows(
         tmp_path / "eval.jsonl", [{"prompt": "q3", "answer": "3"}, {"prompt": "new", "answer": "1"}]
     )
-    task = JsonlTask(train_path, eval_path=eval_path, eval_size=999)
+    task = JsonlTask(train_path, eval_path=eval_path, eval_size=999, validation_size=0)
     assert [p.prompt for p in task.eval_problems()] == ["q3", "new"]
     train = task.train_problems(19, seed=0)
     assert "q3" not in {p.prompt for p in train}
@@ -247,7 +299,7 @@ def test_eval_prompts_dropped_from_training_are_counted_in_one_line(
         ],
     )
     with caplog.at_level(logging.INFO, logger="erpd.tasks"):
-        task = JsonlTask(train_path, eval_path=eval_path)
+        task = JsonlTask(train_path, eval_path=eval_path, validation_size=0)
     assert task.dropped_for_eval == 2 and task.train_size == 18
     lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert lines == [
@@ -278,3 +330,11 @@ def test_the_answer_time_limit_comes_from_the_config(tmp_path: Path) -> None:
     spec.jsonl = JsonlConfig(train_path=str(path), eval_size=1, answer_timeout_s=0.5)
     built = build_task(spec)
     assert isinstance(built, JsonlTask) and built.answer_timeout_s == 0.5
+
+
+def test_the_validation_size_comes_from_the_config(tmp_path: Path) -> None:
+    path = _numbered(tmp_path / "rows.jsonl", 50)
+    spec = TaskSpec(kind="jsonl", jsonl=JsonlConfig(train_path=str(path), eval_size=10))
+    assert len(build_task(spec).validation_problems()) == 4  # a tenth of the 40 left
+    spec.jsonl = JsonlConfig(train_path=str(path), eval_size=10, validation_size=12)
+    assert len(build_task(spec).validation_problems()) == 12
