@@ -567,7 +567,7 @@ def reproduce(
         for head in ("claim", "greedy", "sampled (T=1)"):
             table.add_column(head, no_wrap=True)
         for v in res.verdicts:
-            table.add_row(v.claim, _holds(v.holds), _holds(v.holds_sampled))
+            table.add_row(v.claim, _outcome(v.outcome), _outcome(v.outcome_sampled))
         out_console.print(table)
         out_console.print(f"report:    {res.report}")
         out_console.print(f"results:   {res.results}")
@@ -576,8 +576,10 @@ def reproduce(
     _guard(go)
 
 
-def _holds(value: bool) -> str:
-    return "[green]holds[/green]" if value else "[red]does not hold[/red]"
+def _outcome(outcome: str) -> str:
+    """A verdict's outcome (erpd/reproduce/verdicts.py), coloured."""
+    colour = {"holds": "green", "does not hold": "red"}.get(outcome, "yellow")
+    return f"[{colour}]{outcome}[/{colour}]"
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

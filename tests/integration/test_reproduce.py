@@ -19,6 +19,7 @@ from matplotlib import image
 
 from erpd.reproduce import EXPERIMENTS
 from erpd.reproduce.experiments import FINAL_METRICS
+from erpd.reproduce.verdicts import OUTCOMES
 from tests.conftest import random_qwen3_dir
 
 SEEDS = 2
@@ -120,6 +121,7 @@ def test_a_verdict_per_claim_with_its_numbers(reproduction: tuple[Path, str]) ->
         "5",
     ]
     for v in verdicts:
+        assert v["outcome"] in OUTCOMES and v["outcome_sampled"] in OUTCOMES
         assert isinstance(v["holds"], bool) and isinstance(v["holds_sampled"], bool)
         assert v["rule"] and "[sampled:" in v["evidence"]
     for claim in claims:
@@ -129,9 +131,15 @@ def test_a_verdict_per_claim_with_its_numbers(reproduction: tuple[Path, str]) ->
 def test_report_links_one_readable_figure_per_experiment(reproduction: tuple[Path, str]) -> None:
     out, _ = reproduction
     report = (out / "report.md").read_text()
-    assert report.count("| **holds** |") + report.count("| does not hold |") >= 11
+    outcomes = ("**holds**", "does not hold", "inconclusive", "not applicable")
+    assert sum(report.count(f"| {o} |") for o in outcomes) >= 2 * 11  # greedy and sampled
+    assert report.index("## How verdicts are decided") < report.index("## Verdicts")
     figures = sorted(out.glob("fig_*.png"))
-    assert [f.name for f in figures] == sorted(f"fig_{name}.png" for name in EXPERIMENTS)
+    expected = {f"fig_{name}.png" for name in EXPERIMENTS}
+    body = json.loads((out / "results.json").read_text())
+    if "kl_curves" in body["experiments"]["strong_teacher"]["tasks"]["final"]:
+        expected.add("fig_kl_curves.png")  # the KL-accuracy curves of the student and controls
+    assert {f.name for f in figures} == expected
     for fig in figures:
         assert f"]({fig.name})" in report
         pixels = image.imread(fig)  # a truncated or empty PNG fails to decode
