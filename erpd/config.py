@@ -16,6 +16,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 Stage1ObjectiveName = Literal["sapo", "grpo", "ce", "ce_weighted", "mse"]
 Stage2SignalName = Literal["logratio", "sign", "gated_advantage", "contrast", "advantage"]
 RegionName = Literal["top_frac", "threshold", "all", "random"]
+ControlName = Literal["advantage_region", "advantage_random", "placebo", "early_stop"]
+"""The matched controls a student can be compared with (erpd/controls.py, docs/method.md)."""
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 UnitInterval = Annotated[float, Field(gt=0, le=1)]
@@ -454,6 +456,14 @@ class PipelineConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     rounds: int = Field(1, ge=1, le=100, description="ERPD rounds; pi_{k+1} seeds round k+1.")
+    controls: list[ControlName] = Field(
+        default_factory=list,
+        description="Matched controls trained beside the student on the same batch and budget "
+        "(docs/method.md, 'Matched controls'): advantage_region (the outcome advantage on the "
+        "student's tokens), advantage_random (on a random region of the same size), placebo "
+        "(each response's delta shuffled across its tokens), early_stop (the first teacher's "
+        "objective at stage 2's learning rate, stopped at the student's KL).",
+    )
 
     @model_validator(mode="after")
     def _teachers_consistent(self) -> PipelineConfig:
@@ -462,6 +472,10 @@ class PipelineConfig(_Strict):
             raise ValueError(f"teacher names must be unique, got {labels}; set 'name'")
         if not self.teachers and self.stage2.signal != "advantage":
             raise ValueError("no teachers: only stage2.signal 'advantage' works without one")
+        if len(set(self.controls)) != len(self.controls):
+            raise ValueError(f"controls must be distinct, got {self.controls}")
+        if self.controls and not self.teachers:
+            raise ValueError("controls compare a student with its teachers' signal: add a teacher")
         weights = self.stage2.teacher_weights
         if weights is not None and len(weights) != len(self.teachers):
             raise ValueError(
