@@ -2,9 +2,16 @@
 
 A stage hands it an `Objective` (erpd/objective.py) and gets the rest: AdamW with clipping, the
 exact KL and entropy against pi_k every step (erpd/step.py), evals on a schedule
-(erpd/schedule.py), resume points (erpd/resume.py), a cooperative stop, and a KL budget
-(erpd/budget.py). Metrics logged at step s always describe the weights after s optimizer steps:
-step metrics come from the minibatch about to be used for update s + 1.
+(erpd/schedule.py) and where the KL first crosses each `eval_at_kl` mark, resume points
+(erpd/resume.py), a cooperative stop, a KL budget (erpd/budget.py) and a step cap (`max_steps`).
+Metrics logged at step s always describe the weights after s optimizer steps: step metrics come
+from the minibatch about to be used for update s + 1.
+
+How a stage ends (`LoopResult.status`): `completed` after its last epoch or its `max_steps`-th
+step (both are the length its config asked for: a step cap is a run length, like epochs, not a
+stop), `kl_budget` when the budget stopped it or its final weights are over the budget, and
+`stopped` on a cooperative stop (resumable). Every end but `stopped` evaluates the final
+weights, and the stage writes its checkpoint.
 
 The loop takes its models and data from the caller (erpd/stage.py), so a sharded run wraps them
 without touching any loss code.
@@ -22,7 +29,7 @@ from transformers import PreTrainedModel
 
 from erpd import distributed
 from erpd import metrics as M
-from erpd.budget import KlBudget
+from erpd.budget import KlBudget, KlMarks
 from erpd.errors import DivergedError
 from erpd.evaluate import Evaluator
 from erpd.models import adamw, prepare_to_train
@@ -33,6 +40,7 @@ from erpd.schedule import EvalSchedule, Evaluations, epoch_order
 from erpd.step import MinibatchStep
 
 StopCheck = Callable[[], bool]
+MARKS_KEY = "kl_crossings"  # where a resume point keeps the eval_at_kl marks crossed so far
 
 
 @dataclass
@@ -48,6 +56,8 @@ class LoopResult:
     total_steps: int
     last_eval: dict[str, float] = field(default_factory=dict)
     wall_time: float = 0.0
+    kl_crossings: dict[float, int] = field(default_factory=dict)
+    """Each `eval_at_kl` mark crossed, with the step whose weights crossed it (evaluated)."""
 
 
 @dataclass
@@ -65,16 +75,21 @@ class LoopControl:
 
 
 def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
-    """Train `parts.policy` on the fixed batch for `cfg.epochs` epochs, or until stopped."""
+    """Train `parts.policy` on the fixed batch for `cfg.epochs` epochs (at most `cfg.max_steps`
+    steps), or until the KL budget or a stop ends it."""
     policy, batch, objective, cfg = parts.policy, parts.batch, parts.objective, parts.cfg
-    started, total = time.time(), cfg.total_steps(len(batch))
+    started = time.time()
     optimizer = adamw(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
     restored = ctl.points.restore(policy, optimizer, objective)
     step = restored.step
     if ctl.advance is not None and step:
         ctl.advance(step)
     schedule, budget = EvalSchedule.of(cfg, len(batch)), KlBudget(cfg.kl_budget)
-    evals = Evaluations(ctl.evaluator, parts, bf16=ctl.bf16, sink=ctl.sink)
+    total = schedule.last
+    marks = KlMarks.of(cfg.eval_at_kl, restored.loop.get(MARKS_KEY))
+    # a step evaluated before its resume point was written is not logged a second time
+    logged = frozenset({step}) if restored.evaluated else frozenset()
+    evals = Evaluations(ctl.evaluator, parts, bf16=ctl.bf16, sink=ctl.sink, logged=logged)
     # a fresh run evaluates pi_k at step 0 (unless told not to); a resumed one evaluates its
     # step if an eval was due there and the point was written before it (a save, then a crash)
     if (not restored.resumed and ctl.eval_start) or (
@@ -85,22 +100,23 @@ def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
     def save(at: int) -> None:  # a resume re-evaluates a due step only if it was not yet
         evaluated = at in evals.by_step or (at == restored.step and restored.evaluated)
         M.flush(ctl.sink)  # the points of every step before the point are stored first
-        ctl.points.save(at, policy, optimizer, objective, evaluated=evaluated)
+        loop: dict[str, object] | None = {MARKS_KEY: marks.state()} if marks.marks else None
+        ctl.points.save(at, policy, optimizer, objective, evaluated=evaluated, loop=loop)
 
     def end(status: str, summary: dict[str, float]) -> LoopResult:
         # stored before the checkpoint exists: a finished stage is never run again, so points
         # lost after it would be lost for good
         M.flush(ctl.sink)
-        return LoopResult(status, step, total, summary, time.time() - started)
+        return LoopResult(status, step, total, summary, time.time() - started, dict(marks.crossed))
 
     prepare_to_train(policy, gradient_checkpointing=ctl.gradient_checkpointing)
     minibatch = MinibatchStep(policy, parts.pi_k, batch, objective, cfg, bf16=ctl.bf16)
-    for epoch in range(step // schedule.per_epoch, cfg.epochs):
+    for epoch in range(step // schedule.per_epoch, schedule.last_epoch):
         order = epoch_order(len(batch), cfg.seed, epoch)
         first = step - epoch * schedule.per_epoch  # > 0 only when resuming mid-epoch
         if first == 0:
             objective.on_epoch_start(epoch, policy)
-        for k in range(first, schedule.per_epoch):
+        for k in range(first, schedule.steps_in_epoch(epoch)):
             # one rank's stop (a signal, a cancel flag) stops all, at the same step
             if ctl.should_stop is not None and distributed.any_rank(ctl.should_stop()):
                 save(step)
@@ -110,6 +126,10 @@ def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
             optimizer.zero_grad(set_to_none=True)
             values = minibatch(index)
             budget.annotate(values)
+            if marks.cross(step, values[M.KL_EXACT]):
+                # the weights after `step` updates are the first past a mark: evaluate them
+                # (under no_grad: the gradient just accumulated waits for its update)
+                evals.at(step)
             if budget.exceeded(values[M.KL_EXACT]):
                 # the weights after `step` updates already spent the budget: keep them, stop
                 optimizer.zero_grad(set_to_none=True)
@@ -128,6 +148,8 @@ def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
         if schedule.due(step):
             evals.at(step)
     summary = evals.final(step)
+    # the last update is checked on the whole batch, as the budget is (its eval is the final one)
+    marks.cross(step, summary.get(M.KL_EXACT_BATCH, 0.0))
     return end(budget.end_status(summary), summary)
 
 

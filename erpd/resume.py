@@ -16,7 +16,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -70,6 +70,7 @@ class Restored:
     step: int = 0
     evaluated: bool = False  # the point's step was evaluated before it was written
     resumed: bool = False
+    loop: dict[str, object] = field(default_factory=dict)  # the loop's own record (`save`)
 
 
 class ResumePoints:
@@ -89,7 +90,7 @@ class ResumePoints:
         self.every_steps, self.every_s = every_steps, every_s
         self.last_save_s = 0.0  # how long the last save took
         self.saved_at = time.monotonic()  # the clock starts with the stage
-        self.saved: tuple[int, bool] | None = None  # the (step, evaluated) last written
+        self.saved: tuple[int, bool, str] | None = None  # the (step, evaluated, loop) last written
         if fresh:  # discard the run's resume points first
             shutil.rmtree(run_dir / RESUME_DIR, ignore_errors=True)
 
@@ -108,7 +109,9 @@ class ResumePoints:
             )
         step, tensors, meta = load_resume(point, model=policy, optimizer=optimizer)
         objective.load_state(tensors)
-        return Restored(step, bool(meta.get("evaluated")), resumed=True)
+        loop = meta.get("loop")
+        loop = loop if isinstance(loop, dict) else {}  # points written before it have none
+        return Restored(step, bool(meta.get("evaluated")), resumed=True, loop=loop)
 
     def due(self, step: int) -> bool:
         """Whether a point is due after `step` updates: every rank gets the same answer (rank
@@ -127,8 +130,13 @@ class ResumePoints:
         objective: Stateful,
         *,
         evaluated: bool,
+        loop: dict[str, object] | None = None,
     ) -> None:
-        if (step, evaluated) == self.saved:  # a stop right after a due point: on disk already
+        """Write a point after `step` updates; `loop` is what the loop records beside the
+        weights (JSON: e.g. the KL marks crossed so far), given back as `Restored.loop`."""
+        loop = loop or {}
+        key = (step, evaluated, json.dumps(loop, sort_keys=True))
+        if key == self.saved:  # a stop right after a due point: on disk already
             return
         started = time.monotonic()
         # when the write began: with the files' times, how long a save takes (the next point
@@ -140,8 +148,13 @@ class ResumePoints:
             model=policy,
             optimizer=optimizer,
             tensors=objective.state(),
-            meta={"evaluated": evaluated, "fingerprint": self.fingerprint, "began": began},
+            meta={
+                "evaluated": evaluated,
+                "fingerprint": self.fingerprint,
+                "began": began,
+                "loop": loop,
+            },
             keep=self.keep,
         )
         self.saved_at = time.monotonic()
-        self.last_save_s, self.saved = self.saved_at - started, (step, evaluated)
+        self.last_save_s, self.saved = self.saved_at - started, key

@@ -30,6 +30,7 @@ from erpd.objective import LoopParts, Objective
 from erpd.progress import ProgressFactory, no_progress
 from erpd.resume import ResumePoints, stage_fingerprint
 from erpd.rollout import RolloutBatch, pass_tokens
+from erpd.schedule import planned_steps
 from erpd.tasks import Task, build_task
 from erpd.tasks.checks import check_task, max_positions_of
 
@@ -119,7 +120,7 @@ class StageResult:
     """A finished (or stopped) stage: where its checkpoint is and what it measured."""
 
     run: str
-    status: str  # completed | kl_budget | stopped (resumable)
+    status: str  # completed (every epoch, or max_steps) | kl_budget | stopped (resumable)
     run_dir: Path
     checkpoint: Path | None  # None when stopped
     sha256: str | None
@@ -127,6 +128,8 @@ class StageResult:
     steps: int
     total_steps: int
     wall_time: float = 0.0
+    kl_crossings: dict[float, int] = field(default_factory=dict)
+    """eval_at_kl: each mark crossed and the step whose weights crossed it (an eval point)."""
 
     @property
     def stopped(self) -> bool:
@@ -150,6 +153,7 @@ class StageResult:
             summary=manifest.get("summary", {}),
             steps=manifest["step"],
             total_steps=manifest.get("total_steps", manifest["step"]),
+            kl_crossings={float(m): int(s) for m, s in manifest.get("kl_crossings", [])},
         )
 
 
@@ -250,7 +254,7 @@ def train_stage(
         keep=cfg.checkpoint_keep,
         fresh=not resume,
     )
-    with env.progress(f"{stage} {run}", cfg.total_steps(len(batch))) as advance:
+    with env.progress(f"{stage} {run}", planned_steps(cfg, len(batch))) as advance:
         control = LoopControl(
             points=points,
             evaluator=env.evaluator(tokenizer, cfg.seed) if env.evaluate else None,
@@ -285,6 +289,7 @@ def finalize(
         steps=result.steps,
         total_steps=result.total_steps,
         wall_time=result.wall_time,
+        kl_crossings=result.kl_crossings,
     )
     if result.status == "stopped":
         return done
@@ -298,6 +303,7 @@ def finalize(
         "kl_spent": summary.get(M.KL_EXACT_BATCH),
         "eval_acc": summary.get(M.ACC_EVAL),
         "summary": summary,
+        "kl_crossings": [[m, s] for m, s in sorted(result.kl_crossings.items())],
         **manifest,
     }
     checkpoint = run_dir / "checkpoint"
