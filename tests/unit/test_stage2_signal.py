@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 
 from erpd import metrics as M
-from erpd.config import Stage2Config
+from erpd.config import PipelineConfig, Stage2Config
 from erpd.errors import ConfigError
 from erpd.losses import permute_within_rows, random_score, select_region
+from erpd.pipeline import run_pipeline
 from erpd.rollout import RolloutBatch, Sequences
 from erpd.stage2 import Signal, build_signal
 
@@ -212,3 +213,12 @@ def test_cli_refuses_advantage_on_a_teachers_region_without_a_teacher(tmp_path: 
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "stage2.region" in lines[0] and "'random' or 'all'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pipeline_without_teachers_is_refused_before_any_work(tmp_path: Path) -> None:
+    cfg = PipelineConfig.model_validate(
+        {"teachers": [], "stage2": {"signal": "advantage"}, "runtime": {"device": "cpu"}}
+    )
+    with pytest.raises(ConfigError, match=r"^stage2\.region: "):
+        run_pipeline(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # no base pretrained, no batch sampled
