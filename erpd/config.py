@@ -367,7 +367,8 @@ class Stage2Config(_StageCommon):
     signal: Stage2SignalName = Field(
         "logratio",
         description="Signal construction: logratio (strong teachers), sign, gated_advantage "
-        "(weak teachers), contrast (delta against pi_0), advantage (no-teacher control).",
+        "(weak teachers), contrast (delta against pi_0), advantage (the outcome advantage, a "
+        "control: on the teachers' region when teachers are given, else region random or all).",
     )
     region: RegionName = Field(
         "top_frac",
@@ -424,6 +425,14 @@ class RuntimeConfig(_Strict):
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 forces autocast."
     )
     seed: int = Field(0, ge=0, lt=2**63, description="Global seed (model init, pretraining).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch intra-op threads of this process. None = the CPU cores this process "
+        "may run on (its affinity), never more: oversubscribed threads made a training step 7x "
+        "slower on a loaded 2-core machine. Lower it when other processes share the cores.",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute each decoder layer's activations in backward instead of keeping "
@@ -472,6 +481,13 @@ class PipelineConfig(_Strict):
             raise ValueError(f"teacher names must be unique, got {labels}; set 'name'")
         if not self.teachers and self.stage2.signal != "advantage":
             raise ValueError("no teachers: only stage2.signal 'advantage' works without one")
+        if not self.teachers and self.stage2.region not in ("random", "all"):
+            raise ValueError(
+                f"no teachers: stage2.region {self.stage2.region!r} ranks tokens by a teacher's "
+                "delta; use 'random' or 'all'"
+            )
+        if not self.teachers and self.stage2.permute_delta:
+            raise ValueError("no teachers: stage2.permute_delta shuffles a teacher's delta")
         if len(set(self.controls)) != len(self.controls):
             raise ValueError(f"controls must be distinct, got {self.controls}")
         if self.controls and not self.teachers:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,24 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device", "'cuda' requested but no CUDA device is available")
     return torch.device(device)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None, *, ranks: int = 1) -> int:
+    """Set torch's intra-op threads deliberately: runtime.threads, or this process's share of
+    the usable cores when `ranks` processes of one stage share the machine; returns the count
+    now in force."""
+    count = threads or max(1, usable_cores() // max(1, ranks))
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
 
 
 def use_bf16(device: torch.device, precision: Precision) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from erpd.errors import CheckpointError, ConfigError
 from erpd.evaluate import Evaluator
 from erpd.loop import LoopControl, LoopResult, StopCheck, run_loop
 from erpd.memory import check_fits
-from erpd.models import empty_model, load_model, load_tokenizer, resolve_device, use_bf16
+from erpd.models import (
+    empty_model,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    set_threads,
+    use_bf16,
+)
 from erpd.objective import LoopParts, Objective
 from erpd.progress import ProgressFactory, no_progress
 from erpd.resume import ResumePoints, stage_fingerprint
@@ -67,6 +75,7 @@ class StageEnv:
         """The environment a pipeline config describes; under torchrun, on this rank's device
         in the process group (joined here; a no-op otherwise)."""
         device = distributed.join(resolve_device(cfg.runtime.device))
+        set_threads(cfg.runtime.threads, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         task = build_task(cfg.task)
         return cls(
             task=task,

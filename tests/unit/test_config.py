@@ -178,8 +178,15 @@ def test_no_teachers_only_with_advantage_signal() -> None:
     assert "advantage" in err["msg"]
     for signal in ("logratio", "sign", "gated_advantage", "contrast"):
         first_error({"teachers": [], "stage2": {"signal": signal}})
-    ok = PipelineConfig.model_validate({"teachers": [], "stage2": {"signal": "advantage"}})
-    assert ok.teachers == []
+    # without a teacher nothing ranks tokens: the region is random or all, and nothing to shuffle
+    for stage2 in ({"region": "top_frac"}, {"region": "all", "permute_delta": True}):
+        err = first_error({"teachers": [], "stage2": {"signal": "advantage", **stage2}})
+        assert "no teachers" in err["msg"]
+    for region in ("random", "all"):
+        ok = PipelineConfig.model_validate(
+            {"teachers": [], "stage2": {"signal": "advantage", "region": region}}
+        )
+        assert ok.teachers == []
 
 
 def test_hidden_size_divisible_by_heads() -> None:

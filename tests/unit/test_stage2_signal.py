@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
 from erpd import metrics as M
-from erpd.config import PipelineConfig, Stage2Config
+from erpd.config import PipelineConfig, RuntimeConfig, Stage2Config
 from erpd.errors import ConfigError
 from erpd.losses import permute_within_rows, random_score, select_region
 from erpd.pipeline import run_pipeline
@@ -216,8 +217,12 @@ def test_cli_refuses_advantage_on_a_teachers_region_without_a_teacher(tmp_path: 
 
 
 def test_a_pipeline_without_teachers_is_refused_before_any_work(tmp_path: Path) -> None:
-    cfg = PipelineConfig.model_validate(
-        {"teachers": [], "stage2": {"signal": "advantage"}, "runtime": {"device": "cpu"}}
+    # refused by the config itself (so the API refuses it at submission) and, for a config
+    # built without validation, by run_pipeline before pretraining or sampling
+    with pytest.raises(ValidationError, match=r"no teachers: stage2\.region 'top_frac'"):
+        PipelineConfig.model_validate({"teachers": [], "stage2": {"signal": "advantage"}})
+    cfg = PipelineConfig.model_construct(
+        teachers=[], stage2=Stage2Config(signal="advantage"), runtime=RuntimeConfig(device="cpu")
     )
     with pytest.raises(ConfigError, match=r"^stage2\.region: "):
         run_pipeline(cfg, tmp_path / "out")
