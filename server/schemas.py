@@ -8,9 +8,17 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-from erpd.config import EvalConfig, RuntimeConfig, SampleConfig, Stage1Config, Stage2Config
+from erpd.config import (
+    ControlName,
+    EvalConfig,
+    PipelineConfig,
+    RuntimeConfig,
+    SampleConfig,
+    Stage1Config,
+    Stage2Config,
+)
 from server.db import RunKind, RunStatus
 from server.run_configs import SampleRunConfig, Stage1RunConfig, Stage2RunConfig, TaskOptions
 
@@ -89,12 +97,26 @@ class PipelineCreate(Request):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     rounds: int = Field(1, ge=1, le=20, description="Round k+1 starts from round k's student.")
+    controls: list[ControlName] = Field(
+        default_factory=list,
+        max_length=4,
+        description=str(PipelineConfig.model_fields["controls"].description)
+        + " Each round runs one more run per control (the quota counts them); GET "
+        "/pipelines/{id} compares the student with each.",
+    )
     max_attempts: int = Field(
         3, ge=1, le=10, description="Claims before a lost worker fails a run (each run's)."
     )
     gpu: int | None = Field(None, ge=0, le=63, description="Pin every run to GPU N's worker.")
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     notify_url: HttpUrl | None = None
+
+    @field_validator("controls")
+    @classmethod
+    def _distinct(cls, controls: list[ControlName]) -> list[ControlName]:
+        if len(set(controls)) != len(controls):
+            raise ValueError(f"controls must be distinct, got {controls}")
+        return controls
 
 
 class RunPatch(Request):
@@ -161,8 +183,75 @@ class PipelineOut(BaseModel):
     name: str
     rounds: int
     runs: list[uuid.UUID] = Field(
-        description="Round by round: the sample run, the teachers, the student."
+        description="Round by round: the sample run, the teachers, the student, the controls."
     )
+
+
+PipelineRole = Literal["sample", "teacher", "student", "control"]
+Verdict = Literal["student better", "control better", "no difference shown"]
+
+
+class PipelineRunOut(RunOut):
+    role: PipelineRole
+    control: ControlName | None = Field(description="The control this run is; null otherwise.")
+
+
+class ArmOut(BaseModel):
+    role: Literal["student", "control"]
+    name: str = Field(description="`student`, or the control's name.")
+    run: uuid.UUID
+    status: RunStatus
+    steps: int | None = Field(description="Optimizer steps taken.")
+    eval_step: int | None = Field(description="The step of the eval point read; null if none.")
+    acc_eval: float | None
+    acc_eval_se: float | None
+    acc_eval_sampled: float | None
+    acc_eval_sampled_se: float | None
+    kl_exact_batch: float | None
+    point: str = Field(
+        description="Which eval point stands for the arm: the final one, or for early_stop the "
+        "first at or past the student's final kl/exact_batch; or why there is none."
+    )
+
+
+class DifferenceOut(BaseModel):
+    student: float | None
+    control: float | None
+    diff: float | None = Field(description="Student minus control.")
+    ci95: tuple[float, float] | None = Field(
+        description="diff ± 1.96·sqrt(se_student² + se_control²): the evaluation-sampling "
+        "interval of one seed. Both arms are scored on the same problems, so it is "
+        "conservative; it does not cover seed-to-seed variation."
+    )
+    verdict: Verdict | None = Field(description="From the interval; null without one.")
+
+
+class ComparisonOut(BaseModel):
+    control: ControlName
+    greedy: DifferenceOut = Field(description="acc/eval, greedy decoding.")
+    sampled: DifferenceOut = Field(description="acc/eval_sampled, avg@k at T=1.")
+    verdict: Verdict | None = Field(
+        description="A direction only when greedy and sampled intervals both show it (either "
+        "alone when only one has an interval); else 'no difference shown'; null while a run "
+        "is missing."
+    )
+    note: str
+
+
+class RoundOut(BaseModel):
+    round: int
+    runs: list[PipelineRunOut] = Field(description="Sample, teachers, student, controls.")
+    arms: list[ArmOut] = Field(description="The student first, then each control.")
+    comparisons: list[ComparisonOut] = Field(description="Student minus each control.")
+
+
+class PipelineDetail(BaseModel):
+    id: uuid.UUID
+    name: str
+    rounds: int
+    controls: list[ControlName]
+    created_at: datetime
+    by_round: list[RoundOut]
 
 
 class RegistryOut(BaseModel):

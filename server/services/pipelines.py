@@ -1,7 +1,12 @@
 """An ERPD pipeline as runs: per round, one `sample` run (the fixed batch), one stage-1 run per
-teacher on that batch, and one stage-2 run distilling them. Every round is created at once, so the
-whole plan is visible (and counted against the quota) from the start; round k+1's runs name round
-k's student as their base and wait until it succeeds and is pinned, or fail when it fails."""
+teacher on that batch, one stage-2 run distilling them (the student) and one run per matched
+control on the same batch (erpd/control_table.py). Every round is created at once, so the whole
+plan is visible (and counted against the quota) from the start; round k+1's runs name round k's
+student as their base and wait until it succeeds and is pinned, or fail when it fails.
+
+Nothing reads a control: a control that fails fails alone, never the student or a later round.
+The pipeline keeps its plan (which run plays which role in which round) in its config, under
+`plan`, so its summary (server/services/pipeline_summary.py) never guesses roles from names."""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from erpd.config import ControlName, Stage1Config, Stage2Config
+from erpd.control_table import control_config
+from erpd.controls import uses_teachers
 from server.db import Pipeline, Run, RunKind, utcnow
 from server.services.runs import create_run
 
@@ -42,6 +50,7 @@ def create_pipeline(
     session.flush()
     common = {"task": spec["task"], "sample": spec["sample"], "runtime": spec["runtime"]}
     runs: list[Run] = []
+    plan: list[dict[str, Any]] = []
     base: Run | None = None
     for k in range(spec["rounds"]):
         shared: dict[str, Any] = {
@@ -83,10 +92,60 @@ def create_pipeline(
             notify_url=spec.get("notify_url") if last else None,
             **shared,
         )
-        runs += [batch, *teachers, base]
+        controls = _controls(session, spec, name, k, common, batch, teachers, shared)
+        runs += [batch, *teachers, base, *controls.values()]
+        plan.append(_planned(batch, teachers, base, controls))
+    pipeline.config = {**spec, "plan": plan}
     return pipeline, runs
 
 
-def runs_per_pipeline(rounds: int, teachers: int) -> int:
-    """What a pipeline adds to its owner's queued runs (the quota counts them all at once)."""
-    return rounds * (teachers + 2)
+def _planned(
+    batch: Run, teachers: list[Run], student: Run, controls: dict[str, Run]
+) -> dict[str, Any]:
+    """A round's entry of the plan: which run plays which role."""
+    return {
+        "sample": str(batch.id),
+        "teachers": [str(t.id) for t in teachers],
+        "student": str(student.id),
+        # pairs, not an object: JSONB does not keep an object's key order
+        "controls": [[c, str(run.id)] for c, run in controls.items()],
+    }
+
+
+def _controls(
+    session: Session,
+    spec: dict[str, Any],
+    name: str,
+    k: int,
+    common: dict[str, Any],
+    batch: Run,
+    teachers: list[Run],
+    shared: dict[str, Any],
+) -> dict[str, Run]:
+    """Round k's control runs, beside its student on the same batch and base."""
+    stage2 = Stage2Config.model_validate(spec["stage2"])
+    configs = [Stage1Config.model_validate(t) for t in spec["teachers"]]
+    made: dict[str, Run] = {}
+    control: ControlName
+    for control in spec.get("controls", []):
+        stage = control_config(control, configs, stage2)
+        kind = RunKind.STAGE1 if isinstance(stage, Stage1Config) else RunKind.STAGE2
+        reads = kind is RunKind.STAGE2 and uses_teachers(control)
+        if kind is RunKind.STAGE2 and not reads:  # no teachers: nothing to weigh
+            stage = stage.model_copy(update={"teacher_weights": None})
+        made[control] = create_run(
+            session,
+            kind=kind,
+            name=f"{name}/r{k}/control-{control}",
+            config={**common, "stage": stage.model_dump(mode="json"), "eval": spec["eval"]},
+            batch_run_id=batch.id,
+            teacher_ids=[t.id for t in teachers] if reads else [],
+            **shared,
+        )
+    return made
+
+
+def runs_per_pipeline(rounds: int, teachers: int, controls: int = 0) -> int:
+    """What a pipeline adds to its owner's queued runs (the quota counts them all at once):
+    per round the sample run, the teachers, the student and the controls."""
+    return rounds * (teachers + 2 + controls)

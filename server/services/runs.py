@@ -106,6 +106,12 @@ def _teachers(
             raise InvalidInputError("teacher_ids", f"only a stage2 run has teachers, not {kind}")
         return []
     if not teacher_ids:
+        stage = config["stage"]
+        # the no-teacher control (erpd.stage2.check_inputs): the outcome advantage on a region
+        # that no teacher chooses
+        alone = stage["signal"] == "advantage" and stage["region"] in ("random", "all")
+        if alone and not stage["permute_delta"]:
+            return []
         raise InvalidInputError("teacher_ids", "a stage2 run needs at least one teacher run")
     if len(set(teacher_ids)) != len(teacher_ids):
         raise InvalidInputError("teacher_ids", "a teacher is listed twice")

@@ -178,7 +178,7 @@ def submit_pipeline(
 ) -> tuple[Pipeline, list[Run]]:
     """A whole pipeline for the key (`spec` as create_pipeline takes it); the quota counts every
     run of every round at once."""
-    adding = runs_per_pipeline(spec["rounds"], len(spec["teachers"]))
+    adding = runs_per_pipeline(spec["rounds"], len(spec["teachers"]), len(spec.get("controls", [])))
     check_quota(session, owner_id=owner_id, adding=adding, limit=limit)
     model_id, dataset_id = resolve(
         session, owner_id=owner_id, model=spec["model"], dataset=spec["dataset"]
