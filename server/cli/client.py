@@ -1,4 +1,5 @@
-"""`erpd-hub submit | runs | logs | download`: the CLI verbs over the REST API (erpd_hub/client.py).
+"""`erpd-hub submit | runs | logs | pipeline | download`: the CLI verbs over the REST API
+(erpd_hub/client.py).
 
 They reach the API at `--api-url` (ERPD_API_URL, default this machine's ERPD_PORT) with `--key`
 (ERPD_API_KEY, else the key `erpd-hub up` keeps in $ERPD_HOME/api-key).
@@ -15,6 +16,7 @@ from typing import Annotated
 import typer
 
 from erpd import metrics as M
+from erpd.control_table import format_table
 from server.cli.app import ApiUrl, Key, app, connect, fail, guarded, load_spec, say
 
 # the metrics `logs` prints per step, when a run has them
@@ -48,9 +50,25 @@ def submit(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Only the run ids, one per line.")
     ] = False,
+    control: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--control",
+            help="Run this matched control beside each round's student (repeat for more: "
+            "advantage_region, advantage_random, placebo, early_stop); added to the file's "
+            "`controls`.",
+        ),
+    ] = None,
 ) -> None:
     """Submit a pipeline (or a single run) described in a YAML or JSON file."""
     data = load_spec(spec)
+    if control:
+        if "kind" in data:
+            fail("--control: a single run has no controls; submit a pipeline", 2)
+        have = data.get("controls") or []
+        if not isinstance(have, list):
+            fail(f"{spec}: controls must be a list", 2)
+        data["controls"] = have + [c for c in control if c not in have]
     api = connect(api_url, key)
     if "kind" in data:
         run = api.submit_run(data, idempotency_key=idempotency_key)
@@ -122,6 +140,39 @@ def logs(
             say(f"status {data['status']} (attempt {data['attempt']})")
         elif event == "metrics":
             _print_steps((p["step"], p["name"], p["value"]) for p in data["points"])
+
+
+@app.command()
+@guarded
+def pipeline(
+    pipeline_id: Annotated[str, typer.Argument(metavar="PIPELINE", help="The pipeline's id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="The API's JSON, as is.")] = False,
+    api_url: ApiUrl = None,
+    key: Key = None,
+) -> None:
+    """A pipeline's runs by round and role, and the student against each matched control:
+    accuracy ± standard error, student - control with its 95% interval, and the verdict."""
+    api = connect(api_url, key)
+    detail = api.get(f"/pipelines/{pipeline_id}")
+    if as_json:
+        say(json.dumps(detail, indent=2))
+        return
+    controls = ", ".join(detail["controls"]) or "none"
+    say(
+        f"pipeline {detail['id']}  {detail['name']}  rounds {detail['rounds']}  controls {controls}"
+    )
+    for r in detail["by_round"]:
+        for run in r["runs"]:
+            role = f"control {run['control']}" if run["control"] else run["role"]
+            say(f"  r{r['round']} {role:<26} {run['status']:<9}  {run['id']}  {run['name']}")
+        if r["comparisons"]:
+            for line in format_table(r):
+                say(line)
+    if any(r["comparisons"] for r in detail["by_round"]):
+        say(
+            "intervals: diff ± 1.96·sqrt(se_student² + se_control²), evaluation sampling on one "
+            "seed (conservative: both arms are scored on the same problems)"
+        )
 
 
 @app.command()

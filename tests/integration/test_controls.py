@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from erpd.checkpoint import read_manifest
-from tests.integration.conftest import Api, Databases, make_api
+from tests.integration.conftest import Api, Databases, Live, make_api
 from tests.integration.test_worker import Stack, register_model, start_live, with_reaper
 
 ALL = ["advantage_region", "advantage_random", "placebo", "early_stop"]
@@ -137,6 +138,37 @@ def test_the_summary_is_the_owner_s_and_shows_what_is_missing(api: Api) -> None:
     again = api.get(f"/pipelines/{made['id']}").json()["by_round"][0]["runs"][-1]
     assert again["control"] == "early_stop" and again["name"] == "renamed"
     assert api.get("/pipelines/00000000-0000-0000-0000-000000000000").status_code == 404
+
+
+def test_the_cli_submits_controls_and_shows_the_pipeline(live: Live, tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).with_name("erpd-hub"))
+    env = os.environ | {"ERPD_API_URL": f"{live.base}/api/v1", "ERPD_API_KEY": live.secret}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text("name: cli\nsample: {num_prompts: 8}\ncontrols: [placebo]\n")
+    made = cli("submit", str(spec), "--control", "early_stop", "--control", "placebo")
+    assert made.returncode == 0, made.stderr
+    pipeline = made.stdout.split()[1]
+    names = [line.split()[2] for line in made.stdout.splitlines()[1:]]
+    assert names[3:] == ["cli/r0/control-placebo", "cli/r0/control-early_stop"]
+    shown = cli("pipeline", pipeline)
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "controls placebo, early_stop" in out
+    assert "control early_stop" in out and "queued" in out
+    assert "student - placebo: not available" in out and "student - early_stop" in out
+    as_json = json.loads(cli("pipeline", pipeline, "--json").stdout)
+    assert as_json["id"] == pipeline and len(as_json["by_round"][0]["arms"]) == 3
+    refused = cli("submit", str(spec), "--control", "nope")
+    assert refused.returncode != 0 and "controls.1" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    missing = cli("pipeline", str(uuid.uuid4()))
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    bad = cli("pipeline", "not-an-id")
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
 
 
 # --- end to end, with a real worker -------------------------------------------------------------
