@@ -300,14 +300,19 @@ def _curve_runs(
 
 
 def kl_curve(outcomes: Sequence[Outcome], budgets: Sequence[float]) -> list[Result]:
-    """One arm's KL-accuracy curve over seeds: at each budget, every seed's first eval point
-    whose kl/exact_batch reached it (NaN for a seed whose run ended below it), index = seed."""
+    """One arm's KL-accuracy curve over seeds: at each budget, every seed's eval point at the
+    step its run crossed it (NaN for a seed whose run ended below it), index = seed.
+
+    The crossing is the one the run recorded (eval_at_kl): a minibatch's KL can cross a mark
+    while the whole batch's kl/exact_batch at that eval sits just below it, so the points are
+    found by step, never by filtering on kl/exact_batch >= budget."""
     rows = []
     for budget in budgets:
         per_seed: list[dict[str, Any]] = []
         values: dict[str, list[float]] = defaultdict(list)
         for seed, o in enumerate(outcomes):
-            point = next((p for p in o.curve if p.get(M.KL_EXACT_BATCH, 0.0) >= budget), None)
+            step = o.kl_crossings.get(budget)
+            point = next((p for p in o.curve if p["step"] == step), None)
             row = {m: math.nan if point is None else point.get(m, math.nan) for m in FINAL_METRICS}
             for m, v in row.items():
                 values[m].append(v)
@@ -451,116 +456,125 @@ def _rounds_of_seed(
     """One seed's arms, round by round: each arm's measured policy after every round, the KL
     each ERPD student / repeated teacher / no-teacher run spent against its own round's pi_k,
     and each arm's cumulative (optimizer steps, samples)."""
-    c = lab.cfg
-    task = c.primary
-    pi_0 = lab.pi_0(task)
-    first = c.strong_objectives[0]
-    teacher_cfg = lab.teacher_config(first)
-    group = c.sample.group_size
-    per_round = c.sample.num_prompts * group
-    batches_per_round = c.sample.num_prompts // c.onpolicy_prompts
-    onpolicy_cfg = teacher_cfg.model_copy(
-        update={
-            "objective": "grpo",
-            "epochs": 1,
-            "minibatch_size": c.onpolicy_prompts * group,
-            "eval_at_epochs": None,
-        }
-    )
-    no_teacher_cfg = c.student.model_copy(update={"signal": "advantage", "region": "all"})
-    batch0 = lab.batch(task, seed, pi_0)
+    seed_rounds = _SeedRounds(lab, seed)
+    for r in range(lab.cfg.rounds):
+        seed_rounds.round(r)
+    arms = seed_rounds.arms
+    return arms, seed_rounds.kls, {name: seed_rounds.cost[name] for name in arms}
 
-    def measure(outcome: Outcome, name: str) -> Outcome:
-        policy = Path(str(outcome.checkpoint))
-        return lab.measure(task, seed, policy, pi_k=pi_0, batch=batch0, label=name)
 
-    def teacher_on(pi_k: Path, r: int) -> tuple[Outcome, Any]:
-        batch = lab.batch(task, seed, pi_k, round_index=r)
-        label = f"teacher-{first}"
-        if r == 0:  # the strong-teacher experiment's teacher, with its curve
-            return lab.stage1(task, seed, teacher_cfg, pi_k=pi_k, batch=batch, label=label), batch
-        # later rounds are measured by `measure`: the teacher's own evals would be wasted
-        final_only = teacher_cfg.model_copy(update={"eval_at_epochs": [teacher_cfg.epochs]})
-        teacher = lab.stage1(
-            task, seed, final_only, pi_k=pi_k, batch=batch, label=label, eval_start=False
+class _SeedRounds:
+    """The rounds of one seed: every arm's current policy, what it measured and spent."""
+
+    def __init__(self, lab: Lab, seed: int) -> None:
+        c = self.c = lab.cfg
+        self.lab, self.seed, self.task = lab, seed, c.primary
+        self.pi_0 = lab.pi_0(self.task)
+        self.first = c.strong_objectives[0]
+        self.teacher_cfg = lab.teacher_config(self.first)
+        group = c.sample.group_size
+        self.per_round = c.sample.num_prompts * group
+        self.per_onpolicy_step = c.onpolicy_prompts * group
+        self.batches_per_round = c.sample.num_prompts // c.onpolicy_prompts
+        self.onpolicy_cfg = self.teacher_cfg.model_copy(
+            update={
+                "objective": "grpo",
+                "epochs": 1,
+                "minibatch_size": self.per_onpolicy_step,
+                "eval_at_epochs": None,
+            }
         )
+        self.no_teacher_cfg = c.student.model_copy(update={"signal": "advantage", "region": "all"})
+        self.batch0 = lab.batch(self.task, seed, self.pi_0)
+        self.policy = dict.fromkeys(ROUND_ARMS, self.pi_0)
+        self.arms: dict[str, list[Outcome]] = defaultdict(list)
+        self.kls: dict[str, list[float]] = defaultdict(list)
+        self.cost: dict[str, list[tuple[int, int]]] = {name: [] for name in ROUND_ARMS}
+        self.onpolicy_steps_done = 0  # fresh batches drawn so far by onpolicy_grpo_steps
+
+    def round(self, r: int) -> None:
+        erpd_steps = self._erpd(r)
+        self._repeated(r)
+        self._no_teacher(r)
+        first = r * self.batches_per_round
+        self._onpolicy("onpolicy_grpo", r, first, self.batches_per_round, "onpolicy")
+        if self.c.onpolicy_matched_steps:
+            done = self.onpolicy_steps_done
+            self._onpolicy("onpolicy_grpo_steps", r, done, erpd_steps, "onpolicy-steps")
+            self.onpolicy_steps_done += erpd_steps
+
+    def _record(self, arm: str, r: int, run: Outcome, steps: int, samples: int) -> None:
+        """Measure the arm's policy after round r the same way for every arm."""
+        policy = Path(str(run.checkpoint))
+        self.arms[arm].append(
+            self.lab.measure(
+                self.task, self.seed, policy, pi_k=self.pi_0, batch=self.batch0,
+                label=f"{arm}-round{r + 1}",
+            )
+        )  # fmt: skip
+        done_steps, done_samples = self.cost[arm][-1] if self.cost[arm] else (0, 0)
+        self.cost[arm].append((done_steps + steps, done_samples + samples))
+        self.policy[arm] = policy
+
+    def _teacher_on(self, pi_k: Path, r: int) -> tuple[Outcome, RolloutBatch]:
+        lab, cfg = self.lab, self.teacher_cfg
+        batch = lab.batch(self.task, self.seed, pi_k, round_index=r)
+        label = f"teacher-{self.first}"
+        if r == 0:  # the strong-teacher experiment's teacher, with its curve
+            return lab.stage1(self.task, self.seed, cfg, pi_k=pi_k, batch=batch, label=label), batch
+        # later rounds are measured by `_record`: the teacher's own evals would be wasted
+        final_only = cfg.model_copy(update={"eval_at_epochs": [cfg.epochs]})
+        teacher = lab.stage1(
+            self.task, self.seed, final_only, pi_k=pi_k, batch=batch, label=label,
+            eval_start=False,
+        )  # fmt: skip
         return teacher, batch
 
-    def onpolicy(policy: Path, first_batch: int, count: int, prefix: str) -> Outcome:
-        step = None
-        for j in range(first_batch, first_batch + count):
-            fresh = lab.batch(task, seed, policy, round_index=j, num_prompts=c.onpolicy_prompts)
-            step = lab.stage1(
-                task,
-                seed,
-                onpolicy_cfg,
-                pi_k=policy,
-                batch=fresh,
-                label=f"{prefix}-{j}",
-                evaluate=False,
-            )
-            policy = Path(str(step.checkpoint))
-        assert step is not None
-        return step
+    def _erpd(self, r: int) -> int:
+        """Round r of ERPD (round 0 is the strong-teacher experiment's teacher and student);
+        returns its optimizer steps."""
+        pi_k = self.policy["erpd"]
+        teacher, batch = self._teacher_on(pi_k, r)
+        student = self.lab.stage2(
+            self.task, self.seed, self.c.student, pi_k=pi_k, batch=batch, teachers=[teacher],
+            label=f"student-{self.first}",
+        )  # fmt: skip
+        self.kls["erpd"].append(student.get(M.KL_EXACT_BATCH))
+        steps = teacher.steps + student.steps
+        self._record("erpd", r, student, steps, self.per_round)
+        return steps
 
-    current = repeated = plain = policy = policy_steps = pi_0
-    arms: dict[str, list[Outcome]] = defaultdict(list)
-    kls: dict[str, list[float]] = defaultdict(list)
-    cost: dict[str, list[tuple[int, int]]] = {name: [] for name in ROUND_ARMS}
-    totals = dict.fromkeys(ROUND_ARMS, (0, 0))
+    def _repeated(self, r: int) -> None:
+        teacher, _ = self._teacher_on(self.policy["stage1_repeated"], r)
+        self.kls["stage1_repeated"].append(teacher.get(M.KL_EXACT_BATCH))
+        self._record("stage1_repeated", r, teacher, teacher.steps, self.per_round)
 
-    def spend(name: str, steps: int, samples: int) -> None:
-        done_steps, done_samples = totals[name]
-        totals[name] = (done_steps + steps, done_samples + samples)
-        cost[name].append(totals[name])
-
-    matched_steps = 0  # the on-policy steps of all rounds so far (onpolicy_grpo_steps)
-    for r in range(c.rounds):
-        # round 0 of erpd and stage1_repeated is the strong-teacher experiment's teacher/student
-        teacher, batch = teacher_on(current, r)
-        label = f"student-{first}"
-        student = lab.stage2(
-            task, seed, c.student, pi_k=current, batch=batch, teachers=[teacher], label=label
-        )
-        arms["erpd"].append(measure(student, f"erpd-round{r + 1}"))
-        kls["erpd"].append(student.get(M.KL_EXACT_BATCH))
-        spend("erpd", teacher.steps + student.steps, per_round)
-        current = Path(str(student.checkpoint))
-
-        teacher, _ = teacher_on(repeated, r)
-        arms["stage1_repeated"].append(measure(teacher, f"stage1-round{r + 1}"))
-        kls["stage1_repeated"].append(teacher.get(M.KL_EXACT_BATCH))
-        spend("stage1_repeated", teacher.steps, per_round)
-        repeated = Path(str(teacher.checkpoint))
-
-        plain_batch = lab.batch(task, seed, plain, round_index=r)
-        run = lab.stage2(
-            task,
-            seed,
-            no_teacher_cfg,
-            pi_k=plain,
-            batch=plain_batch,
-            teachers=[],
+    def _no_teacher(self, r: int) -> None:
+        pi_k = self.policy["no_teacher"]
+        batch = self.lab.batch(self.task, self.seed, pi_k, round_index=r)
+        run = self.lab.stage2(
+            self.task, self.seed, self.no_teacher_cfg, pi_k=pi_k, batch=batch, teachers=[],
             label="no-teacher",
-        )
-        arms["no_teacher"].append(measure(run, f"no-teacher-round{r + 1}"))
-        kls["no_teacher"].append(run.get(M.KL_EXACT_BATCH))
-        spend("no_teacher", run.steps, per_round)
-        plain = Path(str(run.checkpoint))
+        )  # fmt: skip
+        self.kls["no_teacher"].append(run.get(M.KL_EXACT_BATCH))
+        self._record("no_teacher", r, run, run.steps, self.per_round)
 
-        step = onpolicy(policy, r * batches_per_round, batches_per_round, "onpolicy")
-        arms["onpolicy_grpo"].append(measure(step, f"onpolicy-round{r + 1}"))
-        spend("onpolicy_grpo", batches_per_round, per_round)
-        policy = Path(str(step.checkpoint))
-
-        if c.onpolicy_matched_steps:
-            steps = cost["erpd"][-1][0] - (cost["erpd"][-2][0] if r else 0)
-            step = onpolicy(policy_steps, matched_steps, steps, "onpolicy-steps")
-            matched_steps += steps
-            arms["onpolicy_grpo_steps"].append(measure(step, f"onpolicy-steps-round{r + 1}"))
-            spend("onpolicy_grpo_steps", steps, steps * c.onpolicy_prompts * group)
-            policy_steps = Path(str(step.checkpoint))
-    return arms, kls, {name: cost[name] for name in arms}
+    def _onpolicy(self, arm: str, r: int, first: int, count: int, prefix: str) -> None:
+        """`count` GRPO steps, each on a fresh batch (indices first, first + 1, ...) drawn from
+        the arm's current policy."""
+        policy, step = self.policy[arm], None
+        for j in range(first, first + count):
+            fresh = self.lab.batch(
+                self.task, self.seed, policy, round_index=j, num_prompts=self.c.onpolicy_prompts
+            )
+            step = self.lab.stage1(
+                self.task, self.seed, self.onpolicy_cfg, pi_k=policy, batch=fresh,
+                label=f"{prefix}-{j}", evaluate=False,
+            )  # fmt: skip
+            policy = Path(str(step.checkpoint))
+        if step is None:
+            raise ValueError(f"{arm}: round {r + 1} has no optimizer step to match")
+        self._record(arm, r, step, count, count * self.per_onpolicy_step)
 
 
 RUNNERS: dict[str, Callable[[Lab], Result]] = {

@@ -49,6 +49,7 @@ class Outcome:
     curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "epoch", metric...}
     checkpoint: str | None = None
     sha256: str | None = None
+    kl_crossings: dict[float, int] = field(default_factory=dict)  # eval_at_kl mark -> step
 
     def get(self, name: str) -> float:
         value = self.final.get(name)
@@ -328,6 +329,7 @@ class Lab:
             [curve[s] for s in sorted(curve)],
             str(res.checkpoint) if res.checkpoint else None,
             res.sha256,
+            dict(res.kl_crossings),
         )
 
 

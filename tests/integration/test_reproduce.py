@@ -42,6 +42,8 @@ MINIMAL = [
     "kl_coefs=[0, 1]",
     'ablations={"region=all": {region: all}}',
     "control_max_epochs=2",
+    "curve_max_epochs=3",
+    "kl_curve_budgets=[0.002, 0.02]",
     "runtime.device=cpu",
 ]
 
