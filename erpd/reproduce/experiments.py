@@ -354,6 +354,21 @@ def weak_teacher(lab: Lab) -> Result:
                 teachers=[teacher],
                 label=f"weak-student-{signal}",
             )
+        # what a student without this teacher's token signal gets on the same batch: the
+        # teacher-free control (the same run as the strong-teacher experiment's) and the
+        # placebo of the primary signal
+        primary = c.student.model_copy(update={"signal": c.weak_primary})
+        for name in ("advantage_random", "placebo"):
+            if name in c.controls:
+                arms[control_label(name)] = lab.stage2(
+                    task,
+                    seed,
+                    stage2_control(primary if name == "placebo" else c.student, name),
+                    pi_k=pi_0,
+                    batch=batch,
+                    teachers=[teacher] if uses_teachers(name) else [],
+                    label=f"weak-{control_label(name)}",
+                )
         return arms
 
     arms = _per_seed(lab, one)
