@@ -173,7 +173,7 @@ def run_reproduce(
         "finished": _iso(time.time()),
         **code,
         # the commits of every invocation whose runs this reproduction reuses
-        "commits": sorted({str(h.get("commit")) for h in history}),
+        "commits": sorted({str(h.get("commit") or "unknown") for h in history}),
         "settings": _settings(cfg),
     }
     results_path = out / "results.json"

@@ -364,13 +364,15 @@ def _evidence(verdicts: Sequence[Verdict], prefix: str) -> str:
 def _code_line(meta: dict[str, Any]) -> str:
     commit = meta.get("commit")
     if commit is None:
-        state = "**no known commit** (not a git checkout)"
+        state = "**no known commit** (not a git checkout, or no commit yet)"
     elif meta.get("dirty"):
         changed = ", ".join(meta.get("changes") or [])
         state = f"`{commit}` with **uncommitted changes** ({changed})"
     else:
         state = f"`{commit}` (clean tree)"
-    commits = [c for c in meta.get("commits", []) if c != commit]
+    commits = [c for c in meta.get("commits", []) if c not in (commit, None, "unknown")]
+    if commit is not None and "unknown" in meta.get("commits", []):
+        commits.append("an unknown commit")
     also = f"; reuses runs made at {', '.join(commits)}" if commits else ""
     return f"Code: commit {state}, erpd {meta.get('erpd_version', '?')}{also}."
 

@@ -94,7 +94,8 @@ def test_report_opens_with_provenance_and_rules_before_numbers(
 def test_a_dirty_tree_or_no_commit_is_written_on_the_report(committed: dict[str, Any]) -> None:
     line = _code_line(meta_of(committed, dirty=True, changes=["erpd/loop.py"]))
     assert line.startswith("Code: commit `") and "**uncommitted changes** (erpd/loop.py)" in line
-    assert "**no known commit**" in _code_line(meta_of(committed, commit=None))
+    line = _code_line(meta_of(committed, commit=None, commits=["unknown"]))
+    assert "**no known commit**" in line and "reuses" not in line
     line = _code_line(meta_of(committed, commits=[COMMIT, "f" * 40]))
     assert f"reuses runs made at {'f' * 40}" in line
 
