@@ -312,6 +312,10 @@ def pipeline(
                 cfg, out, sink=M.ConsoleSink(err_console), progress=RichProgress(), should_stop=stop
             )
         print_rows([asdict(r) for r in res.rows], f"ERPD pipeline ({res.status})")
+        from erpd.control_table import format_table
+
+        for table in res.controls:  # the student against each matched control, if any
+            out_console.print("\n".join(format_table(table.as_dict())), markup=False)
         out_console.print(f"student checkpoint: {res.student}")
         out_console.print(f"metrics:            {res.metrics}")
         out_console.print(f"summary:            {res.summary}")

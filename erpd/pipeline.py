@@ -7,21 +7,28 @@ what completed and resumes what was stopped):
     OUT/round-K/batch                the fixed RolloutBatch of round K
     OUT/round-K/teacher-NAME/        stage-1 run (checkpoint/, resume/)
     OUT/round-K/student/             stage-2 run (checkpoint/ = pi_{K+1})
+    OUT/round-K/control-NAME/        a matched control (`controls`), on round K's batch
     OUT/metrics.jsonl                every metric point of every run
-    OUT/summary.json                 the base / teacher / student table
+    OUT/summary.json                 the base / teacher / student / control table, and per
+                                     round the student against each control (`controls`)
+
+A control runs after its round's student and never feeds the next round; one that fails (a
+diverged loss, say) is recorded as failed and the pipeline goes on (erpd/control_table.py).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from erpd import metrics as M
-from erpd.config import PipelineConfig
-from erpd.errors import ConfigError
+from erpd.config import ControlName, PipelineConfig, Stage1Config
+from erpd.control_table import Arm, EvalPoint, RoundTable, control_config, eval_points, round_table
+from erpd.controls import uses_teachers
+from erpd.errors import ConfigError, DivergedError
 from erpd.evaluate import batch_diagnostics
 from erpd.files import write_json
 from erpd.models import load_policy
@@ -37,7 +44,7 @@ class Row:
     """One line of the summary table: a policy, its accuracy, and what it cost in KL."""
 
     round: int
-    role: str  # base | teacher | student
+    role: str  # base | teacher | student | control
     name: str
     acc_eval: float | None
     acc_eval_sampled: float | None
@@ -46,6 +53,7 @@ class Row:
     steps: int
     status: str
     path: str
+    error: str | None = None  # a control that failed (the pipeline goes on without it)
 
 
 @dataclass
@@ -56,6 +64,8 @@ class PipelineResult:
     metrics: Path
     summary: Path
     wall_time: float
+    controls: list[RoundTable] = field(default_factory=list)
+    """Per round with controls: the student against each (empty without `controls`)."""
 
 
 def _row(k: int, role: str, res: StageResult) -> Row:
@@ -179,16 +189,51 @@ def run_pipeline(
             if student.stopped or student.checkpoint is None:
                 return _finish(out, rows, pi_k, jsonl, started, "stopped")
             rows.append(_row(k, "student", student))
+            controls = _controls(this, env, teachers)
+            rows += controls
+            if any(r.status == "stopped" for r in controls):
+                return _finish(out, rows, pi_k, jsonl, started, "stopped")
             pi_k = student.checkpoint
         return _finish(out, rows, pi_k, jsonl, started, "completed")
     finally:
         env.sink.close()
 
 
+def _controls(this: _Round, env: StageEnv, teachers: list[StageResult]) -> list[Row]:
+    """Round k's matched controls, one after another on its batch, until one is stopped; a
+    control that diverges is a failed row, not a failed pipeline."""
+    rows = []
+    name: ControlName
+    for name in this.cfg.controls:
+        stage = control_config(name, this.cfg.teachers, this.cfg.stage2)
+        run = f"control-{name}"
+        kind: Literal["stage1", "stage2"] = "stage1"
+        extra: dict[str, Any] = {}
+        if not isinstance(stage, Stage1Config):
+            kind, reads = "stage2", teachers if uses_teachers(name) else []
+            extra = {"teachers": [str(t.checkpoint) for t in reads]}
+            extra["pinned"] = [t.sha256 for t in reads]
+        try:
+            res = this.run(env, kind, run, config=stage.model_dump(), **extra)
+        except DivergedError as exc:
+            path = str(this.out / f"round-{this.k}" / run)
+            rows.append(_failed(this.k, f"round-{this.k}/{run}", path, str(exc)))
+            continue
+        rows.append(_row(this.k, "control", res))
+        if res.stopped:
+            break
+    return rows
+
+
+def _failed(k: int, name: str, path: str, error: str) -> Row:
+    return Row(k, "control", name, None, None, None, None, 0, "failed", path, error)
+
+
 def _artefact_fields(cfg: PipelineConfig) -> dict[str, object]:
-    """The parts of a config that shape the checkpoints. Device, eval settings and the number
-    of rounds do not: a finished run may be re-evaluated, moved to a GPU or extended."""
-    data = cfg.model_dump(mode="json", exclude={"eval": True, "rounds": True})
+    """The parts of a config that shape the checkpoints. Device, eval settings, the number of
+    rounds and the controls do not: a finished run may be re-evaluated, moved to a GPU,
+    extended or given controls (they never feed a round)."""
+    data = cfg.model_dump(mode="json", exclude={"eval": True, "rounds": True, "controls": True})
     data["runtime"].pop("device")
     return data
 
@@ -222,11 +267,46 @@ def _finish(
 ) -> PipelineResult:
     summary = out / "summary.json"
     wall = time.time() - started
+    tables = _tables(rows, jsonl.path)
     body = {
         "status": status,
         "rows": [asdict(r) for r in rows],
+        "controls": [t.as_dict() for t in tables],
         "student": str(student),
         "wall_time_s": wall,
     }
     write_json(summary, body, indent=2)
-    return PipelineResult(status, rows, student, jsonl.path, summary, wall)
+    return PipelineResult(status, rows, student, jsonl.path, summary, wall, tables)
+
+
+def _tables(rows: list[Row], metrics: Path) -> list[RoundTable]:
+    """Per round with controls, the student against each, from the runs' eval points."""
+    if not any(r.role == "control" for r in rows):
+        return []
+    by_run: dict[str, list[tuple[int, str, float | None]]] = {}
+    for p in M.read_jsonl(metrics):
+        step, value = p["step"], p["value"]
+        if isinstance(step, int):
+            number = float(value) if isinstance(value, int | float) else None
+            by_run.setdefault(str(p["run"]), []).append((step, str(p["name"]), number))
+    tables = []
+    for k in sorted({r.round for r in rows if r.role == "control"}):
+        student = next((r for r in rows if r.round == k and r.role == "student"), None)
+        if student is not None:
+            controls = [_arm(r, by_run) for r in rows if r.round == k and r.role == "control"]
+            tables.append(round_table(k, *_arm(student, by_run), controls))
+    return tables
+
+
+def _arm(
+    r: Row, by_run: dict[str, list[tuple[int, str, float | None]]]
+) -> tuple[Arm, list[EvalPoint]]:
+    """A student or control row as an arm of its round's table, with its eval points (none for
+    a run that failed or stopped: its early points are not its result)."""
+    name = r.name.split("/")[-1].removeprefix("control-")
+    finished = r.status not in ("failed", "stopped")
+    points = eval_points(by_run.get(r.name, [])) if finished else []
+    run_dir = str(Path(r.path).parent) if finished else r.path
+    if r.role == "student":
+        return Arm("student", "student", run_dir, r.status, r.steps), points
+    return Arm("control", name, run_dir, r.status, r.steps), points
