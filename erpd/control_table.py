@@ -32,9 +32,13 @@ from erpd.controls import early_stop_control, stage2_control
 Z95 = 1.959963984540054
 """Two-sided 95% quantile of the standard normal."""
 DEFAULT_KL_BUDGET = 0.1
-"""early_stop's budget when the student has none (stage2.kl_budget = None)."""
-KL_RUNGS = 6
-"""early_stop evaluates where its KL first crosses budget / 2^j, j = 5 .. 0: a student that
+"""The student's budget for early_stop when it has none (stage2.kl_budget = None)."""
+OVERSHOOT = 2.0
+"""early_stop stops at this multiple of the student's budget: both stop on the first step past
+a budget, so with the same budget the one that overshot less could never be read at the other's
+KL (a student at lr 1e-4 overshot 0.05 to 0.084 in one step)."""
+KL_RUNGS = 7
+"""early_stop evaluates where its KL first crosses budget * 2^j, j = -5 .. 1: a student that
 stops by epochs below its budget is still matched within a factor of 2 down to budget / 32."""
 POINT_METRICS = (
     M.ACC_EVAL,
@@ -54,8 +58,10 @@ def early_stop_budget(student: Stage2Config) -> float:
 
 
 def kl_marks(budget: float) -> list[float]:
-    """The geometric ladder early_stop is evaluated on, ending at `budget` (where it stops)."""
-    return [budget / 2**j for j in range(KL_RUNGS - 1, -1, -1)]
+    """The geometric ladder early_stop is evaluated on: factors of 2 up to OVERSHOOT * `budget`
+    (the student's), where it stops."""
+    top = OVERSHOOT * budget
+    return [top / 2**j for j in range(KL_RUNGS - 1, -1, -1)]
 
 
 def control_config(
@@ -63,15 +69,16 @@ def control_config(
 ) -> Stage1Config | Stage2Config:
     """The stage config of control `name` in a round whose student is `student`: a stage-2
     control at the student's own config (same epochs, budget, optimiser, seed), or early_stop:
-    the first teacher's objective at the student's learning rate for at most that teacher's
-    epochs, stopped at the student's KL budget and evaluated at each rung of `kl_marks`, so its
-    accuracy can be read at the KL the student actually spent."""
+    the first teacher's objective at the student's learning rate and minibatch for at most that
+    teacher's epochs, stopped at OVERSHOOT times the student's KL budget and evaluated at each
+    rung of `kl_marks`, so its accuracy can be read at the KL the student actually spent (known
+    only once the student ends)."""
     if name != "early_stop":
         return stage2_control(student, name)
-    budget = early_stop_budget(student)
+    marks = kl_marks(early_stop_budget(student))
     first = teachers[0]
-    stage1 = early_stop_control(first, student, budget, max_epochs=first.epochs)
-    return stage1.model_copy(update={"eval_at_kl": kl_marks(budget)})
+    stage1 = early_stop_control(first, student, marks[-1], max_epochs=first.epochs)
+    return stage1.model_copy(update={"eval_at_kl": marks})
 
 
 # --- eval points --------------------------------------------------------------------------------

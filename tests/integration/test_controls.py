@@ -66,8 +66,9 @@ def test_controls_run_beside_the_student_on_the_same_batch(api: Api) -> None:
         stage = early["config"]["stage"]
         assert stage["objective"] == "sapo" and stage["epochs"] == 4  # the first teacher's
         assert stage["lr"] == runs[student]["config"]["stage"]["lr"]  # stage 2's learning rate
-        assert stage["kl_budget"] == 0.08 and max(stage["eval_at_kl"]) == 0.08
-        assert min(stage["eval_at_kl"]) < 0.08 / 8
+        # past twice the student's budget: it can be read at whatever KL the student reached
+        assert stage["kl_budget"] == 0.16 and max(stage["eval_at_kl"]) == 0.16
+        assert min(stage["eval_at_kl"]) == pytest.approx(0.08 / 32)
     # the next round starts from the student, never from a control
     assert {runs[i]["base_run"] for i in ids[8:]} == {ids[3]}
 
@@ -181,7 +182,7 @@ TINY = {
     # early_stop gets the first teacher's epochs at stage 2's learning rate and minibatch: 16
     # steps against the student's 8, so it spends the student's KL before it stops
     "teachers": [{"objective": "sapo", "epochs": 4, "eval_every_epochs": 4}],
-    "stage2": {"epochs": 2, "minibatch_size": 64, "lr": 1e-4, "kl_budget": 0.05},
+    "stage2": {"epochs": 2, "minibatch_size": 64, "kl_budget": 0.05},
     "eval": {"size": 100, "pass_k": 4},
     "runtime": {"device": "cpu"},
     "controls": ALL,

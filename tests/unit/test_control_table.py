@@ -132,12 +132,15 @@ def test_control_configs_keep_the_student_s_budget_and_steps() -> None:
     student = Stage2Config(kl_budget=0.08, epochs=3, lr=2e-5)
     early = control_config("early_stop", [teacher], student)
     assert isinstance(early, Stage1Config)
-    assert (early.objective, early.epochs, early.lr, early.kl_budget) == ("ce", 7, 2e-5, 0.08)
-    assert early.eval_at_kl == kl_marks(0.08) and early.eval_at_kl[-1] == 0.08
+    # it stops past twice the student's budget, so a student that overshot its own is matched
+    assert (early.objective, early.epochs, early.lr, early.kl_budget) == ("ce", 7, 2e-5, 0.16)
+    assert early.minibatch_size == student.minibatch_size
+    assert early.eval_at_kl == kl_marks(0.08) and early.eval_at_kl[-1] == 0.16
+    assert early.eval_at_kl[0] == pytest.approx(0.08 / 32)
     marks = early.eval_at_kl
     assert all(b == pytest.approx(2 * a) for a, b in itertools.pairwise(marks))
     unbudgeted = control_config("early_stop", [teacher], Stage2Config(kl_budget=None))
-    assert unbudgeted.kl_budget == 0.1
+    assert unbudgeted.kl_budget == 0.2
     rand = control_config("advantage_random", [teacher], student)
     assert isinstance(rand, Stage2Config)
     assert (rand.signal, rand.region, rand.epochs, rand.kl_budget) == (
