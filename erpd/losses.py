@@ -116,10 +116,13 @@ def entropy_and_kl(logits: Tensor, pi_k_logprobs: Tensor) -> tuple[Tensor, Tenso
 
 
 def kl_estimators(logprobs: Tensor, pi_k_logprobs: Tensor) -> dict[str, Tensor]:
-    """Schulman's k1/k2/k3 of KL(pi_theta || pi_k) per token, from log-probs of sampled tokens.
+    """Schulman's k1/k2/k3 per token, from log-probs of sampled tokens.
 
     With log rho = log pi_k - log pi_theta: k1 = -log rho, k2 = (log rho)^2 / 2,
-    k3 = rho - 1 - log rho.
+    k3 = rho - 1 - log rho. They estimate KL(pi_theta || pi_k) only on pi_theta's own samples;
+    on pi_k's samples (the fixed batch) E[k1] = -KL(pi_k || pi_theta) and
+    E[k3] = chi2(pi_k || pi_theta) - KL(pi_k || pi_theta) (docs/method.md, "What each KL metric
+    estimates").
     The clamp sits inside exp only, so the linear term keeps pulling collapsed tokens back.
     """
     log_rho = pi_k_logprobs - logprobs
