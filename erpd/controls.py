@@ -44,13 +44,16 @@ def stage2_control(student: Stage2Config, name: ControlName) -> Stage2Config:
 def early_stop_control(
     teacher: Stage1Config, student: Stage2Config, kl_budget: float, *, max_epochs: int
 ) -> Stage1Config:
-    """Stage 1 with the teacher's objective at the student's learning rate and minibatch,
-    stopped once kl/exact to pi_k exceeds `kl_budget` (the student's KL), for at most
-    `max_epochs` epochs."""
+    """Stage 1 with the teacher's objective at the student's learning rate, minibatch and seed
+    (so its evals draw the student's sampling numbers), stopped once kl/exact to pi_k exceeds
+    `kl_budget`, for at most `max_epochs` epochs. The reproduction passes the KL the student
+    spent; a pipeline, which creates every run before the student has trained, passes twice
+    the student's budget and reads the control at the student's KL from its eval_at_kl marks."""
     return teacher.model_copy(
         update={
             "lr": student.lr,
             "minibatch_size": student.minibatch_size,
+            "seed": student.seed,
             "kl_budget": kl_budget,
             "epochs": max_epochs,
             "eval_at_epochs": None,
