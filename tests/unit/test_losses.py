@@ -248,7 +248,11 @@ def test_registry_has_exactly_the_configured_objectives() -> None:
 
 def test_signal_and_region_registries_match_the_config() -> None:
     assert set(STAGE2_SIGNALS) == set(typing.get_args(C.Stage2SignalName))
-    assert set(REGIONS) == set(typing.get_args(C.RegionName)) == {"top_frac", "threshold", "all", "random"}
+    assert (
+        set(REGIONS)
+        == set(typing.get_args(C.RegionName))
+        == {"top_frac", "threshold", "all", "random"}
+    )
 
 
 def test_a_registry_refuses_a_config_it_does_not_implement() -> None:
