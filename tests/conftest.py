@@ -63,3 +63,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class ListSink:
+    """Collects metric points in memory (the test's own sink, not a mock of ours)."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[str, int, str, float]] = []
+
+    def log(self, run: str, step: int, values: dict[str, float]) -> None:
+        self.points.extend((run, step, k, float(v)) for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+    def series(self, name: str) -> list[tuple[int, float]]:
+        return [(s, v) for _, s, n, v in self.points if n == name]
+
+    def steps(self, name: str) -> list[int]:
+        return [s for s, _ in self.series(name)]

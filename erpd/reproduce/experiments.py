@@ -183,7 +183,12 @@ def strong_teacher(lab: Lab) -> Result:
                     label=f"student-{obj}",
                 )
             student_kl = max(arms[f"student-{first}"].get(M.KL_EXACT_BATCH), 1e-6)
-            arms.update(_controls(lab, task, seed, c.student, teachers[first], batch, student_kl))
+            arms.update(
+                _controls(
+                    lab, task, seed, c.student, teachers[first], batch,
+                    early_budget=student_kl, max_epochs=c.control_max_epochs,
+                )
+            )  # fmt: skip
             if task == c.primary:
                 for name, outcome in _curve_runs(lab, task, seed, teachers[first], batch).items():
                     curves[name].append(outcome)
@@ -215,10 +220,14 @@ def _controls(
     student: Stage2Config,
     teacher: Outcome,
     batch: RolloutBatch,
-    student_kl: float,
+    *,
+    early_budget: float,
+    max_epochs: int,
+    prefix: str = "",
+    early_update: dict[str, Any] | None = None,
 ) -> dict[str, Outcome]:
     """The matched controls of one student: the stage-2 ones at the student's own config (the
-    same steps and budget), early_stop at the KL the student spent."""
+    same steps and budget), early_stop until its KL passes `early_budget`."""
     c = lab.cfg
     pi_0 = lab.pi_0(task)
     arms: dict[str, Outcome] = {}
@@ -228,11 +237,11 @@ def _controls(
             cfg1 = early_stop_control(
                 lab.teacher_config(teacher.label.removeprefix("teacher-")),
                 student,
-                student_kl,
-                max_epochs=c.control_max_epochs,
-            )
+                early_budget,
+                max_epochs=max_epochs,
+            ).model_copy(update=early_update or {})
             arms[label] = lab.stage1(
-                task, seed, cfg1, pi_k=pi_0, batch=batch, label=label, eval_start=False
+                task, seed, cfg1, pi_k=pi_0, batch=batch, label=prefix + label, eval_start=False
             )
         else:
             arms[label] = lab.stage2(
@@ -242,7 +251,7 @@ def _controls(
                 pi_k=pi_0,
                 batch=batch,
                 teachers=[teacher] if uses_teachers(name) else [],
-                label=label,
+                label=prefix + label,
             )
     return arms
 
@@ -253,7 +262,6 @@ def _curve_runs(
     """The student and each control trained until they cross the largest KL budget, evaluated
     at every budget they cross (one run each)."""
     c = lab.cfg
-    pi_0 = lab.pi_0(task)
     budgets = c.kl_curve_budgets
     along = {
         "epochs": c.curve_max_epochs,
@@ -263,39 +271,18 @@ def _curve_runs(
         "eval_every_epochs": c.curve_max_epochs,
     }
     student = c.student.model_copy(update=along)
+    pi_0 = lab.pi_0(task)
     runs = {
         "student": lab.stage2(
-            task,
-            seed,
-            student,
-            pi_k=pi_0,
-            batch=batch,
-            teachers=[teacher],
-            label="curve-student",
+            task, seed, student, pi_k=pi_0, batch=batch, teachers=[teacher], label="curve-student"
         )
     }
-    for name in c.controls:
-        label = control_label(name)
-        if name == "early_stop":
-            cfg1 = early_stop_control(
-                lab.teacher_config(teacher.label.removeprefix("teacher-")),
-                student,
-                max(budgets),
-                max_epochs=c.curve_max_epochs,
-            ).model_copy(update={"eval_at_kl": budgets})
-            runs[label] = lab.stage1(
-                task, seed, cfg1, pi_k=pi_0, batch=batch, label=f"curve-{label}", eval_start=False
-            )
-        else:
-            runs[label] = lab.stage2(
-                task,
-                seed,
-                stage2_control(student, name),
-                pi_k=pi_0,
-                batch=batch,
-                teachers=[teacher] if uses_teachers(name) else [],
-                label=f"curve-{label}",
-            )
+    runs.update(
+        _controls(
+            lab, task, seed, student, teacher, batch, early_budget=max(budgets),
+            max_epochs=c.curve_max_epochs, prefix="curve-", early_update={"eval_at_kl": budgets},
+        )
+    )  # fmt: skip
     return runs
 
 

@@ -28,23 +28,7 @@ from erpd.rollout import RolloutBatch
 from erpd.stage import StageEnv
 from erpd.stage1 import run_stage1
 from erpd.stage2 import run_stage2
-from tests.conftest import tiny_pipeline_config
-
-
-class ListSink:
-    """Collects metric points in memory (the test's own sink, not a mock of ours)."""
-
-    def __init__(self) -> None:
-        self.points: list[tuple[str, int, str, float]] = []
-
-    def log(self, run: str, step: int, values: dict[str, float]) -> None:
-        self.points.extend((run, step, k, float(v)) for k, v in values.items())
-
-    def close(self) -> None:
-        pass
-
-    def series(self, name: str) -> list[tuple[int, float]]:
-        return [(s, v) for _, s, n, v in self.points if n == name]
+from tests.conftest import ListSink, tiny_pipeline_config
 
 
 @pytest.fixture(scope="module")
