@@ -143,10 +143,16 @@ def _hold_out(
             f"{path}: {len(problems)} distinct prompts, but holding out eval_size={eval_size} "
             "needs at least one more for training; lower eval_size or pass an eval file"
         )
-    held = set(random.Random(f"jsonl-{seed}-split").sample(range(len(problems)), eval_size))
-    train = [problem for index, problem in enumerate(problems) if index not in held]
-    evaluation = [problem for index, problem in enumerate(problems) if index in held]
-    return train, evaluation
+    return _seeded_split(problems, eval_size, f"jsonl-{seed}-split")
+
+
+def _seeded_split(
+    problems: list[Problem], size: int, salt: str
+) -> tuple[list[Problem], list[Problem]]:
+    """(kept, held): `size` rows drawn by a generator seeded with `salt`; both keep file order."""
+    held = set(random.Random(salt).sample(range(len(problems)), size))
+    kept = [problem for index, problem in enumerate(problems) if index not in held]
+    return kept, [problem for index, problem in enumerate(problems) if index in held]
 
 
 def _hold_out_validation(
@@ -162,10 +168,7 @@ def _hold_out_validation(
             f"validation_size={size} needs at least one more for training; lower "
             "task.jsonl.validation_size (0 when no tiny base is pretrained on this file)"
         )
-    held = set(random.Random(f"jsonl-{seed}-validation").sample(range(len(train)), size))
-    kept = [problem for index, problem in enumerate(train) if index not in held]
-    validation = [problem for index, problem in enumerate(train) if index in held]
-    return kept, validation
+    return _seeded_split(train, size, f"jsonl-{seed}-validation")
 
 
 def _quick(problem: Problem, response: str) -> tuple[float | None, str | None]:
