@@ -157,6 +157,14 @@ class EvalConfig(_Strict):
         description="Evaluate on the first N problems of the split (all of them if None). "
         "acc/eval_se and acc/eval_sampled_se report the resulting standard errors.",
     )
+    interim_size: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Evaluate the eval points before the final one on the first N of those "
+        "problems (None = as many as the final one): a long run's curve costs less, while the "
+        "weights a stage ends with are measured on all of them.",
+    )
     split: Literal["eval", "validation"] = Field(
         "eval",
         description="The problems eval points read: the held-out eval split that results "

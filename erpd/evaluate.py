@@ -200,17 +200,21 @@ class Evaluator:
         step: int,
         pi_k: PreTrainedModel | None = None,
         batch: RolloutBatch | None = None,
+        final: bool = True,
     ) -> dict[str, float]:
         """Every eval metric of `model` at eval point `step`. The step only labels the point:
-        the same weights give the same values at any step."""
+        the same weights give the same values at any step. `final=False`: an interim point,
+        on the first `eval.interim_size` problems (the same prompts and sampling draws)."""
         self.timeouts = 0
-        greedy = decode_responses(self.tokenizer, self._gen(model, self.prompt_ids, True, 0))
-        rewards = self._rewards(self.problems, greedy)
+        n = len(self.problems) if final else (self.cfg.interim_size or len(self.problems))
+        problems, prompt_ids = self.problems[:n], self.prompt_ids[:n]
+        greedy = decode_responses(self.tokenizer, self._gen(model, prompt_ids, True, 0))
+        rewards = self._rewards(problems, greedy)
         out = {M.ACC_EVAL: sum(rewards) / len(rewards) if rewards else 0.0}
         if len(rewards) > 1:  # a standard error needs two problems
             out[M.ACC_EVAL_SE] = M.standard_error(rewards)
         if self.cfg.sampled:  # seeded by the evaluator's seed alone: the step changes nothing
-            out.update(self._sampled(model, pi_k))
+            out.update(self._sampled(model, pi_k, problems, prompt_ids))
         if batch is not None:
             prompts = batch.prompt_problems()
             out[M.ACC_TRAIN_BATCH] = self.accuracy(model, prompts, greedy=True)
@@ -223,13 +227,19 @@ class Evaluator:
         out[M.REWARD_TIMEOUTS] = float(self.timeouts)
         return out
 
-    def _sampled(self, model: PreTrainedModel, pi_k: PreTrainedModel | None) -> dict[str, float]:
+    def _sampled(
+        self,
+        model: PreTrainedModel,
+        pi_k: PreTrainedModel | None,
+        held_out: Sequence[Problem],
+        prompt_ids: list[list[int]],
+    ) -> dict[str, float]:
         """avg@k and pass@k on the held-out prompts, and entropy and sequence KL on the samples."""
         k = max(1, self.cfg.pass_k)
-        ids = [x for x in self.prompt_ids for _ in range(k)]
+        ids = [x for x in prompt_ids for _ in range(k)]
         responses = self._gen_sampled(model, ids)
         texts = decode_responses(self.tokenizer, responses)
-        problems = [p for p in self.problems for _ in range(k)]
+        problems = [p for p in held_out for _ in range(k)]
         rewards = torch.tensor(self._rewards(problems, texts)).view(-1, k)  # (problems, k)
         per_problem = rewards.mean(dim=1)  # avg@k of each problem
         out = {M.ACC_EVAL_SAMPLED: per_problem.mean().item()}

@@ -95,7 +95,7 @@ def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
     if (not restored.resumed and ctl.eval_start) or (
         restored.resumed and schedule.due(step) and not restored.evaluated
     ):
-        evals.at(step)
+        evals.at(step, final=step == total)
 
     def save(at: int) -> None:  # a resume re-evaluates a due step only if it was not yet
         evaluated = at in evals.by_step or (at == restored.step and restored.evaluated)
@@ -126,15 +126,16 @@ def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
             optimizer.zero_grad(set_to_none=True)
             values = minibatch(index)
             budget.annotate(values)
-            if marks.cross(step, values[M.KL_EXACT]):
+            over = budget.exceeded(values[M.KL_EXACT])
+            if marks.cross(step, values[M.KL_EXACT]) and not over:
                 # the weights after `step` updates are the first past a mark: evaluate them
                 # (under no_grad: the gradient just accumulated waits for its update)
                 evals.at(step)
-            if budget.exceeded(values[M.KL_EXACT]):
+            if over:
                 # the weights after `step` updates already spent the budget: keep them, stop
                 optimizer.zero_grad(set_to_none=True)
                 ctl.sink.log(parts.run, step, values)
-                evals.at(step)
+                evals.at(step, final=True)
                 return end("kl_budget", evals.final(step))
             _update(policy, optimizer, cfg.grad_clip, values, step=step, lr=cfg.lr)
             tokens = batch.seqs.response_mask[index].sum().item()
@@ -146,7 +147,7 @@ def run_loop(parts: LoopParts, ctl: LoopControl) -> LoopResult:
             if ctl.points.due(step):
                 save(step)
         if schedule.due(step):
-            evals.at(step)
+            evals.at(step, final=step == total)
     summary = evals.final(step)
     # the last update is checked on the whole batch, as the budget is (its eval is the final one)
     marks.cross(step, summary.get(M.KL_EXACT_BATCH, 0.0))

@@ -90,16 +90,21 @@ class Evaluations:
         # steps whose eval a run before a resume logged already: evaluated again if needed
         # (for the summary), never logged twice
         self.logged = logged
+        self.whole: set[int] = set()  # steps evaluated on every problem (`at(final=True)`)
 
-    def at(self, step: int) -> dict[str, float]:
-        """Evaluate the current weights as those after `step` updates, and log the eval metrics."""
+    def at(self, step: int, *, final: bool = False) -> dict[str, float]:
+        """Evaluate the current weights as those after `step` updates, and log the eval metrics.
+        `final`: the weights the stage ends with, measured on every eval problem (an interim
+        point reads the first `eval.interim_size`)."""
         if self.evaluator is None:
             self.last = {}
             return self.last
-        if step not in self.by_step:
+        if step not in self.by_step or (final and step not in self.whole):
             p = self.parts
-            found = self.evaluator(p.policy, step=step, pi_k=p.pi_k, batch=p.batch)
+            found = self.evaluator(p.policy, step=step, pi_k=p.pi_k, batch=p.batch, final=final)
             self.by_step[step] = found
+            if final:
+                self.whole.add(step)
             if step not in self.logged:
                 scoped = {k: v for k, v in found.items() if M.CATALOGUE[k].scope == "eval"}
                 self.sink.log(p.run, step, scoped)

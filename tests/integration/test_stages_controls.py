@@ -239,3 +239,33 @@ def test_early_stopped_stage1_at_stage2s_lr_stops_on_the_budget(
     assert sorted(set(steps)) == setup.sink.steps(M.ACC_EVAL)
     assert res.kl_crossings == dict(zip(marks, steps, strict=True))
     assert res.summary[M.KL_EXACT_BATCH] > budget
+
+
+# --- eval.interim_size ------------------------------------------------------------------------
+def test_interim_eval_points_read_interim_size_problems_and_the_final_one_all(
+    made: Path, tmp_path: Path
+) -> None:
+    from erpd.models import load_policy
+
+    setup = make_setup(made)
+    eval_cfg = {"size": 40, "interim_size": 10, "pass_k": 2}
+    setup.env = StageEnv.of(tiny_pipeline_config(eval=eval_cfg), setup.sink, progress=no_progress)
+    setup.env.eval_start = True  # pi_k at step 0: an interim point
+    stage = Stage2Config(epochs=2, minibatch_size=128, eval_every_epochs=1, kl_budget=None)
+    result = setup.stage2(stage, tmp_path / "run")
+    evals = eval_points(setup.sink)
+    assert sorted(evals) == [0, 1, 2]  # one step per epoch
+    assert result.checkpoint is not None and result.summary[M.ACC_EVAL] == evals[2][M.ACC_EVAL]
+
+    def measured(policy: Path, size: int) -> dict[str, float]:
+        """`policy` evaluated on the first `size` problems, as the stage's evaluator does."""
+        cfg = tiny_pipeline_config(eval={**eval_cfg, "size": size, "interim_size": None})
+        env = StageEnv.of(cfg, ListSink(), progress=no_progress)
+        model, tokenizer = load_policy(policy, env.device)
+        return env.evaluator(tokenizer, stage.seed)(model, step=0)
+
+    accuracies = (M.ACC_EVAL, M.ACC_EVAL_SE, M.ACC_EVAL_SAMPLED, M.ACC_EVAL_SAMPLED_SE)
+    for step, policy, size, other in ((0, setup.base, 10, 40), (2, result.checkpoint, 40, 10)):
+        want, not_want = measured(policy, size), measured(policy, other)
+        assert {k: evals[step][k] for k in accuracies} == {k: want[k] for k in accuracies}
+        assert any(want[k] != not_want[k] for k in accuracies)  # the check can tell them apart

@@ -112,3 +112,17 @@ def test_the_validation_split_can_be_evaluated_for_calibration(
     assert on_eval.problems == task.eval_problems()
     assert on_validation.problems == task.validation_problems()
     assert not {p.prompt for p in on_eval.problems} & {p.prompt for p in on_validation.problems}
+
+
+def test_an_interim_point_reads_the_first_interim_size_problems_with_the_same_draws(
+    task: JsonlTask, model: PreTrainedModel
+) -> None:
+    whole = evaluator(task, seed=0, interim_size=20)
+    interim = whole(model, step=2, final=False)
+    # the same problems, prompts and sampling draws as an evaluator of the first 20 alone
+    assert interim == evaluator(task, seed=0, size=20)(model, step=2)
+    final = whole(model, step=2)
+    assert final == evaluator(task, seed=0)(model, step=2)  # final: every problem
+    assert final[M.ACC_EVAL_SE] < interim[M.ACC_EVAL_SE]
+    # without interim_size an interim point is the whole split
+    assert evaluator(task, seed=0)(model, step=2, final=False) == final
