@@ -105,10 +105,9 @@ KL_K3_BATCH = _metric(
 KL_SEQ_K3 = _metric(
     "kl/seq_k3",
     "k3 of the sequence log-ratio, rho = pi_k(y) / pi_theta(y) (exp capped at e^20), on fresh "
-    "responses y ~ pi_theta (T=1, the eval's avg@k samples)",
+    "responses y ~ pi_theta (T=1, the first of the eval's avg@k samples of each prompt)",
     "lower_is_better",
-    "mean over the sampled responses of the held-out prompts (k per prompt); nats per "
-    "response, not per token",
+    "mean over one sampled response per held-out prompt; nats per response, not per token",
     "eval",
     "Unbiased for the sequence-level KL(pi_theta || pi_k) on pi_theta's own samples (responses "
     "cut at the response budget): the on-policy KL a reader should see beside kl/exact.",
@@ -143,7 +142,7 @@ ENTROPY_SAMPLED = _metric(
     "entropy/sampled",
     "full-vocabulary entropy of pi_theta per context",
     "neutral",
-    "mean over response tokens of fresh held-out samples (T=1)",
+    "mean over response tokens of fresh held-out samples (T=1, one per prompt)",
     "eval",
     "Entropy on the policy's own samples rather than pi_k's.",
 )
