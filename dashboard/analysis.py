@@ -8,14 +8,21 @@
 - KL budget exhaustion: the first step with KL at or over the budget; if none yet, the step at
   which a straight line through the last `window` points reaches it (None if KL is not rising).
 - Pareto front: runs that no other run beats on both accuracy (higher) and KL spent (lower).
+- Interval table: a run's last greedy and avg@k accuracy with 95% half-widths (1.96 SE).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
+
+import pandas as pd
+
+from erpd import metrics as M
+
+Z95 = 1.96  # a 95% normal interval's half-width in standard errors
 
 
 def _finite(steps: Sequence[int], values: Sequence[float | None]) -> tuple[list[int], list[float]]:
@@ -107,3 +114,34 @@ def eta_seconds(
         return None
     elapsed = (now - datetime.fromisoformat(started_at)).total_seconds()
     return max(0.0, elapsed * (total - step) / step)
+
+
+def last_values(
+    series: Mapping[str, tuple[Sequence[int], Sequence[float | None]]], names: Sequence[str]
+) -> dict[str, float | None]:
+    """Each name's value at its last finite point (None when it has none)."""
+    out: dict[str, float | None] = {}
+    for name in names:
+        _, values = _finite(*series.get(name, ([], [])))
+        out[name] = values[-1] if values else None
+    return out
+
+
+def interval_table(finals: Mapping[str, Mapping[str, float | None]]) -> pd.DataFrame:
+    """Per run: greedy and avg@k accuracy, each with its 95% half-width (1.96 standard errors),
+    and the KL spent; a missing value is shown as empty, never as 0."""
+
+    def half(value: float | None) -> float | None:
+        return None if value is None else Z95 * value
+
+    rows = {
+        run: {
+            "greedy": v.get(M.ACC_EVAL),
+            "greedy ±": half(v.get(M.ACC_EVAL_SE)),
+            "avg@k": v.get(M.ACC_EVAL_SAMPLED),
+            "avg@k ±": half(v.get(M.ACC_EVAL_SAMPLED_SE)),
+            "KL spent": v.get("KL spent"),
+        }
+        for run, v in finals.items()
+    }
+    return pd.DataFrame.from_dict(rows, orient="index").astype(float)  # None -> NaN: empty

@@ -47,18 +47,34 @@ metric = st.selectbox(
     [M.KL_EXACT, M.ENTROPY_TOKEN, M.ACC_EVAL, M.ACC_TRAIN_BATCH, M.LOSS, M.KL_K3, M.RATIO_P99],
     format_func=lambda n: f"{n} — {catalogue.get(n, {}).get('estimator', '')}",
 )
+FINAL = [M.ACC_EVAL, M.ACC_EVAL_SE, M.ACC_EVAL_SAMPLED, M.ACC_EVAL_SAMPLED_SE]
 overlay: dict[str, tuple[list[int], list[float | None]]] = {}
+finals: dict[str, dict[str, float | None]] = {}
 for run_id in picked:
     held = RunSeries()
+    names = list(dict.fromkeys([metric, *FINAL]))
     try:
-        held.merge(api.metrics(run_id, names=[metric], max_points=state.SETTINGS.max_points))
+        held.merge(api.metrics(run_id, names=names, max_points=state.SETTINGS.max_points))
     except ApiError as exc:
         state.show_error(exc)
         continue
-    if metric in held.series:  # names may repeat across runs: the id keeps curves apart
-        overlay[f"{by_id[run_id]['name']} · {state.short(run_id)}"] = held.series[metric]
+    label = f"{by_id[run_id]['name']} · {state.short(run_id)}"  # names may repeat across runs
+    if metric in held.series:
+        overlay[label] = held.series[metric]
+    finals[label] = analysis.last_values(held.series, FINAL) | {
+        "KL spent": by_id[run_id]["kl_spent"]
+    }
 st.plotly_chart(
     charts.lines(overlay, list(overlay), {}, title=metric, y_title=metric), key="overlay_chart"
+)
+
+st.subheader("Last eval point, with 95% intervals")
+st.dataframe(analysis.interval_table(finals), key="finals_table")
+st.caption(
+    "± is 1.96 standard errors over the eval problems (greedy: 0/1 per problem; avg@k: the "
+    "per-problem share of k samples): the noise of one measurement, not of the training seed. "
+    "For a student against its matched controls on the same batch, with paired intervals, open "
+    "its pipeline's page."
 )
 
 try:

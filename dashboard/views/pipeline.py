@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard import charts, state
+from dashboard import analysis, charts, state
 from erpd import metrics as M
 from erpd_hub.client import ApiError
 
@@ -127,7 +127,10 @@ def _accuracy_chart(k: int, arms: list[dict[str, Any]]) -> go.Figure:
                 x=names,
                 y=[a[key] for a in arms],
                 name=label,
-                error_y={"type": "data", "array": [1.96 * (a[f"{key}_se"] or 0.0) for a in arms]},
+                error_y={
+                    "type": "data",
+                    "array": [analysis.Z95 * (a[f"{key}_se"] or 0.0) for a in arms],
+                },
             )
         )
     fig.update_layout(

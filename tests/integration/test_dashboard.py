@@ -40,6 +40,7 @@ def series(kind: RunKind, scale: float) -> list[Point]:
             points += [
                 Point(s, M.ENTROPY_BATCH, entropy, 0.0),
                 Point(s, M.ACC_EVAL, min(1.0, 0.3 + 0.008 * s), 0.0),
+                Point(s, M.ACC_EVAL_SE, 0.01 + 0.0001 * s, 0.0),
             ]
         if kind is RunKind.STAGE2:
             points.append(Point(s, M.SELECTED_FRAC, 0.2, 0.0))
@@ -180,7 +181,15 @@ def test_compare_page_overlays_runs_and_diffs_their_configs(seeded: Seeded) -> N
     at.multiselect(key="picked").set_value(seeded.teachers).run()
     no_errors(at)
     assert len(at.get("plotly_chart")) == 2
-    diff = at.dataframe[0].value
+    finals = at.dataframe[0].value  # each run's last eval point with its 95% half-width
+    assert len(finals) == len(seeded.teachers)
+    last = STEPS - 1  # the last eval point is at step 59: SE 0.0159
+    assert finals["greedy"].tolist() == [pytest.approx(0.3 + 0.008 * last)] * len(finals)
+    assert finals["greedy ±"].tolist() == [pytest.approx(1.96 * (0.01 + 0.0001 * last))] * len(
+        finals
+    )
+    assert finals["avg@k"].isna().all()  # never measured: empty, not 0
+    diff = at.dataframe[1].value
     assert "stage.objective" in diff.index
 
 

@@ -104,3 +104,22 @@ def test_merging_polls_replaces_resent_steps_and_appends_new_ones() -> None:
     assert held.series["loss"] == ([0, 1, 2, 3], [3.0, 2.0, 1.0, 0.5])
     assert held.series["acc/eval"] == ([2], [0.4])
     assert added == 2 and held.last_step == 3
+
+
+def test_the_interval_table_shows_last_values_with_95_percent_half_widths() -> None:
+    import math
+
+    from dashboard import analysis
+    from erpd import metrics as M
+
+    series = {
+        M.ACC_EVAL: ([9, 19], [0.4, 0.5]),
+        M.ACC_EVAL_SE: ([9, 19], [0.02, 0.01]),
+        M.ACC_EVAL_SAMPLED: ([9, 19], [0.3, float("nan")]),  # the last finite one counts
+    }
+    last = analysis.last_values(series, [M.ACC_EVAL, M.ACC_EVAL_SE, M.ACC_EVAL_SAMPLED, "x"])
+    assert last == {M.ACC_EVAL: 0.5, M.ACC_EVAL_SE: 0.01, M.ACC_EVAL_SAMPLED: 0.3, "x": None}
+    table = analysis.interval_table({"run": {**last, "KL spent": 0.02}})
+    row = table.loc["run"]
+    assert row["greedy"] == 0.5 and row["greedy ±"] == 1.96 * 0.01 and row["avg@k"] == 0.3
+    assert math.isnan(row["avg@k ±"]) and row["KL spent"] == 0.02  # unknown SE: empty
