@@ -492,7 +492,7 @@ class _SeedRounds:
         self.arms: dict[str, list[Outcome]] = defaultdict(list)
         self.kls: dict[str, list[float]] = defaultdict(list)
         self.cost: dict[str, list[tuple[int, int]]] = {name: [] for name in ROUND_ARMS}
-        self.onpolicy_steps_done = 0  # fresh batches drawn so far by onpolicy_grpo_steps
+        self.onpolicy_rollouts = 0  # fresh batches drawn so far by onpolicy_grpo_steps
 
     def round(self, r: int) -> None:
         erpd_steps = self._erpd(r)
@@ -501,9 +501,11 @@ class _SeedRounds:
         first = r * self.batches_per_round
         self._onpolicy("onpolicy_grpo", r, first, self.batches_per_round, "onpolicy")
         if self.c.onpolicy_matched_steps:
-            done = self.onpolicy_steps_done
-            self._onpolicy("onpolicy_grpo_steps", r, done, erpd_steps, "onpolicy-steps")
-            self.onpolicy_steps_done += erpd_steps
+            done = self.onpolicy_rollouts
+            self.onpolicy_rollouts += self._onpolicy(
+                "onpolicy_grpo_steps", r, done, erpd_steps, "onpolicy-steps",
+                per_rollout=self.c.onpolicy_steps_per_rollout,
+            )  # fmt: skip
 
     def _record(self, arm: str, r: int, run: Outcome, steps: int, samples: int) -> None:
         """Measure the arm's policy after round r the same way for every arm."""
@@ -561,22 +563,30 @@ class _SeedRounds:
         self.kls["no_teacher"].append(run.get(M.KL_EXACT_BATCH))
         self._record("no_teacher", r, run, run.steps, self.per_round)
 
-    def _onpolicy(self, arm: str, r: int, first: int, count: int, prefix: str) -> None:
-        """`count` GRPO steps, each on a fresh batch (indices first, first + 1, ...) drawn from
-        the arm's current policy."""
-        policy, step = self.policy[arm], None
-        for j in range(first, first + count):
+    def _onpolicy(
+        self, arm: str, r: int, first: int, count: int, prefix: str, *, per_rollout: int = 1
+    ) -> int:
+        """`count` GRPO steps of onpolicy_prompts each, on fresh batches (indices first,
+        first + 1, ...) drawn from the arm's current policy; each batch feeds up to
+        `per_rollout` of them (one epoch of minibatches, PPO-style: the last is per_rollout - 1
+        steps stale). Returns the number of batches drawn."""
+        policy, step, left, j = self.policy[arm], None, count, first
+        while left > 0:
+            k = min(per_rollout, left)
             fresh = self.lab.batch(
-                self.task, self.seed, policy, round_index=j, num_prompts=self.c.onpolicy_prompts
-            )
+                self.task, self.seed, policy, round_index=j,
+                num_prompts=self.c.onpolicy_prompts * k,
+            )  # fmt: skip
             step = self.lab.stage1(
                 self.task, self.seed, self.onpolicy_cfg, pi_k=policy, batch=fresh,
                 label=f"{prefix}-{j}", evaluate=False,
             )  # fmt: skip
             policy = Path(str(step.checkpoint))
+            left, j = left - k, j + 1
         if step is None:
             raise ValueError(f"{arm}: round {r + 1} has no optimizer step to match")
         self._record(arm, r, step, count, count * self.per_onpolicy_step)
+        return j - first
 
 
 RUNNERS: dict[str, Callable[[Lab], Result]] = {
