@@ -165,3 +165,17 @@ def test_nothing_cites_notes_outside_the_repository() -> None:
         for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             citations += [f"{path.relative_to(ROOT)}:{lineno}: {s}" for s in OUTSIDE if s in line]
     assert not citations, "\n".join(citations)
+
+
+# --- the README's reproduction table ----------------------------------------------------------
+def test_the_readme_reproduction_table_is_the_committed_results() -> None:
+    from erpd.reproduce.summary import load, render
+
+    results = load(ROOT / "docs" / "reproduction")
+    assert results, "no committed reproduction results under docs/reproduction/<preset>/"
+    readme = (ROOT / "README.md").read_text()
+    # regenerate with: python -m erpd.reproduce.summary
+    assert render(readme, results) == readme
+    for preset, body in results.items():
+        assert body["meta"]["preset"] == preset
+        assert body["meta"]["commit"] and not body["meta"]["dirty"], preset
