@@ -110,8 +110,25 @@ def _settings(cfg: ReproduceConfig) -> list[str]:
         f"anchor {t.anchor}, kl_coef {t.kl_coef:g}",
         f"students (stage 2): signal {s.signal}, region {region}, {s.epochs} epochs, lr {s.lr:g}, "
         f"clip {s.clip_eps:g}, kl_coef {s.kl_coef:g}, kl_budget {budget}",
-        f"eval: {cfg.eval.size or 'all'} held-out problems, greedy and T=1",
+        _eval_line(cfg),
     ]
+
+
+def _eval_line(cfg: ReproduceConfig) -> str:
+    e = cfg.eval
+    held = ", ".join(
+        f"{spec.arithmetic.eval_size:,} on `{name}`"
+        if spec.kind == "arithmetic"
+        else f"the held-out rows of `{name}`"
+        for name, spec in cfg.tasks.items()
+    )
+    final = f"the first {e.size}" if e.size else f"all held-out problems ({held})"
+    interim = f"; points inside a run on the first {e.interim_size}" if e.interim_size else ""
+    k = max(1, e.pass_k)
+    return (
+        f"eval: the final weights of every run on {final}, greedy and avg@{k} at T=1 (the "
+        f"same sampling draws in every arm of a seed){interim}"
+    )
 
 
 def run_reproduce(
