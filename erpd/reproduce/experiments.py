@@ -26,13 +26,14 @@ FINAL_METRICS = (
     M.ACC_EVAL_SAMPLED,
     M.KL_EXACT_BATCH,
     M.KL_K3_BATCH,
+    M.KL_SEQ_K3,  # the on-policy KL, reported beside kl/exact_batch
     M.ENTROPY_BATCH,
     M.ENTROPY_SAMPLED,
     M.DRIFT_CORRECT,
     M.DRIFT_INCORRECT,
     M.ACC_TRAIN_BATCH,
 )
-CURVE_METRICS = (*FINAL_METRICS, M.KL_SEQ_K3)
+CURVE_METRICS = FINAL_METRICS
 Result = dict[str, Any]
 
 
