@@ -205,6 +205,8 @@ def plot_kl_curves(path: Path, curves: dict[str, Any], sweep: dict[str, Any] | N
     """Accuracy against KL to pi_k on a log axis: the student and each control evaluated where
     their KL first crossed each budget, and stage 1's teacher trajectory over epochs."""
     plt = _pyplot()
+    from matplotlib import ticker
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, name in zip(axes, (ACC, ACC_T1), ("greedy", "sampled"), strict=True):
         for label, points in curves.items():
@@ -226,6 +228,10 @@ def plot_kl_curves(path: Path, curves: dict[str, Any], sweep: dict[str, Any] | N
             ax.errorbar(xs, ys, yerr=es, marker="^", ms=4, capsize=2, linestyle=":",
                         label=f"stage-1 teacher ({objective}) over epochs")  # fmt: skip
         ax.set_xscale("log")
+        # plain decimals at the budgets, no crowded minor labels (2x10^-2 beside 3x10^-2)
+        ax.xaxis.set_major_locator(ticker.FixedLocator([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("kl/exact_batch to pi_k (log)")
         ax.set_ylabel(f"held-out accuracy ({name})")
         ax.grid(alpha=0.3, which="both")
