@@ -108,11 +108,14 @@ def arm_table(arms: dict[str, Any]) -> str:
     return _table(rows, head)
 
 
-def _band(ax: Any, xs: list[float], points: list[dict[str, Any]], metric: str, **kw: Any) -> None:
-    mean = [p[metric]["mean"] for p in points]
+def _band(ax: Any, xs: list[float], points: list[dict[str, Any]], metric: str, **kw: Any) -> Any:
+    """The mean over seeds with a min..max band; returns the line's colour."""
+    mean = [p.get(metric, {}).get("mean", math.nan) for p in points]
     line = ax.plot(xs, mean, marker="o", ms=3, **kw)[0]
-    lo, hi = [p[metric]["min"] for p in points], [p[metric]["max"] for p in points]
+    lo = [p.get(metric, {}).get("min", math.nan) for p in points]
+    hi = [p.get(metric, {}).get("max", math.nan) for p in points]
     ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    return line.get_color()
 
 
 def _epoch_axis(ax: Any, title: str, epochs: Sequence[float]) -> None:
@@ -129,7 +132,7 @@ def plot_curves(path: Path, arms: dict[str, Any], title: str) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     epochs = sorted({p["epoch"] for a in arms.values() for p in a["curve"]})
     panels = [
-        (ACC, "acc/eval (greedy)"),
+        (ACC, "greedy: held-out (solid), the fixed batch's prompts (dotted)"),
         (ACC_T1, "acc/eval_sampled (T=1)"),
         (ENT, "entropy/batch (fixed batch)"),
         (KL, "kl/exact_batch to pi_k"),
@@ -138,7 +141,9 @@ def plot_curves(path: Path, arms: dict[str, Any], title: str) -> None:
     for ax, (metric, name) in zip(axes.flat, panels, strict=False):
         for label, a in arms.items():
             xs = [p["epoch"] for p in a["curve"]]
-            _band(ax, xs, a["curve"], metric, label=label)
+            color = _band(ax, xs, a["curve"], metric, label=label)
+            if metric == ACC:  # training accuracy beside held-out: the overfitting
+                _band(ax, xs, a["curve"], M.ACC_TRAIN_BATCH, color=color, linestyle=":")
         _epoch_axis(ax, name, epochs)
         if metric == K3:
             ax.set_yscale("symlog", linthresh=0.01)
