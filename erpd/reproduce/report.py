@@ -16,7 +16,7 @@ from typing import Any
 
 from erpd import metrics as M
 from erpd.reproduce.provenance import describe_machine
-from erpd.reproduce.stats import LEVEL
+from erpd.reproduce.stats import LEVEL, Interval, paired
 from erpd.reproduce.verdicts import (
     CONTROLS,
     FAILS,
@@ -206,12 +206,21 @@ def _curve_xy(
     return xs, ys, es
 
 
+def _kl_axis(ax: Any) -> None:
+    """A log KL axis labelled in plain decimals at round values, without the crowded minor
+    labels (2x10^-2 beside 3x10^-2) matplotlib puts on a short log range."""
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.FixedLocator([0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1]))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def plot_kl_curves(path: Path, curves: dict[str, Any], sweep: dict[str, Any] | None) -> None:
     """Accuracy against KL to pi_k on a log axis: the student and each control evaluated where
     their KL first crossed each budget, and stage 1's teacher trajectory over epochs."""
     plt = _pyplot()
-    from matplotlib import ticker
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, name in zip(axes, (ACC, ACC_T1), ("greedy", "sampled"), strict=True):
         for label, points in curves.items():
@@ -232,11 +241,7 @@ def plot_kl_curves(path: Path, curves: dict[str, Any], sweep: dict[str, Any] | N
             xs, ys, es = _curve_xy(a["curve"], metric)
             ax.errorbar(xs, ys, yerr=es, marker="^", ms=4, capsize=2, linestyle=":",
                         label=f"stage-1 teacher ({objective}) over epochs")  # fmt: skip
-        ax.set_xscale("log")
-        # plain decimals at the budgets, no crowded minor labels (2x10^-2 beside 3x10^-2)
-        ax.xaxis.set_major_locator(ticker.FixedLocator([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
-        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        _kl_axis(ax)
         ax.set_xlabel("kl/exact_batch to pi_k (log)")
         ax.set_ylabel(f"held-out accuracy ({name})")
         ax.grid(alpha=0.3, which="both")
@@ -273,21 +278,35 @@ def plot_bars(path: Path, arms: dict[str, Any], title: str) -> None:
 
 
 def plot_rounds(path: Path, rounds: dict[str, Any]) -> None:
+    """Greedy accuracy after each round against what the arm spent to get there: KL to pi_0,
+    samples drawn and optimizer steps taken (cumulative; one marker per round)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    spent = (
+        (KL, "KL to pi_0 (round-0 batch)"),
+        ("samples_total", "samples drawn (cumulative)"),
+        ("steps_total", "optimizer steps (cumulative)"),
+    )
     for name, per_round in rounds["arms"].items():
-        xs = [r["round"] for r in per_round]
-        for ax, metric in zip(axes, (ACC, ACC_T1, KL), strict=True):
-            _band(ax, xs, per_round, metric, label=name)
-            ax.set_xticks(xs)
-    titles = ("acc/eval (greedy)", "acc/eval_sampled (T=1)", "KL to pi_0 on the round-0 batch")
-    for ax, name in zip(axes, titles, strict=True):
-        ax.set_xlabel(f"round ({rounds['samples_per_round']} samples each)")
-        ax.set_title(name, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ys = [_num(p[ACC]["mean"]) for p in per_round]
+        es = [_se(p[ACC]) for p in per_round]
+        for ax, (key, _) in zip(axes, spent, strict=True):
+            xs = [_num((p.get(key) or {}).get("mean")) for p in per_round]
+            ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, label=name)
+    for ax, (key, title) in zip(axes, spent, strict=True):
+        if key == KL:
+            _kl_axis(ax)
+        else:
+            ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.set_ylabel("held-out accuracy (greedy)")
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("Rounds: accuracy after rounds 1..R against what each arm spent "
+                 "(mean ± standard error over seeds)", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -582,7 +601,58 @@ def _strong_teacher(
                 "",
             ]
     parts += [_evidence(verdicts, "2"), ""]
+    parts += _ablations(r)
     return parts
+
+
+_ABLATION_SAYS = {
+    "higher": "better than the student (the interval lies above 0)",
+    "lower": "worse than the student (the interval lies below 0)",
+    "same": f"within {TOL:g} of the student either way (the interval lies inside ±{TOL:g})",
+    "open": "undecided (the interval is wider than that)",
+}
+
+
+def _ablation_call(ci: Interval) -> str:
+    if not ci.known:
+        return "open"
+    if ci.lo > 0:
+        return "higher"
+    if ci.hi < 0:
+        return "lower"
+    if ci.lo > -TOL and ci.hi < TOL:
+        return "same"
+    return "open"
+
+
+def _ablations(r: dict[str, Any]) -> list[str]:
+    """Each ablation against the student it varies, paired over seeds, in plain sentences:
+    the ones that cut against the method are said as plainly as the others."""
+    lines: list[str] = []
+    for task, task_arms in r["tasks"].items():
+        arms = arms_of(task_arms)
+        student = next((a for n, a in arms.items() if n.startswith("student-")), None)
+        names = [n for n in arms if n.startswith("ablation ")]
+        if student is None or not names:
+            continue
+        lines += [
+            f"Ablations on `{task}`: each variant minus the student it varies (paired over "
+            f"seeds, {LEVEL:.0%} interval; KL is kl/exact_batch):",
+            "",
+        ]
+        for name in names:
+            arm = arms[name]
+            said = []
+            for kind, metric in (("greedy", ACC), ("avg@k", ACC_T1)):
+                ci = paired(
+                    [s.get(metric) for s in arm["per_seed"]],
+                    [s.get(metric) for s in student["per_seed"]],
+                )
+                said.append(f"{kind} {ci.text()}: {_ABLATION_SAYS[_ablation_call(ci)]}")
+            kl = f"KL {_fmt(arm.get(KL))} vs {_fmt(student.get(KL))}"
+            lines.append(f"- `{name.removeprefix('ablation ')}` ({kl}): " + "; ".join(said) + ".")
+        lines.append("")
+    return lines
 
 
 def _curve_table(curves: dict[str, Any]) -> str:
@@ -652,6 +722,8 @@ def _rounds(
             _fmt(p[KL]),
             _fmt(p["kl_round"]) if p.get("kl_round") else "-",
             _fmt(p[ENT]),
+            _fmt(p.get("steps_total"), 0),
+            _fmt(p.get("samples_total"), 0),
         ]
         for name, per_round in r["arms"].items()
         for p in per_round
@@ -664,14 +736,19 @@ def _rounds(
         "KL to pi_0",
         "KL to round's pi_k",
         "entropy",
+        "steps so far",
+        "samples so far",
     ]
     parts: list[str] = [
         "## 6. Rounds",
         "",
-        f"ERPD (teacher + student per round) vs repeated stage 1 (the teacher becomes the next "
-        f"base) vs on-policy GRPO (one step per fresh batch, the same "
-        f"{r['samples_per_round']} samples per round). KL to pi_0 and entropy are measured on "
-        "the round-0 batch.",
+        "Arms, each starting every round from its own previous result: `erpd` (a teacher "
+        "and its student per round), `stage1_repeated` (the teacher becomes the next base), "
+        "`no_teacher` (stage 2 with the plain advantage on all tokens, the student's budget), "
+        f"`onpolicy_grpo` (one GRPO step per fresh batch, the same {r['samples_per_round']} "
+        "samples per round as ERPD) and `onpolicy_grpo_steps` (as many GRPO steps as ERPD "
+        "took, each fresh batch feeding several of them: many more samples). KL to pi_0 and "
+        "entropy are measured on the round-0 batch.",
         "",
         "![rounds](fig_rounds.png)",
         "",
