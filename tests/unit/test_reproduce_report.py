@@ -24,7 +24,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture(scope="module")
 def committed() -> dict[str, Any]:
-    return json.loads((ROOT / "docs/reproduction/results.json").read_text())
+    return json.loads((ROOT / "docs/reproduction/quick/results.json").read_text())
 
 
 def meta_of(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
