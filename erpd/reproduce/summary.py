@@ -16,6 +16,7 @@ from typing import Any
 BEGIN = "<!-- reproduction-summary:begin -->"
 END = "<!-- reproduction-summary:end -->"
 PRESETS = ("quick", "full")
+KINDS = ("greedy", "sampled")
 
 
 def load(root: Path) -> dict[str, dict[str, Any]]:
@@ -29,14 +30,19 @@ def load(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def _deciding(verdict: Mapping[str, Any], kind: str) -> str:
-    """The claim comparison of a verdict that decided it, as 'diff [lo, hi]' (the first one
-    when there are several: the report lists them all)."""
-    for check in verdict.get("checks", {}).get(kind, []):
-        ci = check.get("ci")
-        if check.get("role") != "claim" or not ci or ci.get("lo") is None:
-            continue
-        return f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
-    return ""
+    """The claim comparison that decided a verdict, as 'name diff [lo, hi]': the first whose
+    own outcome is the verdict's (the first one when none is)."""
+    outcome = verdict["outcome" if kind == "greedy" else "outcome_sampled"]
+    checks = [
+        c
+        for c in verdict.get("checks", {}).get(kind, [])
+        if c.get("role") == "claim" and c.get("ci") and c["ci"].get("lo") is not None
+    ]
+    if not checks:
+        return ""
+    check = next((c for c in checks if c.get("outcome") == outcome), checks[0])
+    ci = check["ci"]
+    return f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}] ({check['name']})"
 
 
 def _cell(verdict: Mapping[str, Any] | None, kind: str) -> str:
@@ -49,8 +55,8 @@ def _cell(verdict: Mapping[str, Any] | None, kind: str) -> str:
 
 
 def table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per claim; per preset, the greedy and the sampled outcome with the interval of
-    its first deciding comparison."""
+    """One row per claim; per preset, the greedy and the sampled outcome with the comparison
+    that decided it (the report lists every one, premises included)."""
     presets = [p for p in PRESETS if p in results]
     by_preset = {p: {v["claim"]: v for v in results[p]["verdicts"]} for p in presets}
     claims: list[str] = []
@@ -61,17 +67,21 @@ def table(results: Mapping[str, Mapping[str, Any]]) -> str:
         meta = results[p]["meta"]
         head += [f"{p} ({meta['seeds']} seeds): greedy", f"{p}: avg@k"]
     rows = [
-        [claim, *[_cell(by_preset[p].get(claim), k) for p in presets for k in ("greedy", "s")]]
+        [claim, *[_cell(by_preset[p].get(claim), k) for p in presets for k in KINDS]]
         for claim in claims
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    commits = sorted({str(results[p]["meta"].get("commit", "?"))[:10] for p in presets})
-    lines += [
-        "",
-        f"Differences are accuracy, 95% paired t intervals over seeds; from commit "
-        f"{', '.join(f'`{c}`' for c in commits)}.",
-    ]
+    lines.append("")
+    for p in presets:
+        meta = results[p]["meta"]
+        runs = [str(c)[:10] for c in meta.get("commits", []) if c != meta.get("commit")]
+        made = f", reusing runs trained at {', '.join(f'`{c}`' for c in runs)}" if runs else ""
+        lines.append(
+            f"{p}: report written at commit `{str(meta.get('commit'))[:10]}`{made}; "
+            f"{meta['wall_time_total_s'] / 60:.0f} min on the reference machine."
+        )
+    lines += ["", "Differences are accuracy, 95% paired t intervals over seeds."]
     return "\n".join(lines)
 
 

@@ -35,8 +35,11 @@ def meta_of(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def with_curves(body: dict[str, Any]) -> dict[str, Any]:
-    """The committed results plus KL-accuracy curves shaped as the experiments write them."""
+    """The committed results, with KL-accuracy curves shaped as the experiments write them
+    where the committed ones have none."""
     results = copy.deepcopy(body["experiments"])
+    if "kl_curves" in results["strong_teacher"]["tasks"]["final"]:
+        return results
     seeds = len(results["strong_teacher"]["tasks"]["final"]["base"]["per_seed"])
 
     def curve(level: float, slope: float) -> list[dict[str, Any]]:
