@@ -155,6 +155,11 @@ class Evaluator:
         self.timeouts = 0
         """Answers scored 0 for lack of time since the last eval point began (reward/timeouts)."""
 
+    @property
+    def interim_is_whole(self) -> bool:
+        """Whether an interim point reads every problem a final one does."""
+        return not self.cfg.interim_size or self.cfg.interim_size >= len(self.problems)
+
     def _rewards(self, problems: Sequence[Problem], texts: Sequence[str]) -> list[float]:
         scores = score_many(self.task, problems, texts)
         self.timeouts += scores.timeouts

@@ -102,10 +102,13 @@ class Evaluations:
         if step not in self.by_step or (final and step not in self.whole):
             p = self.parts
             found = self.evaluator(p.policy, step=step, pi_k=p.pi_k, batch=p.batch, final=final)
+            again = step in self.by_step  # an interim point that turned out to be the last
             self.by_step[step] = found
-            if final:
+            if final or self.evaluator.interim_is_whole:
                 self.whole.add(step)
-            if step not in self.logged:
+            # a step is logged once: its interim point stays in the metrics, while the summary
+            # (and the checkpoint's manifest) hold the eval on every problem
+            if step not in self.logged and not again:
                 scoped = {k: v for k, v in found.items() if M.CATALOGUE[k].scope == "eval"}
                 self.sink.log(p.run, step, scoped)
         self.last = self.by_step[step]

@@ -269,3 +269,34 @@ def test_interim_eval_points_read_interim_size_problems_and_the_final_one_all(
         want, not_want = measured(policy, size), measured(policy, other)
         assert {k: evals[step][k] for k in accuracies} == {k: want[k] for k in accuracies}
         assert any(want[k] != not_want[k] for k in accuracies)  # the check can tell them apart
+
+
+def test_an_interim_point_that_turns_out_last_is_measured_whole_and_logged_once(
+    made: Path, tmp_path: Path
+) -> None:
+    """The end-of-epoch point after step 1 is interim (2 epochs planned); the budget then stops
+    the stage on those same weights, whose final eval must read every problem without logging
+    step 1 a second time."""
+    from erpd.models import load_policy
+
+    setup = make_setup(made)
+    eval_cfg = {"size": 40, "interim_size": 10, "pass_k": 2}
+    setup.env = StageEnv.of(tiny_pipeline_config(eval=eval_cfg), setup.sink, progress=no_progress)
+    stage = Stage2Config(epochs=2, minibatch_size=128, eval_every_epochs=1, kl_budget=1e-6)
+    result = setup.stage2(stage, tmp_path / "run")
+    assert result.status == "kl_budget" and result.steps == 1 and result.checkpoint is not None
+    keys = [(s, n) for _, s, n, _ in setup.sink.points]
+    assert len(keys) == len(set(keys)), "a point was logged twice"
+
+    def measured(size: int) -> dict[str, float]:
+        cfg = tiny_pipeline_config(eval={**eval_cfg, "size": size, "interim_size": None})
+        env = StageEnv.of(cfg, ListSink(), progress=no_progress)
+        model, tokenizer = load_policy(result.checkpoint, env.device)  # type: ignore[arg-type]
+        return env.evaluator(tokenizer, stage.seed)(model, step=1)
+
+    whole, interim = measured(40), measured(10)
+    accuracies = (M.ACC_EVAL, M.ACC_EVAL_SE, M.ACC_EVAL_SAMPLED, M.ACC_EVAL_SAMPLED_SE)
+    assert {k: result.summary[k] for k in accuracies} == {k: whole[k] for k in accuracies}
+    assert {k: eval_points(setup.sink)[1][k] for k in accuracies} == {
+        k: interim[k] for k in accuracies
+    }
