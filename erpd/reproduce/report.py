@@ -71,7 +71,8 @@ def _se(stat: dict[str, Any]) -> float:
     return _num(stat.get("std")) / math.sqrt(n) if n > 1 else 0.0
 
 
-def _table(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
+def markdown_table(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
+    """A Markdown table of `rows` under `head`."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -105,7 +106,7 @@ def arm_table(arms: dict[str, Any]) -> str:
         ]
         for name, a in arms.items()
     ]
-    return _table(rows, head)
+    return markdown_table(rows, head)
 
 
 def _band(ax: Any, xs: list[float], points: list[dict[str, Any]], metric: str, **kw: Any) -> Any:
@@ -350,7 +351,7 @@ def _verdict_rows(verdicts: Sequence[Verdict]) -> str:
         f"greedy: difference [{LEVEL:.0%} CI] n",
         f"sampled: difference [{LEVEL:.0%} CI] n",
     ]
-    return _table(rows, head)
+    return markdown_table(rows, head)
 
 
 def _rules(verdicts: Sequence[Verdict]) -> list[str]:
@@ -542,7 +543,7 @@ def _kl_sweep(
         "",
         "![kl sweep](fig_kl_sweep.png)",
         "",
-        _table(rows, ["sapo", "ceiling (greedy)", "ceiling (T=1)", "final KL exact"]),
+        markdown_table(rows, ["sapo", "ceiling (greedy)", "ceiling (T=1)", "final KL exact"]),
         "",
         _evidence(verdicts, "1b"),
         "",
@@ -669,7 +670,7 @@ def _curve_table(curves: dict[str, Any]) -> str:
                 continue
             cells.append(f"{_fmt(p[ACC])} / {_fmt(p.get(ACC_T1))} (n={p[ACC]['n']})")
         rows.append(cells)
-    return _table(rows, ["arm", *[f"KL {b:g}" for b in budgets]])
+    return markdown_table(rows, ["arm", *[f"KL {b:g}" for b in budgets]])
 
 
 def _weak_teacher(
@@ -752,7 +753,7 @@ def _rounds(
         "",
         "![rounds](fig_rounds.png)",
         "",
-        _table(rows, head),
+        markdown_table(rows, head),
         "",
         _evidence(verdicts, "5"),
         "",

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from erpd.reproduce.report import markdown_table
+
 BEGIN = "<!-- reproduction-summary:begin -->"
 END = "<!-- reproduction-summary:end -->"
 PRESETS = ("quick", "full")
@@ -29,10 +31,13 @@ def load(root: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _outcome(verdict: Mapping[str, Any], kind: str) -> str:
+    return str(verdict["outcome" if kind == "greedy" else "outcome_sampled"])
+
+
 def _deciding(verdict: Mapping[str, Any], kind: str) -> str:
-    """The claim comparison that decided a verdict, as 'name diff [lo, hi]': the first whose
+    """The claim comparison that decided a verdict, as 'diff [lo, hi] (name)': the first whose
     own outcome is the verdict's (the first one when none is)."""
-    outcome = verdict["outcome" if kind == "greedy" else "outcome_sampled"]
     checks = [
         c
         for c in verdict.get("checks", {}).get(kind, [])
@@ -40,6 +45,7 @@ def _deciding(verdict: Mapping[str, Any], kind: str) -> str:
     ]
     if not checks:
         return ""
+    outcome = _outcome(verdict, kind)
     check = next((c for c in checks if c.get("outcome") == outcome), checks[0])
     ci = check["ci"]
     return f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}] ({check['name']})"
@@ -48,10 +54,9 @@ def _deciding(verdict: Mapping[str, Any], kind: str) -> str:
 def _cell(verdict: Mapping[str, Any] | None, kind: str) -> str:
     if verdict is None:
         return "–"
-    outcome = verdict["outcome" if kind == "greedy" else "outcome_sampled"]
-    numbers = _deciding(verdict, kind)
+    outcome = _outcome(verdict, kind)
     outcome = f"**{outcome}**" if outcome == "holds" else outcome
-    return f"{outcome} {numbers}".strip()
+    return f"{outcome} {_deciding(verdict, kind)}".strip()
 
 
 def table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -70,9 +75,7 @@ def table(results: Mapping[str, Mapping[str, Any]]) -> str:
         [claim, *[_cell(by_preset[p].get(claim), k) for p in presets for k in KINDS]]
         for claim in claims
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines.append("")
+    lines = [markdown_table(rows, head), ""]
     for p in presets:
         meta = results[p]["meta"]
         runs = [str(c)[:10] for c in meta.get("commits", []) if c != meta.get("commit")]
