@@ -242,33 +242,47 @@ def test_early_stopped_stage1_at_stage2s_lr_stops_on_the_budget(
 
 
 # --- eval.interim_size ------------------------------------------------------------------------
+INTERIM_EVAL = {"size": 40, "interim_size": 10, "pass_k": 2}
+ACCURACIES = (M.ACC_EVAL, M.ACC_EVAL_SE, M.ACC_EVAL_SAMPLED, M.ACC_EVAL_SAMPLED_SE)
+
+
+def interim_setup(made: Path) -> Setup:
+    """The module's setup, evaluating 40 problems at final points and 10 at interim ones."""
+    setup = make_setup(made)
+    cfg = tiny_pipeline_config(eval=INTERIM_EVAL)
+    setup.env = StageEnv.of(cfg, setup.sink, progress=no_progress)
+    return setup
+
+
+def accuracies(values: dict[str, float]) -> dict[str, float]:
+    return {k: values[k] for k in ACCURACIES}
+
+
+def measured(policy: Path, size: int, seed: int) -> dict[str, float]:
+    """`policy`'s accuracies on the first `size` problems, as a stage's evaluator measures
+    them (the step only labels a point)."""
+    from erpd.models import load_policy
+
+    cfg = tiny_pipeline_config(eval={**INTERIM_EVAL, "size": size, "interim_size": None})
+    env = StageEnv.of(cfg, ListSink(), progress=no_progress)
+    model, tokenizer = load_policy(policy, env.device)
+    return accuracies(env.evaluator(tokenizer, seed)(model, step=0))
+
+
 def test_interim_eval_points_read_interim_size_problems_and_the_final_one_all(
     made: Path, tmp_path: Path
 ) -> None:
-    from erpd.models import load_policy
-
-    setup = make_setup(made)
-    eval_cfg = {"size": 40, "interim_size": 10, "pass_k": 2}
-    setup.env = StageEnv.of(tiny_pipeline_config(eval=eval_cfg), setup.sink, progress=no_progress)
+    setup = interim_setup(made)
     setup.env.eval_start = True  # pi_k at step 0: an interim point
     stage = Stage2Config(epochs=2, minibatch_size=128, eval_every_epochs=1, kl_budget=None)
     result = setup.stage2(stage, tmp_path / "run")
     evals = eval_points(setup.sink)
     assert sorted(evals) == [0, 1, 2]  # one step per epoch
     assert result.checkpoint is not None and result.summary[M.ACC_EVAL] == evals[2][M.ACC_EVAL]
-
-    def measured(policy: Path, size: int) -> dict[str, float]:
-        """`policy` evaluated on the first `size` problems, as the stage's evaluator does."""
-        cfg = tiny_pipeline_config(eval={**eval_cfg, "size": size, "interim_size": None})
-        env = StageEnv.of(cfg, ListSink(), progress=no_progress)
-        model, tokenizer = load_policy(policy, env.device)
-        return env.evaluator(tokenizer, stage.seed)(model, step=0)
-
-    accuracies = (M.ACC_EVAL, M.ACC_EVAL_SE, M.ACC_EVAL_SAMPLED, M.ACC_EVAL_SAMPLED_SE)
     for step, policy, size, other in ((0, setup.base, 10, 40), (2, result.checkpoint, 40, 10)):
-        want, not_want = measured(policy, size), measured(policy, other)
-        assert {k: evals[step][k] for k in accuracies} == {k: want[k] for k in accuracies}
-        assert any(want[k] != not_want[k] for k in accuracies)  # the check can tell them apart
+        want, not_want = measured(policy, size, stage.seed), measured(policy, other, stage.seed)
+        assert accuracies(evals[step]) == want
+        assert want != not_want  # the check can tell them apart
 
 
 def test_an_interim_point_that_turns_out_last_is_measured_whole_and_logged_once(
@@ -277,26 +291,11 @@ def test_an_interim_point_that_turns_out_last_is_measured_whole_and_logged_once(
     """The end-of-epoch point after step 1 is interim (2 epochs planned); the budget then stops
     the stage on those same weights, whose final eval must read every problem without logging
     step 1 a second time."""
-    from erpd.models import load_policy
-
-    setup = make_setup(made)
-    eval_cfg = {"size": 40, "interim_size": 10, "pass_k": 2}
-    setup.env = StageEnv.of(tiny_pipeline_config(eval=eval_cfg), setup.sink, progress=no_progress)
+    setup = interim_setup(made)
     stage = Stage2Config(epochs=2, minibatch_size=128, eval_every_epochs=1, kl_budget=1e-6)
     result = setup.stage2(stage, tmp_path / "run")
     assert result.status == "kl_budget" and result.steps == 1 and result.checkpoint is not None
     keys = [(s, n) for _, s, n, _ in setup.sink.points]
     assert len(keys) == len(set(keys)), "a point was logged twice"
-
-    def measured(size: int) -> dict[str, float]:
-        cfg = tiny_pipeline_config(eval={**eval_cfg, "size": size, "interim_size": None})
-        env = StageEnv.of(cfg, ListSink(), progress=no_progress)
-        model, tokenizer = load_policy(result.checkpoint, env.device)  # type: ignore[arg-type]
-        return env.evaluator(tokenizer, stage.seed)(model, step=1)
-
-    whole, interim = measured(40), measured(10)
-    accuracies = (M.ACC_EVAL, M.ACC_EVAL_SE, M.ACC_EVAL_SAMPLED, M.ACC_EVAL_SAMPLED_SE)
-    assert {k: result.summary[k] for k in accuracies} == {k: whole[k] for k in accuracies}
-    assert {k: eval_points(setup.sink)[1][k] for k in accuracies} == {
-        k: interim[k] for k in accuracies
-    }
+    assert accuracies(result.summary) == measured(result.checkpoint, 40, stage.seed)
+    assert accuracies(eval_points(setup.sink)[1]) == measured(result.checkpoint, 10, stage.seed)
