@@ -510,7 +510,7 @@ def eval_(
 def reproduce(
     out: OutOpt = Path("runs/reproduce"),
     preset_: Annotated[
-        str, typer.Option("--preset", help="quick (~30 min on 2 cores) or full (4 seeds).")
+        str, typer.Option("--preset", help="quick (~35 min on 2 cores) or full (4 seeds, ~85 min).")
     ] = "quick",
     seeds: Annotated[int | None, typer.Option(help="Fixed batches per experiment.")] = None,
     config: Annotated[

@@ -254,6 +254,8 @@ def _sizes(name: Preset) -> dict[str, Any]:
         # the quick preset's batch (64 x 8) with twice the seeds, a longer sweep and every
         # ablation: the calibrated 128 x 8 doubled every stage-1 run and made the mse teacher
         # strong (claim 3's premise failed), and the controls and curves no longer fit 90 min
+        # (measured: 85 min on 2 cores in fp32; bf16 autocast saves < 10% of an eval on the tiny
+        # model and nothing of training, docs/results.md "Precision and threads")
         return {
             "preset": "full",
             "seeds": 4,
