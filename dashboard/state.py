@@ -72,6 +72,13 @@ def run(url: str, key: str, run_id: str) -> dict[str, Any]:
     return _client(url, key).run(run_id)
 
 
+@st.cache_data(ttl=TTL, show_spinner=False)
+def values_at(
+    url: str, key: str, run_id: str, names: tuple[str, ...], step: int
+) -> dict[str, float]:
+    return _client(url, key).values_at(run_id, names, step)
+
+
 @st.cache_data(ttl=300, show_spinner=False)
 def catalogue(url: str, key: str) -> dict[str, dict[str, Any]]:
     return _client(url, key).catalogue()

@@ -133,6 +133,20 @@ class ApiClient:
             max_points=max_points,
         )
 
+    def values_at(
+        self, run_id: str | uuid.UUID, names: Sequence[str], step: int
+    ) -> dict[str, float]:
+        """Each of `names` as logged at `step` (a metric not logged there is left out): a
+        teacher's values at step 0 measure its round's base before any update."""
+        found = self.get(
+            f"/runs/{run_id}/metrics", names=",".join(names), since_step=step - 1, end_step=step
+        )
+        return {
+            s["name"]: s["values"][s["steps"].index(step)]
+            for s in found["series"]
+            if step in s["steps"]
+        }
+
     def checkpoints(self, run_id: str | uuid.UUID) -> list[dict[str, Any]]:
         return self.get(f"/runs/{run_id}/checkpoints")
 

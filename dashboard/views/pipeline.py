@@ -67,20 +67,31 @@ planned = {
     if run["role"] != "sample"  # shown as the round's base
 }
 
+
+def base_accuracy(round_index: int) -> float | None:
+    """The round's base (pi_k) measured like every other bar: greedy held-out accuracy, read
+    from the round's first teacher at step 0, before its first update (None until logged)."""
+    teacher = next((r for r in runs if r["round"] == round_index and r["kind"] == "stage1"), None)
+    if teacher is None:
+        return None
+    try:
+        return state.values_at(url, key, teacher["id"], (M.ACC_EVAL,), 0).get(M.ACC_EVAL)
+    except ApiError:
+        return None
+
+
 ROLE = {"sample": "base", "stage1": "teacher", "stage2": "student"}
 rows = []
 for r in runs:
-    accuracy = r["final_accuracy"]
-    if r["kind"] == "sample":  # pi_k's reward on its own fixed batch: the round's starting point
-        accuracy = r["summary"].get(M.REWARD_MEAN)
+    base = r["kind"] == "sample"  # the round's pi_k, at KL 0 to itself
     rows.append(
         {
             "round": r["round"],
             "role": planned.get(r["id"], ROLE[r["kind"]]),
             "run": r["name"].split("/")[-1],
             "status": state.STATUS_BADGE.get(r["status"], r["status"]),
-            "accuracy": accuracy,
-            "kl": r["kl_spent"],
+            "accuracy": base_accuracy(r["round"]) if base else r["final_accuracy"],
+            "kl": 0.0 if base else r["kl_spent"],
             "detail": f"run?run={r['id']}",
         }
     )
@@ -91,7 +102,9 @@ st.dataframe(
     hide_index=True,
     column_config={
         "accuracy": st.column_config.NumberColumn(
-            format="%.3f", help="acc/eval; for the base, reward/mean on its fixed batch"
+            format="%.3f",
+            help="Greedy held-out accuracy (acc/eval) of every row; the base is measured by its "
+            "round's first teacher at step 0, before any update",
         ),
         "kl": st.column_config.NumberColumn("KL spent", format="%.4f"),
         "detail": st.column_config.LinkColumn(display_text="open"),

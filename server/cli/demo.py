@@ -189,8 +189,7 @@ class Follower:
         first_teacher = next((r for r in runs if r["kind"] == "stage1"), None)
         if first_teacher is not None:  # the base: the first teacher's evaluation at step 0
             names = [M.ACC_EVAL, M.ACC_EVAL_SAMPLED]
-            found = self.api.metrics(first_teacher["id"], names=names, max_points=100_000)
-            at_zero = {s["name"]: s["values"][0] for s in found["series"] if s["steps"][:1] == [0]}
+            at_zero = self.api.values_at(first_teacher["id"], names, 0)
             if at_zero:
                 rows.append(
                     ("base", at_zero.get(M.ACC_EVAL), at_zero.get(M.ACC_EVAL_SAMPLED), 0.0, None)

@@ -4,6 +4,7 @@ shaped like ERPD's (KL rising towards its budget, entropy collapsing, accuracy r
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from tests.integration.conftest import Databases, Live, start_live
 PAGES = Path(__file__).resolve().parents[2] / "dashboard" / "views"
 STEPS = 60
 COLLAPSE_FROM = 30  # entropy falls from here
+BASE_ACC = 0.25  # the base as its teachers measure it at step 0
 
 
 def series(kind: RunKind, scale: float) -> list[Point]:
@@ -44,6 +46,8 @@ def series(kind: RunKind, scale: float) -> list[Point]:
             ]
         if kind is RunKind.STAGE2:
             points.append(Point(s, M.SELECTED_FRAC, 0.2, 0.0))
+    if kind is RunKind.STAGE1:  # a teacher measures its round's base before its first update
+        points.append(Point(0, M.ACC_EVAL, BASE_ACC, 0.0))
     return points
 
 
@@ -172,6 +176,23 @@ def test_pipeline_page_shows_the_headline_comparison(seeded: Seeded) -> None:
     headline = " ".join(m.value for m in at.markdown)
     # student KL 0.12 vs the best teacher's (sapo, scale 10) 1.2: 10%
     assert "Round 0:" in headline and "**10.0%** of that teacher's KL" in headline
+
+
+def test_pipeline_bars_are_one_metric_and_the_base_is_measured_like_the_rest(
+    seeded: Seeded,
+) -> None:
+    at = page(seeded, "pipeline", pipeline=seeded.pipeline)
+    no_errors(at)
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    bars = next(trace for trace in figure["data"] if trace["type"] == "bar")
+    table = at.dataframe[0].value
+    base = table[table["role"] == "base"]
+    # the base is greedy held-out accuracy at the first teacher's step 0, not its batch's
+    # reward/mean (0.3), and sits at KL 0
+    assert base["accuracy"].tolist() == [pytest.approx(BASE_ACC)]
+    assert base["kl"].tolist() == [0.0]
+    assert bars["y"] == pytest.approx(table["accuracy"].tolist())
+    assert "acc/eval" in bars["name"] and "acc/eval" in figure["layout"]["yaxis"]["title"]["text"]
 
 
 def test_compare_page_overlays_runs_and_diffs_their_configs(seeded: Seeded) -> None:
