@@ -73,16 +73,20 @@ def budget_exhaustion(
     values: Sequence[float | None],
     budget: float | None,
     *,
+    running: bool = True,
     window: int = 10,
 ) -> tuple[int | None, bool]:
-    """(step, reached): where the KL budget was reached, or where it will be at the current rate;
-    (None, False) with no budget, too few points, or KL not rising."""
+    """(step, reached): where the KL budget was reached, or, while the run is `running`, where
+    it will be at the current rate; (None, False) with no budget, too few points, KL not rising,
+    or a run that ended short of its budget (it will never spend the rest)."""
     xs, ys = _finite(steps, values)
     if budget is None or not ys:
         return None, False
     for x, y in zip(xs, ys, strict=True):
         if y >= budget:
             return x, True
+    if not running:
+        return None, False
     tail_x, tail_y = xs[-window:], ys[-window:]
     if len(tail_x) < 2:
         return None, False

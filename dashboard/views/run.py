@@ -108,7 +108,9 @@ def live_charts() -> None:
     with left:
         budget = STAGE.get("kl_budget")
         steps, values = series.get(M.KL_EXACT, ([], []))
-        exhaustion = analysis.budget_exhaustion(steps, values, budget)
+        exhaustion = analysis.budget_exhaustion(
+            steps, values, budget, running=now["status"] == "running"
+        )
         st.subheader("KL budget", help=about(KL))
         st.plotly_chart(
             charts.kl_budget(series, KL, catalogue, budget=budget, exhaustion=exhaustion),

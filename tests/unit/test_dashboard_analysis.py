@@ -12,6 +12,7 @@ from dashboard.analysis import (
     pareto_front,
 )
 from dashboard.series import RunSeries
+from erpd import metrics as M
 
 
 def test_collapse_is_where_the_smoothed_entropy_halves_while_falling() -> None:
@@ -61,6 +62,9 @@ def test_budget_reached_or_extrapolated() -> None:
     assert budget_exhaustion(steps, rising, 0.05) == (5, True)
     assert budget_exhaustion(steps, [0.05] * 10, 0.2) == (None, False)  # flat: never
     assert budget_exhaustion(steps, rising, None) == (None, False)
+    # a run that ended short of its budget projects nothing; one that reached it says where
+    assert budget_exhaustion(steps, rising, 0.2, running=False) == (None, False)
+    assert budget_exhaustion(steps, rising, 0.05, running=False) == (5, True)
 
 
 def test_pareto_front_keeps_the_undominated_runs_by_increasing_kl() -> None:
@@ -123,3 +127,13 @@ def test_the_interval_table_shows_last_values_with_95_percent_half_widths() -> N
     row = table.loc["run"]
     assert row["greedy"] == 0.5 and row["greedy ±"] == 1.96 * 0.01 and row["avg@k"] == 0.3
     assert math.isnan(row["avg@k ±"]) and row["KL spent"] == 0.02  # unknown SE: empty
+
+
+def test_the_kl_chart_never_stretches_its_axis_to_a_projection() -> None:
+    from dashboard import charts
+
+    series = {M.KL_EXACT: (list(range(10)), [0.01 * s for s in range(10)])}
+    beyond = charts.kl_budget(series, [M.KL_EXACT], {}, budget=0.5, exhaustion=(50, False))
+    reached = charts.kl_budget(series, [M.KL_EXACT], {}, budget=0.05, exhaustion=(5, True))
+    assert [s.x0 for s in beyond.layout.shapes if s.x0 == s.x1] == []  # no vertical line
+    assert [s.x0 for s in reached.layout.shapes if s.x0 == s.x1] == [5]
