@@ -271,21 +271,24 @@ def end_run(
     actor: str,
     reason: str | None,
     now: datetime,
+    cascade: bool = False,
 ) -> None:
     before = run.status
     run.status = status
     run.finished_at = now
-    if status is RunStatus.FAILED:
+    if status is RunStatus.FAILED or cascade:
         run.error = reason
     add_event(session, run, event=event, from_status=before, actor=actor, reason=reason, now=now)
-    _fail_dependents(session, source=run, now=now)
+    _end_dependents(session, source=run, now=now)
     session.flush()
 
 
-def _fail_dependents(session: Session, *, source: Run, now: datetime) -> None:
+def _end_dependents(session: Session, *, source: Run, now: datetime) -> None:
     """A run can never start once one of its inputs failed or was cancelled: a stage-2 run
     whose teacher did, a stage run whose batch (`sample` run) did, a later round's run whose
-    base (the previous student) did. Their own dependents follow, round after round."""
+    base (the previous student) did. They end as their input did (a cancelled teacher cancels
+    its waiting student, it does not make it 'failed'), with the input named in their error;
+    their own dependents follow, round after round."""
     if source.status is RunStatus.SUCCEEDED:
         return
     depends = or_(
@@ -304,17 +307,14 @@ def _fail_dependents(session: Session, *, source: Run, now: datetime) -> None:
     reason = f"{role[source.kind]} run {source.id} {source.status}"
     if source.error:
         reason += f": {source.error}"
+    cancelled = source.status is RunStatus.CANCELLED
+    status = RunStatus.CANCELLED if cancelled else RunStatus.FAILED
+    event = EventKind.CANCELLED if cancelled else EventKind.FAILED
     for dependent in dependents:
         if dependent.status is not RunStatus.QUEUED:
-            continue  # failed already, through another of its inputs earlier in this cascade
+            continue  # ended already, through another of its inputs earlier in this cascade
         end_run(
-            session,
-            dependent,
-            RunStatus.FAILED,
-            EventKind.FAILED,
-            actor="system",
-            reason=reason,
-            now=now,
+            session, dependent, status, event, actor="system", reason=reason, now=now, cascade=True
         )
 
 

@@ -251,6 +251,22 @@ def test_a_failed_teacher_fails_its_waiting_students(factory, builtins) -> None:
         new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher.id])
 
 
+def test_a_cancelled_teacher_cancels_its_waiting_students(factory, builtins) -> None:
+    with factory.begin() as s:
+        teacher = new_run(s, builtins)
+        student = new_run(s, builtins, kind=RunKind.STAGE2, teacher_ids=[teacher.id])
+    with factory.begin() as s:
+        request_cancel(s, run_id=teacher.id, actor="api:k")
+    with factory() as s:
+        ended = get_run(s, run_id=student.id)
+    assert ended.status is RunStatus.CANCELLED  # not 'failed': nothing went wrong
+    assert ended.error == f"teacher run {teacher.id} cancelled"
+    assert [e.event for e in events(factory, student.id)] == [
+        EventKind.CREATED,
+        EventKind.CANCELLED,
+    ]
+
+
 def test_stage2_refuses_teachers_of_another_kind_or_weights_mismatch(factory, builtins) -> None:
     with factory.begin() as s:
         sample = new_run(s, builtins, kind=RunKind.SAMPLE)
