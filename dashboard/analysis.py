@@ -149,3 +149,11 @@ def interval_table(finals: Mapping[str, Mapping[str, float | None]]) -> pd.DataF
         for run, v in finals.items()
     }
     return pd.DataFrame.from_dict(rows, orient="index").astype(float)  # None -> NaN: empty
+
+
+def action_outcome(action: str, name: str, run: Mapping[str, Any]) -> str:
+    """What a cancel or retry did, as the API answered it: a running run's cancel is a request
+    its worker honours at the next optimizer step, so it is not 'now running'."""
+    if action == "cancel" and run["status"] == "running" and run.get("cancel_requested"):
+        return f"Cancel requested: run {name} stops at its next optimizer step, after saving."
+    return f"Run {name} is now {run['status']}."

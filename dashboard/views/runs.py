@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import state
-from dashboard.analysis import eta_seconds
+from dashboard.analysis import action_outcome, eta_seconds
 from erpd_hub.client import ApiError
 
 st.title("Runs")
@@ -99,7 +99,7 @@ if pending:
             state.show_error(exc)
         else:
             state.runs.clear()
-            st.success(f"Run {name} is now {done['status']}.")
+            st.success(action_outcome(action, name, done))
     if no.button("No"):
         st.session_state.pop("pending")
         st.rerun()

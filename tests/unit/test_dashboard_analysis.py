@@ -137,3 +137,13 @@ def test_the_kl_chart_never_stretches_its_axis_to_a_projection() -> None:
     reached = charts.kl_budget(series, [M.KL_EXACT], {}, budget=0.05, exhaustion=(5, True))
     assert [s.x0 for s in beyond.layout.shapes if s.x0 == s.x1] == []  # no vertical line
     assert [s.x0 for s in reached.layout.shapes if s.x0 == s.x1] == [5]
+
+
+def test_a_cancel_of_a_running_run_says_it_was_requested_not_that_it_runs() -> None:
+    from dashboard.analysis import action_outcome
+
+    running = {"status": "running", "cancel_requested": True}
+    assert "now running" not in action_outcome("cancel", "t", running)
+    assert action_outcome("cancel", "t", running).startswith("Cancel requested")
+    assert action_outcome("cancel", "t", {"status": "cancelled"}) == "Run t is now cancelled."
+    assert action_outcome("retry", "t", {"status": "queued"}) == "Run t is now queued."
