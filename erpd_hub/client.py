@@ -124,12 +124,14 @@ class ApiClient:
         *,
         names: Sequence[str] = (),
         since_step: int = -1,
+        end_step: int | None = None,
         max_points: int = 2_000,
     ) -> dict[str, Any]:
         return self.get(
             f"/runs/{run_id}/metrics",
             names=",".join(names) or None,
             since_step=since_step,
+            end_step=end_step,
             max_points=max_points,
         )
 
@@ -138,9 +140,7 @@ class ApiClient:
     ) -> dict[str, float]:
         """Each of `names` as logged at `step` (a metric not logged there is left out): a
         teacher's values at step 0 measure its round's base before any update."""
-        found = self.get(
-            f"/runs/{run_id}/metrics", names=",".join(names), since_step=step - 1, end_step=step
-        )
+        found = self.metrics(run_id, names=names, since_step=step - 1, end_step=step)
         return {
             s["name"]: s["values"][s["steps"].index(step)]
             for s in found["series"]
