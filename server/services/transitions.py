@@ -271,12 +271,11 @@ def end_run(
     actor: str,
     reason: str | None,
     now: datetime,
-    cascade: bool = False,
 ) -> None:
     before = run.status
     run.status = status
     run.finished_at = now
-    if status is RunStatus.FAILED or cascade:
+    if status is RunStatus.FAILED:
         run.error = reason
     add_event(session, run, event=event, from_status=before, actor=actor, reason=reason, now=now)
     _end_dependents(session, source=run, now=now)
@@ -313,9 +312,8 @@ def _end_dependents(session: Session, *, source: Run, now: datetime) -> None:
     for dependent in dependents:
         if dependent.status is not RunStatus.QUEUED:
             continue  # ended already, through another of its inputs earlier in this cascade
-        end_run(
-            session, dependent, status, event, actor="system", reason=reason, now=now, cascade=True
-        )
+        dependent.error = reason  # the input it waited for, whether it fails or is cancelled
+        end_run(session, dependent, status, event, actor="system", reason=reason, now=now)
 
 
 def request_cancel(
