@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from dashboard import charts
 from dashboard.analysis import (
+    action_outcome,
     budget_exhaustion,
     collapse_point,
     eta_seconds,
@@ -130,8 +132,6 @@ def test_the_interval_table_shows_last_values_with_95_percent_half_widths() -> N
 
 
 def test_the_kl_chart_never_stretches_its_axis_to_a_projection() -> None:
-    from dashboard import charts
-
     series = {M.KL_EXACT: (list(range(10)), [0.01 * s for s in range(10)])}
     beyond = charts.kl_budget(series, [M.KL_EXACT], {}, budget=0.5, exhaustion=(50, False))
     reached = charts.kl_budget(series, [M.KL_EXACT], {}, budget=0.05, exhaustion=(5, True))
@@ -140,8 +140,6 @@ def test_the_kl_chart_never_stretches_its_axis_to_a_projection() -> None:
 
 
 def test_a_cancel_of_a_running_run_says_it_was_requested_not_that_it_runs() -> None:
-    from dashboard.analysis import action_outcome
-
     running = {"status": "running", "cancel_requested": True}
     assert "now running" not in action_outcome("cancel", "t", running)
     assert action_outcome("cancel", "t", running).startswith("Cancel requested")
